@@ -1,0 +1,86 @@
+"""Distances: definitions, symmetry, asymmetry, and the vectorized matrices vs a plain loop."""
+
+import numpy as np
+import pytest
+
+from t2v_core.distance import (
+    cosine,
+    d_asym,
+    d_sym,
+    normalized_cosine,
+    trivial_embedding,
+    trivial_level,
+)
+
+
+def _d_sym_loop(a, b):
+    u, v = a / (a + b), b / (a + b)
+    return 1 - u @ v / (np.linalg.norm(u) * np.linalg.norm(v))
+
+
+@pytest.fixture
+def emb():
+    rng = np.random.default_rng(0)
+    return rng.gamma(0.5, 1.0, size=(7, 50)).astype(np.float32) + 1e-6
+
+
+def test_d_sym_matrix_matches_definition(emb):
+    mat = d_sym(emb)
+    loop = np.array([[_d_sym_loop(a.astype(np.float64), b.astype(np.float64)) for b in emb]
+                     for a in emb])
+    np.fill_diagonal(loop, 0.0)
+    assert np.allclose(mat, loop, atol=1e-5)
+    assert np.allclose(mat, mat.T, atol=1e-6)
+    assert np.all(np.diag(mat) == 0) and np.all(mat >= 0)
+    assert d_sym(emb[0], emb[1]) == pytest.approx(loop[0, 1], abs=1e-5)
+    assert d_sym(emb[:3], emb).shape == (3, 7)
+
+
+def test_d_sym_is_scale_invariant_per_pair_but_not_per_filter(emb):
+    a, b = emb[0], emb[1]
+    assert d_sym(3 * a, 3 * b) == pytest.approx(d_sym(a, b), abs=1e-6)
+    w = np.linspace(1, 100, emb.shape[1]).astype(np.float32)
+    assert d_sym(w * a, w * b) == pytest.approx(d_sym(a, b), abs=1e-6)  # per-filter ratio
+
+
+def test_d_asym_is_not_symmetric_and_favours_complex_sources(emb):
+    t0 = trivial_embedding(emb.shape[1], trivial_level(emb))
+    mat = d_asym(emb, t0=t0, alpha=0.15)
+    assert not np.allclose(mat, mat.T, atol=1e-4)
+    base = d_sym(emb)
+    complexity = d_sym(emb, t0[None, :])[:, 0]
+    assert np.allclose(mat, base - 0.15 * complexity[:, None], atol=1e-6)
+    assert np.allclose(d_asym(emb, t0=t0, alpha=0.0), base, atol=1e-6)
+    # a flat source is trivial: at distance zero from t0, no bonus
+    flat = np.full(emb.shape[1], 2.0, dtype=np.float32)
+    assert d_sym(flat, t0 * (2.0 / t0[0])) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_cosine_variants(emb):
+    c = cosine(emb)
+    ref = 1 - (emb @ emb.T) / np.outer(np.linalg.norm(emb, axis=1), np.linalg.norm(emb, axis=1))
+    np.fill_diagonal(ref, 0)
+    assert np.allclose(c, ref, atol=1e-5)
+    scaled = emb * np.linspace(1, 1000, emb.shape[1]).astype(np.float32)
+    # normalized cosine removes a per-filter scale shared by the whole set
+    assert np.allclose(normalized_cosine(scaled), normalized_cosine(emb), atol=1e-4)
+    assert not np.allclose(cosine(scaled), cosine(emb), atol=1e-3)
+
+
+def test_bad_embeddings_are_rejected(emb):
+    bad = emb.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        d_sym(bad)
+    with pytest.raises(ValueError, match="non-negative"):
+        d_sym(-emb)
+    with pytest.raises(ValueError, match="dimension"):
+        d_sym(emb, emb[:, :10])
+
+
+def test_chunking_gives_the_same_matrix(emb, monkeypatch):
+    import t2v_core.distance as distance
+
+    full = d_sym(emb)
+    monkeypatch.setattr(distance, "_CHUNK_ELEMENTS", 60)  # forces 1-row, 1-column chunks
+    assert np.allclose(d_sym(emb), full, atol=1e-7)
