@@ -1,0 +1,299 @@
+"""Task and expert specs, and the zoo manifests that list them.
+
+The manifests ``zoo/tasks.parquet`` and ``zoo/experts.parquet`` are the source of truth for
+which tasks and experts exist and at which content hash; downstream results are keyed by
+(task_id, content_hash), so a changed task is recomputed and an unchanged one is not.
+Manifests have one writer at a time (the registration job); each write replaces the whole
+file atomically. Upserts never delete: a task that disappears or stops validating keeps its
+last row until it is removed on purpose.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import posixpath
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+
+from t2v_core.storage import EXPERTS_SCHEMA, TASKS_SCHEMA, StorageRoot, filesystem_for, redact_uri
+
+log = logging.getLogger(__name__)
+
+TASKS_MANIFEST = "zoo/tasks.parquet"
+EXPERTS_MANIFEST = "zoo/experts.parquet"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One classification task: where its data is and what it contained when registered."""
+
+    task_id: str
+    family: str
+    data_uri: str
+    format: str  # "imagefolder" | "parquet"
+    classes: tuple[str, ...]
+    n_train: int
+    n_test: int
+    content_hash: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "classes", tuple(self.classes))
+        if self.format not in ("imagefolder", "parquet"):
+            raise ValueError(f"task {self.task_id!r}: unknown format {self.format!r}")
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """One expert (feature extractor); ``source_task_id`` is None for the generic expert."""
+
+    expert_id: str
+    arch: str
+    weights_uri: str
+    source_task_id: str | None
+    content_hash: str
+
+
+@dataclass(frozen=True)
+class UpsertReport:
+    added: tuple[str, ...] = ()
+    updated: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.updated)
+
+
+@dataclass
+class RegisterReport:
+    """What :func:`register_folders` did; ``skipped`` maps a folder name to the reason."""
+
+    upsert: UpsertReport = field(default_factory=UpsertReport)
+    skipped: dict[str, str] = field(default_factory=dict)
+    problems: list = field(default_factory=list)  # list[t2v_core.data.Problem]
+
+    @property
+    def registered(self) -> tuple[str, ...]:
+        return self.upsert.added + self.upsert.updated + self.upsert.unchanged
+
+
+def _root(root: StorageRoot | str) -> StorageRoot:
+    return root if isinstance(root, StorageRoot) else StorageRoot(root)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+# -- generic keyed manifest ----------------------------------------------------------------
+def _read_rows(root: StorageRoot, rel: str, schema: pa.Schema) -> list[dict]:
+    if not root.exists(rel):
+        return []
+    return root.read_table(rel, schema=schema).to_pylist()
+
+
+def _write_rows(root: StorageRoot, rel: str, schema: pa.Schema, key: str, rows: list[dict]) -> None:
+    rows = sorted(rows, key=lambda r: r[key])
+    root.write_table_atomic(rel, pa.Table.from_pylist(rows, schema=schema))
+
+
+def _check_unique(ids: Sequence[str], what: str) -> None:
+    seen, dup = set(), set()
+    for i in ids:
+        (dup if i in seen else seen).add(i)
+    if dup:
+        raise ValueError(f"duplicate {what}: {sorted(dup)}")
+
+
+def _upsert(
+    root: StorageRoot, rel: str, schema: pa.Schema, key: str, new_rows: list[dict]
+) -> UpsertReport:
+    _check_unique([r[key] for r in new_rows], key)
+    existing = {r[key]: r for r in _read_rows(root, rel, schema)}
+    added, updated, unchanged = [], [], []
+    now = _now()
+    for row in new_rows:
+        old = existing.get(row[key])
+        if old is None:
+            added.append(row[key])
+        elif {k: v for k, v in old.items() if k != "updated_at"} == row:
+            unchanged.append(row[key])
+            continue
+        else:
+            updated.append(row[key])
+        existing[row[key]] = {**row, "updated_at": now}
+    report = UpsertReport(tuple(sorted(added)), tuple(sorted(updated)), tuple(sorted(unchanged)))
+    if report.changed:
+        _write_rows(root, rel, schema, key, list(existing.values()))
+    return report
+
+
+# -- tasks ---------------------------------------------------------------------------------
+def _task_row(spec: TaskSpec) -> dict:
+    row = asdict(spec)
+    row["classes"] = list(spec.classes)
+    row["n_classes"] = spec.n_classes
+    return row
+
+
+def _task_from_row(row: dict) -> TaskSpec:
+    return TaskSpec(
+        task_id=row["task_id"],
+        family=row["family"],
+        data_uri=row["data_uri"],
+        format=row["format"],
+        classes=tuple(row["classes"]),
+        n_train=int(row["n_train"]),
+        n_test=int(row["n_test"]),
+        content_hash=row["content_hash"],
+    )
+
+
+def read_tasks(root: StorageRoot | str) -> list[TaskSpec]:
+    """Registered tasks sorted by id; empty when there is no manifest yet."""
+    return [
+        _task_from_row(r)
+        for r in sorted(
+            _read_rows(_root(root), TASKS_MANIFEST, TASKS_SCHEMA), key=lambda r: r["task_id"]
+        )
+    ]
+
+
+def write_tasks(root: StorageRoot | str, specs: Iterable[TaskSpec]) -> None:
+    """Replace the task manifest with exactly ``specs``."""
+    specs = list(specs)
+    _check_unique([s.task_id for s in specs], "task_id")
+    now = _now()
+    _write_rows(
+        _root(root),
+        TASKS_MANIFEST,
+        TASKS_SCHEMA,
+        "task_id",
+        [{**_task_row(s), "updated_at": now} for s in specs],
+    )
+
+
+def upsert_tasks(root: StorageRoot | str, specs: Iterable[TaskSpec]) -> UpsertReport:
+    """Add new tasks and replace changed ones (keyed by task_id); unchanged rows keep their
+    bytes, and nothing is written when nothing changed."""
+    return _upsert(
+        _root(root), TASKS_MANIFEST, TASKS_SCHEMA, "task_id", [_task_row(s) for s in specs]
+    )
+
+
+# -- experts -------------------------------------------------------------------------------
+def _expert_from_row(row: dict) -> ExpertSpec:
+    return ExpertSpec(
+        expert_id=row["expert_id"],
+        arch=row["arch"],
+        weights_uri=row["weights_uri"],
+        source_task_id=row["source_task_id"],
+        content_hash=row["content_hash"],
+    )
+
+
+def read_experts(root: StorageRoot | str) -> list[ExpertSpec]:
+    return [
+        _expert_from_row(r)
+        for r in sorted(
+            _read_rows(_root(root), EXPERTS_MANIFEST, EXPERTS_SCHEMA), key=lambda r: r["expert_id"]
+        )
+    ]
+
+
+def write_experts(root: StorageRoot | str, specs: Iterable[ExpertSpec]) -> None:
+    specs = list(specs)
+    _check_unique([s.expert_id for s in specs], "expert_id")
+    now = _now()
+    _write_rows(
+        _root(root),
+        EXPERTS_MANIFEST,
+        EXPERTS_SCHEMA,
+        "expert_id",
+        [{**asdict(s), "updated_at": now} for s in specs],
+    )
+
+
+def upsert_experts(root: StorageRoot | str, specs: Iterable[ExpertSpec]) -> UpsertReport:
+    return _upsert(
+        _root(root), EXPERTS_MANIFEST, EXPERTS_SCHEMA, "expert_id", [asdict(s) for s in specs]
+    )
+
+
+# -- registration --------------------------------------------------------------------------
+def discover_task_dirs(folders_uri: str) -> list[str]:
+    """URIs of the candidate task folders: ``folders_uri`` itself when it is a task folder,
+    else each of its immediate, non-hidden subdirectories (validated later by the scan)."""
+    from t2v_core.data import UnreadableURIError, detect_format
+
+    fs, path = filesystem_for(folders_uri)
+    try:
+        if not fs.isdir(path):
+            raise UnreadableURIError(folders_uri, "not a directory (or does not exist)")
+        if detect_format(folders_uri) is not None:
+            return [str(folders_uri).rstrip("/")]
+        entries = fs.ls(path, detail=True)
+    except UnreadableURIError:
+        raise
+    except Exception as exc:
+        raise UnreadableURIError(folders_uri, f"{type(exc).__name__}: {exc}") from exc
+    base = str(folders_uri).rstrip("/")
+    names = sorted(
+        posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory"
+    )
+    return [f"{base}/{n}" for n in names if not n.startswith((".", "_"))]
+
+
+def register_folders(
+    folders_uri: str,
+    root_uri: StorageRoot | str,
+    *,
+    family_from: str = "name-prefix",
+    format: str = "auto",
+    progress: Callable[[Sequence[str]], Iterable[str]] | None = None,
+) -> RegisterReport:
+    """Scan every task folder under ``folders_uri`` and upsert the valid ones into the task
+    manifest at ``root_uri``. Rejected folders are reported in ``skipped`` and never stop the
+    others. ``format`` is ``auto`` or the one format every task must have. ``progress`` wraps
+    the list of folders (e.g. a tqdm bar)."""
+    from t2v_core.data import FORMATS, DataError, scan_task
+
+    if format != "auto" and format not in FORMATS:
+        raise ValueError(f"format must be 'auto' or one of {FORMATS}, got {format!r}")
+    root = _root(root_uri)
+    report = RegisterReport()
+    specs: list[TaskSpec] = []
+    dirs = discover_task_dirs(folders_uri)
+    for uri in progress(dirs) if progress else dirs:
+        name = posixpath.basename(uri)
+        try:
+            spec, problems = scan_task(uri, family_from=family_from)
+        except DataError as exc:
+            report.skipped[name] = getattr(exc, "reason", str(exc))
+            report.problems.extend(getattr(exc, "problems", []))
+            log.debug("skipped %s: %s", redact_uri(uri), report.skipped[name])
+            continue
+        if format != "auto" and spec.format != format:
+            report.skipped[name] = f"format is {spec.format}, expected {format}"
+            continue
+        if any(s.task_id == spec.task_id for s in specs):
+            report.skipped[name] = f"duplicate task_id {spec.task_id!r}"
+            continue
+        report.problems.extend(problems)
+        specs.append(spec)
+    known = {s.task_id for s in read_tasks(root)}
+    for name in report.skipped:
+        if name in known:
+            log.warning(
+                "task %s is registered but now fails to scan; its manifest row is kept", name
+            )
+    if specs:
+        report.upsert = upsert_tasks(root, specs)
+    return report
