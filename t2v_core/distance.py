@@ -3,18 +3,17 @@
 Embeddings are non-negative per-filter Fisher values. The symmetric distance compares the
 *relative* weight each task puts on a filter (F_a / (F_a + F_b)), which makes it robust to
 the very different scales of Fisher values across layers. Every function takes a matrix of
-embeddings (one row per task) and returns a matrix, computed in chunks of pairs with torch
-so that no Python loop runs over pairs.
+embeddings (one row per task) and returns a matrix; no Python loop runs over pairs (d_sym is a
+compiled, fused kernel, the cosines are matrix products).
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import torch
 
 _EPS = 1e-12
-# Pairs per chunk are bounded by this many float32 elements (~256 MB of temporaries).
-_CHUNK_ELEMENTS = 1 << 26
 
 
 def _as_2d(x) -> torch.Tensor:
@@ -39,15 +38,35 @@ def _squeeze_like(out: torch.Tensor, a, b) -> np.ndarray | float:
     return out_np
 
 
-def _d_sym_block(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """d_cos(a/(a+b), b/(a+b)) for every row pair of two blocks (n×d, m×d) -> n×m."""
-    s = a[:, None, :] + b[None, :, :] + _EPS
-    u = a[:, None, :] / s
-    v = 1.0 - u  # = b/(a+b) up to the epsilon
-    dot = (u * v).sum(-1)
-    nu = (u * u).sum(-1).sqrt()
-    nv = (v * v).sum(-1).sqrt()
-    return 1.0 - dot / (nu * nv + _EPS)
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def _d_sym_kernel(a, b, out, symmetric):  # pragma: no cover - compiled
+    """Fused pair loop: only Σu and Σu² are needed, since v = 1 − u.
+
+    With u = a/(a+b): ⟨u,v⟩ = Σu − Σu², ‖u‖² = Σu², ‖v‖² = d − 2Σu + Σu². One pass over the
+    filters per pair, nothing allocated; rows are interleaved from both ends so that the two
+    halves of a triangular (symmetric) matrix give every thread the same work.
+    """
+    n, d = a.shape
+    m = b.shape[0]
+    for t in numba.prange(n):
+        i = t // 2 if t % 2 == 0 else n - 1 - t // 2
+        start = i + 1 if symmetric else 0
+        for j in range(start, m):
+            s1 = 0.0
+            s2 = 0.0
+            for k in range(d):
+                total = a[i, k] + b[j, k]
+                u = a[i, k] / total if total > 0 else 0.5
+                s1 += u
+                s2 += u * u
+            uv = s1 - s2
+            vv = d - 2.0 * s1 + s2
+            denom = np.sqrt(s2 * vv)
+            value = 1.0 - uv / denom if denom > 0 else 0.0
+            value = max(value, 0.0)
+            out[i, j] = value
+            if symmetric:
+                out[j, i] = value
 
 
 def d_sym(a, b=None) -> np.ndarray | float:
@@ -62,20 +81,9 @@ def d_sym(a, b=None) -> np.ndarray | float:
         raise ValueError(f"dimension mismatch: {ta.shape[1]} vs {tb.shape[1]}")
     if (ta < 0).any() or (tb < 0).any():
         raise ValueError("d_sym needs non-negative embeddings (Fisher values)")
-    n, m, d = ta.shape[0], tb.shape[0], ta.shape[1]
-    out = torch.empty(n, m, dtype=torch.float32)
-    rows = max(1, _CHUNK_ELEMENTS // max(1, m * d))
-    cols = m if rows > 1 else max(1, _CHUNK_ELEMENTS // d)
-    with torch.no_grad():
-        for i in range(0, n, rows):
-            for j in range(0, m, cols):
-                out[i : i + rows, j : j + cols] = _d_sym_block(
-                    ta[i : i + rows], tb[j : j + cols]
-                )
-    out.clamp_(min=0.0)
-    if b is None:
-        out.fill_diagonal_(0.0)
-    return _squeeze_like(out, a, a if b is None else b)
+    out = np.zeros((ta.shape[0], tb.shape[0]), dtype=np.float64)
+    _d_sym_kernel(np.ascontiguousarray(ta.numpy()), np.ascontiguousarray(tb.numpy()), out, b is None)
+    return _squeeze_like(torch.from_numpy(out), a, a if b is None else b)
 
 
 def trivial_embedding(dim: int, level: float = 1.0) -> np.ndarray:

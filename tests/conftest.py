@@ -1,13 +1,19 @@
-"""Shared fixtures: a real moto S3 server on loopback and tiny image trees."""
+"""Shared fixtures: a real moto S3 server and a real Ray on loopback, and tiny image trees."""
 
 from __future__ import annotations
 
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# Ray on loopback only, without token auth (nothing here listens beyond 127.0.0.1).
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 @dataclass
@@ -48,6 +54,21 @@ def moto_s3():
         client.create_bucket(Bucket="t2v-test")
         yield MotoS3(endpoint_url=endpoint, bucket="t2v-test", client=client)
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (ray.init costs seconds): 2 CPUs, no dashboard.
+
+    Tests that need their own cluster (ray.cluster_utils.Cluster, node kills) run it in a
+    subprocess so that this one stays up.
+    """
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2,
+             configure_logging=False)
+    yield ray
+    ray.shutdown()
 
 
 def write_image(path: Path, seed: int, size: int = 8, mode: str = "RGB", fmt: str = "PNG") -> None:
