@@ -262,12 +262,13 @@ def per_filter_fisher(
             x = images[start : start + batch_size].detach().clone().requires_grad_(True)
             y = None if labels is None else labels[start : start + batch_size]
             logits = head(backbone(x))
-            probs = torch.softmax(logits.detach(), dim=1)
+            # float64: for a confident prediction 1 − p_y is tiny and float32 would cancel it away
+            probs = torch.softmax(logits.detach().double(), dim=1)
             passes = list(_label_passes(method, probs, y, mc_samples, generator))
             for i, (targets, weight) in enumerate(passes):
                 # ∂ log p(y|x) / ∂ logits = e_y − p; seeding backward with it gives per-sample grads
-                seed_grad = F.one_hot(targets, probs.shape[1]).to(probs.dtype) - probs
-                capture.sample_weight = weight
+                seed_grad = (F.one_hot(targets, probs.shape[1]).double() - probs).to(logits.dtype)
+                capture.sample_weight = None if weight is None else weight.to(logits.dtype)
                 logits.backward(seed_grad, retain_graph=i < len(passes) - 1)
             capture.inputs.clear()
     finally:
@@ -310,7 +311,7 @@ def per_filter_fisher_naive(
         for i in range(len(images)):
             x = images[i : i + 1]
             y = None if labels is None else labels[i : i + 1]
-            logits = head(backbone(x))
+            logits = head(backbone(x)).double()
             probs = torch.softmax(logits.detach(), dim=1)
             for targets, weight in _label_passes(method, probs, y, mc_samples, generator):
                 logp = torch.log_softmax(logits, dim=1)[0, targets[0]]
