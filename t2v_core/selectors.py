@@ -1,0 +1,481 @@
+"""Expert selectors behind one interface, so the evaluation treats all of them alike.
+
+The interface (:class:`Selector`):
+
+* ``fit(train_task_embeddings (T×d), train_errors (T×E, NaN = missing),
+  expert_source_embeddings (E rows; None/NaN = no source task), expert_ids=None, **context)``
+  sees *only* training tasks. Returns ``self``.
+* ``rank(task_embeddings (n×d), **context) -> (n×E) int array``: expert indices best-first,
+  every row a permutation of ``range(E)``.
+
+``context`` carries per-task side information as sequences aligned with the task rows
+(item j belongs to task j), so an evaluator can slice it with the same indices as the
+embeddings. Keys used here:
+
+* ``features``: per task, a length-E sequence of (N×D) expert feature arrays (LogME);
+* ``source_probs``: per task, a length-E sequence of (N×Z) source-head probabilities (LEEP);
+* ``source_labels``: per task, a length-E sequence of (N,) hard source predictions (NCE;
+  derived from ``source_probs`` by argmax when absent);
+* ``labels``: per task, the (N,) target labels of those samples;
+* ``target_errors``: the true (n×E) errors of the tasks being ranked. Only selectors with
+  ``requires_target_errors = True`` (the oracle, the reference of every metric) get it.
+
+Selectors ignore context keys they do not use. ``cost`` says what a selector needs per new
+task, since the task-embedding methods and the per-expert scores differ by a factor E.
+"""
+
+from __future__ import annotations
+
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from t2v_core.distance import d_asym, d_sym, trivial_embedding, trivial_level
+from t2v_core.model2vec import Model2Vec, resolve_expert_sources
+from t2v_core.transferability import leep, logme, nce
+
+__all__ = [
+    "AsymTask2VecSelector",
+    "ChanceSelector",
+    "GenericSelector",
+    "LEEPSelector",
+    "LogMESelector",
+    "MeanErrorPrior",
+    "Model2VecSelector",
+    "NCESelector",
+    "OracleSelector",
+    "Selector",
+    "Task2VecSelector",
+    "TwoStageSelector",
+    "top1_relative_increase",
+]
+
+COST_NONE = "none (static prior)"
+COST_PROBE = "one probe pass per task"
+COST_EXPERTS = "one forward pass of every expert per task"
+
+
+def rank_by_score(scores: np.ndarray, *, higher_is_better: bool) -> np.ndarray:
+    """Best-first indices per row; NaN scores go last, ties keep index order."""
+    s = np.asarray(scores, dtype=np.float64)
+    key = -s if higher_is_better else s.copy()
+    key[np.isnan(key)] = np.inf
+    return np.argsort(key, axis=-1, kind="stable")
+
+
+def top1_relative_increase(
+    errors: np.ndarray, rankings: np.ndarray, error_floor: float = 1e-3
+) -> np.ndarray:
+    """Per task: (err of the best-ranked expert with an observed error − best err) / best err.
+
+    NaN for tasks without any observed error. Shared by the evaluation and by selectors that
+    tune a hyper-parameter on their training tasks.
+    """
+    err = np.asarray(errors, dtype=np.float64)
+    out = np.full(err.shape[0], np.nan)
+    for t in range(err.shape[0]):
+        row = err[t]
+        observed = np.isfinite(row)
+        if not observed.any():
+            continue
+        ranked = [i for i in rankings[t] if observed[i]]
+        best = row[observed].min()
+        out[t] = (row[ranked[0]] - best) / max(best, error_floor)
+    return out
+
+
+class Selector(ABC):
+    """Ranks the experts of a zoo for new tasks; see the module docstring for the contract."""
+
+    name: ClassVar[str] = "selector"
+    paper_name: ClassVar[str | None] = None  # row of the paper's Table 1, if any
+    cost: ClassVar[str] = COST_PROBE
+    requires_target_errors: ClassVar[bool] = False
+
+    def fit(
+        self,
+        train_task_embeddings,
+        train_errors,
+        expert_source_embeddings,
+        expert_ids: Sequence[Any] | None = None,
+        **context: Any,
+    ) -> Selector:
+        """Remember the zoo's shape and the experts' source embeddings; learn nothing else."""
+        tasks = np.asarray(train_task_embeddings, dtype=np.float64)
+        errors = np.asarray(train_errors, dtype=np.float64)
+        if errors.ndim != 2 or errors.shape[0] != tasks.shape[0]:
+            raise ValueError(f"need T×E errors for {tasks.shape[0]} tasks, got {errors.shape}")
+        self.sources_, self.missing_source_ = resolve_expert_sources(
+            expert_source_embeddings, tasks
+        )
+        self.n_experts_ = self.sources_.shape[0]
+        if errors.shape[1] != self.n_experts_:
+            raise ValueError(f"errors have {errors.shape[1]} columns, {self.n_experts_} experts")
+        self.expert_ids_ = list(range(self.n_experts_)) if expert_ids is None else list(expert_ids)
+        return self
+
+    @abstractmethod
+    def rank(self, task_embeddings, **context: Any) -> np.ndarray:
+        """(n×E) expert indices, best first."""
+
+    def predict(self, task_embeddings, **context: Any) -> np.ndarray:
+        """The top-ranked expert index per task."""
+        return self.rank(task_embeddings, **context)[:, 0]
+
+    def _n_tasks(self, task_embeddings) -> int:
+        return np.atleast_2d(np.asarray(task_embeddings)).shape[0]
+
+
+class ChanceSelector(Selector):
+    """A random ranking per task: the floor every selector must clear.
+
+    The permutation is seeded by ``random_state`` and the task's own embedding, so it does not
+    depend on which other tasks are ranked in the same call or on the training data.
+    """
+
+    name = "chance"
+    paper_name = "Chance"
+    cost = COST_NONE
+
+    def __init__(self, random_state: int = 0) -> None:
+        self.random_state = random_state
+
+    def rank(self, task_embeddings, **context: Any) -> np.ndarray:
+        tasks = np.atleast_2d(np.asarray(task_embeddings, dtype=np.float64))
+        out = np.empty((tasks.shape[0], self.n_experts_), dtype=np.int64)
+        for j, row in enumerate(tasks):
+            seed = np.random.SeedSequence([int(self.random_state), zlib.crc32(row.tobytes())])
+            out[j] = np.random.default_rng(seed).permutation(self.n_experts_)
+        return out
+
+
+def _mean_statistic(errors: np.ndarray, statistic: str) -> np.ndarray:
+    """Per-expert mean over training tasks of the raw error, its rank, or relative increase."""
+    err = np.asarray(errors, dtype=np.float64)
+    if statistic == "error":
+        values = err
+    elif statistic == "rank":
+        key = np.where(np.isfinite(err), err, np.inf)
+        values = np.argsort(np.argsort(key, axis=1, kind="stable"), axis=1).astype(np.float64)
+        values[~np.isfinite(err)] = np.nan
+    elif statistic == "relative":
+        best = np.nanmin(np.where(np.isfinite(err), err, np.nan), axis=1, keepdims=True)
+        values = (err - best) / np.maximum(best, 1e-3)
+    else:
+        raise ValueError(f"statistic must be 'error', 'rank' or 'relative', got {statistic!r}")
+    counts = np.isfinite(values).sum(axis=0)
+    sums = np.where(np.isfinite(values), values, 0.0).sum(axis=0)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+class MeanErrorPrior(Selector):
+    """Static prior: experts ranked by their mean error on the training tasks.
+
+    It never looks at the new task; on public transferability benchmarks such a prior beats
+    several per-task scores, so a recommender that does not beat it is not useful.
+    ``statistic`` = "error" (mean test error), "rank" (mean rank per task: insensitive to
+    hard tasks dominating the mean) or "relative" (mean relative increase over the best).
+    """
+
+    name = "mean_error_prior"
+    cost = COST_NONE
+
+    def __init__(self, statistic: str = "error") -> None:
+        self.statistic = statistic
+
+    def fit(
+        self,
+        train_task_embeddings,
+        train_errors,
+        expert_source_embeddings,
+        expert_ids=None,
+        **context: Any,
+    ) -> MeanErrorPrior:
+        super().fit(train_task_embeddings, train_errors, expert_source_embeddings, expert_ids)
+        self.mean_ = _mean_statistic(train_errors, self.statistic)
+        self.order_ = rank_by_score(self.mean_, higher_is_better=False)
+        return self
+
+    def rank(self, task_embeddings, **context: Any) -> np.ndarray:
+        return np.tile(self.order_, (self._n_tasks(task_embeddings), 1))
+
+
+class GenericSelector(Selector):
+    """Static prior: always the generic (e.g. ImageNet) expert first, the rest by mean error.
+
+    ``generic`` is the expert's index or id; by default the (first) expert without a source
+    task embedding.
+    """
+
+    name = "generic"
+    paper_name = "ImageNet"
+    cost = COST_NONE
+
+    def __init__(self, generic: Any = None) -> None:
+        self.generic = generic
+
+    def fit(
+        self,
+        train_task_embeddings,
+        train_errors,
+        expert_source_embeddings,
+        expert_ids=None,
+        **context: Any,
+    ) -> GenericSelector:
+        super().fit(train_task_embeddings, train_errors, expert_source_embeddings, expert_ids)
+        if self.generic is None:
+            missing = np.flatnonzero(self.missing_source_)
+            if missing.size == 0:
+                raise ValueError("no expert without a source task: pass generic= explicitly")
+            self.generic_index_ = int(missing[0])
+        elif self.generic in self.expert_ids_:
+            self.generic_index_ = self.expert_ids_.index(self.generic)
+        elif isinstance(self.generic, int | np.integer) and 0 <= self.generic < self.n_experts_:
+            self.generic_index_ = int(self.generic)
+        else:
+            raise ValueError(f"unknown generic expert {self.generic!r}")
+        rest = rank_by_score(_mean_statistic(train_errors, "error"), higher_is_better=False)
+        self.order_ = np.concatenate([[self.generic_index_], rest[rest != self.generic_index_]])
+        return self
+
+    def rank(self, task_embeddings, **context: Any) -> np.ndarray:
+        return np.tile(self.order_, (self._n_tasks(task_embeddings), 1))
+
+
+class Task2VecSelector(Selector):
+    """The expert whose source task is nearest to the new task by d_sym (TASK2VEC, symmetric).
+
+    An expert with no source task sits at the mean of the training task embeddings.
+    """
+
+    name = "task2vec"
+    paper_name = "Task2Vec"
+
+    def rank(self, task_embeddings, **context: Any) -> np.ndarray:
+        tasks = np.atleast_2d(np.asarray(task_embeddings, dtype=np.float64))
+        dist = np.asarray(d_sym(self.sources_, tasks)).reshape(self.n_experts_, -1).T
+        return rank_by_score(dist, higher_is_better=False)
+
+
+class AsymTask2VecSelector(Selector):
+    """Experts ranked by d_asym(source → task) = d_sym − α d_sym(source, t0) (asymmetric TASK2VEC).
+
+    α is picked from ``alphas`` on the training tasks: the value whose top pick has the lowest
+    mean relative error increase over the best expert (ties go to the α nearest the paper's
+    0.15). Each training task's pick uses only its embedding, never its matrix row, so this is
+    a held-out estimate per task; only the single scalar α is fitted. t0 is the flat trivial
+    embedding at the training tasks' median Fisher value.
+    """
+
+    name = "asym_task2vec"
+    paper_name = "Asym Task2Vec"
+
+    def __init__(
+        self,
+        alphas: Sequence[float] = tuple(np.round(np.arange(0.0, 1.01, 0.05), 2)),
+        error_floor: float = 1e-3,
+    ) -> None:
+        self.alphas = alphas
+        self.error_floor = error_floor
+
+    def fit(
+        self,
+        train_task_embeddings,
+        train_errors,
+        expert_source_embeddings,
+        expert_ids=None,
+        **context: Any,
+    ) -> AsymTask2VecSelector:
+        super().fit(train_task_embeddings, train_errors, expert_source_embeddings, expert_ids)
+        tasks = np.asarray(train_task_embeddings, dtype=np.float64)
+        self.t0_ = trivial_embedding(tasks.shape[1], trivial_level(tasks))
+        alphas = np.asarray(list(self.alphas), dtype=np.float64)
+        if alphas.size == 0:
+            raise ValueError("alphas is empty")
+        base = np.asarray(d_sym(self.sources_, tasks)).reshape(self.n_experts_, -1).T  # T×E
+        complexity = np.asarray(d_sym(self.sources_, self.t0_[None, :])).reshape(1, -1)
+        losses = []
+        for a in alphas:
+            ranks = rank_by_score(base - a * complexity, higher_is_better=False)
+            rel = top1_relative_increase(train_errors, ranks, self.error_floor)
+            losses.append(np.nanmean(rel) if np.isfinite(rel).any() else np.inf)
+        losses = np.asarray(losses)
+        tied = np.flatnonzero(losses <= losses.min() + 1e-12)
+        self.alpha_ = float(alphas[tied[np.argmin(np.abs(alphas[tied] - 0.15))]])
+        self.alpha_losses_ = dict(zip(alphas.tolist(), losses.tolist(), strict=True))
+        return self
+
+    def rank(self, task_embeddings, **context: Any) -> np.ndarray:
+        tasks = np.atleast_2d(np.asarray(task_embeddings, dtype=np.float64))
+        dist = d_asym(self.sources_, tasks, t0=self.t0_, alpha=self.alpha_)
+        return rank_by_score(
+            np.asarray(dist).reshape(self.n_experts_, -1).T, higher_is_better=False
+        )
+
+
+class Model2VecSelector(Selector):
+    """MODEL2VEC: learned expert embeddings ranked by d_asym (see :class:`Model2Vec`)."""
+
+    name = "model2vec"
+    paper_name = "Model2Vec"
+
+    def __init__(self, **model_params: Any) -> None:
+        self.model_params = model_params
+
+    def fit(
+        self,
+        train_task_embeddings,
+        train_errors,
+        expert_source_embeddings,
+        expert_ids=None,
+        **context: Any,
+    ) -> Model2VecSelector:
+        super().fit(train_task_embeddings, train_errors, expert_source_embeddings, expert_ids)
+        self.model_ = Model2Vec(**self.model_params).fit(
+            train_task_embeddings, train_errors, expert_source_embeddings, expert_ids=expert_ids
+        )
+        return self
+
+    def rank(self, task_embeddings, **context: Any) -> np.ndarray:
+        return self.model_.rank(np.atleast_2d(np.asarray(task_embeddings, dtype=np.float64)))
+
+
+class OracleSelector(Selector):
+    """Ranks by the true errors of the task: the reference, usable only in evaluation."""
+
+    name = "oracle"
+    paper_name = None
+    cost = "the full matrix row of the task (unavailable in practice)"
+    requires_target_errors = True
+
+    def rank(self, task_embeddings, *, target_errors=None, **context: Any) -> np.ndarray:
+        if target_errors is None:
+            raise ValueError("OracleSelector needs target_errors (the tasks' true matrix rows)")
+        err = np.atleast_2d(np.asarray(target_errors, dtype=np.float64))
+        if err.shape != (self._n_tasks(task_embeddings), self.n_experts_):
+            raise ValueError(f"target_errors has shape {err.shape}")
+        return rank_by_score(err, higher_is_better=False)
+
+
+class _PerExpertScoreSelector(Selector):
+    """Ranks experts by a transferability score computed from each expert's outputs on the task."""
+
+    cost = COST_EXPERTS
+    context_keys: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def _score(self, expert_output: Any, labels: np.ndarray) -> float:
+        """Score of one expert on one task; higher = better expected transfer."""
+
+    def _outputs(self, context: dict[str, Any], n: int) -> Sequence[Sequence[Any]]:
+        key = self.context_keys[0]
+        if key not in context:
+            raise ValueError(f"{type(self).__name__} needs context {key!r} (per task, per expert)")
+        return context[key]
+
+    def rank(self, task_embeddings, **context: Any) -> np.ndarray:
+        n = self._n_tasks(task_embeddings)
+        outputs = self._outputs(context, n)
+        labels = context.get("labels")
+        if labels is None or len(labels) != n or len(outputs) != n:
+            raise ValueError(
+                f"{type(self).__name__} needs per-task outputs and labels for {n} tasks"
+            )
+        scores = np.full((n, self.n_experts_), np.nan)
+        for j in range(n):
+            if len(outputs[j]) != self.n_experts_:
+                raise ValueError(
+                    f"task {j}: outputs for {len(outputs[j])} of {self.n_experts_} experts"
+                )
+            for i, out in enumerate(outputs[j]):
+                if out is not None:  # an expert not run on this task ranks last
+                    scores[j, i] = self._score(out, np.asarray(labels[j]))
+        return rank_by_score(scores, higher_is_better=True)
+
+
+class LogMESelector(_PerExpertScoreSelector):
+    """Experts ranked by LogME of their features on the task (context: features, labels)."""
+
+    name = "logme"
+    context_keys = ("features", "labels")
+
+    def _score(self, expert_output: Any, labels: np.ndarray) -> float:
+        return logme(expert_output, labels)
+
+
+class LEEPSelector(_PerExpertScoreSelector):
+    """Experts ranked by LEEP of their source-head probabilities (context: source_probs, labels)."""
+
+    name = "leep"
+    context_keys = ("source_probs", "labels")
+
+    def _score(self, expert_output: Any, labels: np.ndarray) -> float:
+        return leep(expert_output, labels)
+
+
+class NCESelector(_PerExpertScoreSelector):
+    """Experts ranked by NCE of their hard source predictions (context: source_labels or
+    source_probs, and labels)."""
+
+    name = "nce"
+    context_keys = ("source_labels", "labels")
+
+    def _outputs(self, context: dict[str, Any], n: int) -> Sequence[Sequence[Any]]:
+        if "source_labels" in context:
+            return context["source_labels"]
+        if "source_probs" in context:
+            return [
+                [None if p is None else np.asarray(p).argmax(axis=1) for p in task]
+                for task in context["source_probs"]
+            ]
+        raise ValueError("NCESelector needs context 'source_labels' or 'source_probs'")
+
+    def _score(self, expert_output: Any, labels: np.ndarray) -> float:
+        return nce(expert_output, labels)
+
+
+class TwoStageSelector(Selector):
+    """Re-rank the first selector's top ``top`` experts with the second one; keep the rest.
+
+    The cheap-and-strong recipe: a task-embedding selector ranks the whole zoo from one probe
+    pass, and a per-expert score (e.g. LogME) needs forward passes of only ``top`` experts.
+    """
+
+    name = "two_stage"
+
+    def __init__(self, first: Selector, second: Selector, top: int = 3) -> None:
+        self.first = first
+        self.second = second
+        self.top = top
+
+    @property
+    def cost(self) -> str:  # type: ignore[override]
+        return f"{self.first.cost}, plus the second stage on {self.top} experts"
+
+    def fit(
+        self,
+        train_task_embeddings,
+        train_errors,
+        expert_source_embeddings,
+        expert_ids=None,
+        **context: Any,
+    ) -> TwoStageSelector:
+        super().fit(train_task_embeddings, train_errors, expert_source_embeddings, expert_ids)
+        for stage in (self.first, self.second):
+            stage.fit(
+                train_task_embeddings, train_errors, expert_source_embeddings, expert_ids, **context
+            )
+        return self
+
+    def rank(self, task_embeddings, **context: Any) -> np.ndarray:
+        first = self.first.rank(task_embeddings, **context)
+        second = self.second.rank(task_embeddings, **context)
+        out = first.copy()
+        k = max(1, min(int(self.top), self.n_experts_))
+        for j in range(first.shape[0]):
+            head = set(first[j, :k].tolist())
+            out[j, :k] = [i for i in second[j] if i in head]
+        return out

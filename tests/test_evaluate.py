@@ -1,0 +1,311 @@
+"""Meta-task evaluation: metrics, the leakage guard, diagnostics and reports."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+
+from t2v_core.evaluate import (
+    EvaluationResult,
+    data_efficiency,
+    data_efficiency_markdown,
+    evaluate_selectors,
+    family_recovery,
+    norm_vs_difficulty,
+    synthetic_zoo,
+    task_metrics,
+    to_json,
+    to_markdown,
+)
+from t2v_core.selectors import (
+    AsymTask2VecSelector,
+    ChanceSelector,
+    GenericSelector,
+    LEEPSelector,
+    LogMESelector,
+    MeanErrorPrior,
+    Model2VecSelector,
+    NCESelector,
+    OracleSelector,
+    Selector,
+    Task2VecSelector,
+)
+
+log = logging.getLogger(__name__)
+M2V = {"max_epochs": 150, "patience": 20}
+
+
+def selectors(with_transferability: bool = False) -> dict[str, Selector]:
+    out: dict[str, Selector] = {
+        "oracle": OracleSelector(),
+        "chance": ChanceSelector(),
+        "generic": GenericSelector(),
+        "mean_error_prior": MeanErrorPrior(),
+        "task2vec": Task2VecSelector(),
+        "asym_task2vec": AsymTask2VecSelector(),
+        "model2vec": Model2VecSelector(**M2V),
+    }
+    if with_transferability:
+        out |= {"logme": LogMESelector(), "leep": LEEPSelector(), "nce": NCESelector()}
+    return out
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    return synthetic_zoo(
+        n_clusters=4,
+        tasks_per_cluster=10,
+        experts_per_cluster=2,
+        dim=64,
+        source_noise=0.3,
+        missing_fraction=0.1,
+        random_state=0,
+    )
+
+
+@pytest.fixture(scope="module")
+def result(zoo) -> EvaluationResult:
+    return evaluate_selectors(
+        selectors(),
+        zoo.task_embeddings,
+        zoo.errors,
+        zoo.expert_source_embeddings,
+        zoo.expert_ids,
+        zoo.families,
+        folds=5,
+    )
+
+
+def mixed(result: EvaluationResult, name: str) -> float:
+    return result.reports[name].by_meta_task["Mixed"].relative_increase_pct
+
+
+def test_synthetic_zoo_recommendation(result) -> None:
+    log.info("\n%s", to_markdown(result))
+    for meta, scores in result.reports["oracle"].by_meta_task.items():
+        assert scores.relative_increase_pct == 0.0, meta
+        assert scores.top1_hit_rate == 1.0
+        assert all(v == 0.0 for v in scores.regret_at_k_pct.values())
+    chance, generic = mixed(result, "chance"), mixed(result, "generic")
+    assert mixed(result, "model2vec") < 0.5 * chance
+    assert mixed(result, "model2vec") < 0.5 * generic
+    assert mixed(result, "model2vec") < mixed(result, "mean_error_prior")
+    assert mixed(result, "asym_task2vec") < 0.5 * chance
+    m2v = result.reports["model2vec"].by_meta_task["Mixed"]
+    assert m2v.top1_hit_rate > result.reports["chance"].by_meta_task["Mixed"].top1_hit_rate
+    assert m2v.weighted_tau > result.reports["mean_error_prior"].by_meta_task["Mixed"].weighted_tau
+    # The sampled chance selector sits near the exact chance level.
+    assert chance == pytest.approx(result.expected_chance_pct["Mixed"], rel=0.5)
+    assert set(result.meta_tasks) == {"family0", "family1", "family2", "family3", "Mixed"}
+
+
+def test_every_ranking_is_a_permutation(result, zoo) -> None:
+    n_experts = len(zoo.expert_ids)
+    for report in result.reports.values():
+        ranks = np.asarray(report.rankings)
+        assert (np.sort(ranks, axis=1) == np.arange(n_experts)).all()
+
+
+def test_poisoned_held_out_row_changes_no_pick() -> None:
+    """Leave-one-task-out: overwrite task j's matrix row with noise. Every selector's ranking
+    of task j itself must be unchanged (only the oracle may read that row)."""
+    zoo = synthetic_zoo(
+        n_clusters=3,
+        tasks_per_cluster=4,
+        experts_per_cluster=2,
+        dim=32,
+        n_samples=20,
+        random_state=4,
+    )
+    args = (zoo.expert_source_embeddings, zoo.expert_ids, zoo.families)
+    sel = selectors(with_transferability=True)
+    clean = evaluate_selectors(
+        sel, zoo.task_embeddings, zoo.errors, *args, folds="loo", context=zoo.context
+    )
+    j = 5
+    poisoned = zoo.errors.copy()
+    poisoned[j] = np.random.default_rng(0).uniform(0, 1, size=poisoned.shape[1])
+    assert np.argmin(poisoned[j]) != np.argmin(zoo.errors[j])  # the oracle's pick does move
+    dirty = evaluate_selectors(
+        sel, zoo.task_embeddings, poisoned, *args, folds="loo", context=zoo.context
+    )
+    for name in sel:
+        same = clean.reports[name].rankings[j] == dirty.reports[name].rankings[j]
+        assert same == (name != "oracle"), name
+
+
+class Spy(Selector):
+    """Records what the evaluator hands it."""
+
+    name = "spy"
+    seen: list[tuple[np.ndarray, dict]] = []
+
+    def fit(
+        self,
+        train_task_embeddings,
+        train_errors,
+        expert_source_embeddings,
+        expert_ids=None,
+        **context,
+    ):
+        super().fit(train_task_embeddings, train_errors, expert_source_embeddings, expert_ids)
+        self.train_errors = np.asarray(train_errors)
+        return self
+
+    def rank(self, task_embeddings, **context):
+        Spy.seen.append((self.train_errors, context))
+        return np.tile(np.arange(self.n_experts_), (len(task_embeddings), 1))
+
+
+def test_fit_sees_only_training_rows(zoo) -> None:
+    Spy.seen = []
+    errors = zoo.errors.copy()
+    errors[np.isnan(errors)] = 0.5
+    n_tasks = errors.shape[0]
+    context = {"labels": [np.array([t]) for t in range(n_tasks)]}
+    evaluate_selectors(
+        {"spy": Spy()},
+        zoo.task_embeddings,
+        errors,
+        zoo.expert_source_embeddings,
+        folds=4,
+        context=context,
+    )
+    assert len(Spy.seen) == 4
+    for train_errors, ctx in Spy.seen:
+        assert "target_errors" not in ctx
+        held_out = [int(lab[0]) for lab in ctx["labels"]]
+        assert train_errors.shape[0] == n_tasks - len(held_out)
+        for t in held_out:  # no held-out row appears among the training rows
+            assert not (train_errors == errors[t]).all(axis=1).any()
+
+
+def test_evaluator_rejects_bad_rankings_and_context(zoo) -> None:
+    class Broken(Spy):
+        def rank(self, task_embeddings, **context):
+            return np.zeros((len(task_embeddings), self.n_experts_), dtype=int)
+
+    args = (zoo.task_embeddings, zoo.errors, zoo.expert_source_embeddings)
+    with pytest.raises(ValueError, match="permutations"):
+        evaluate_selectors({"broken": Broken()}, *args, folds=2)
+    with pytest.raises(ValueError, match="target_errors"):
+        evaluate_selectors(
+            {"spy": Spy()}, *args, folds=2, context={"target_errors": list(zoo.errors)}
+        )
+    with pytest.raises(ValueError):
+        evaluate_selectors({"spy": Spy()}, *args, folds=1)
+
+
+def test_task_metrics_by_hand() -> None:
+    row = np.array([0.20, 0.10, np.nan, 0.40, 0.25])
+    m = task_metrics(row, [2, 0, 3, 1, 4], ks=(1, 3))
+    # Expert 2 is missing, so the first scored pick is expert 0: (0.2 − 0.1) / 0.1.
+    assert m["relative_increase_pct"] == pytest.approx(100.0)
+    assert m["hit"] is False
+    assert m["regret_at_k_pct"] == {1: pytest.approx(100.0), 3: pytest.approx(0.0)}
+    perfect = task_metrics(row, [1, 0, 4, 3, 2])
+    assert perfect["hit"] and perfect["kendall_tau"] == pytest.approx(1.0)
+    assert perfect["weighted_tau"] == pytest.approx(1.0)
+    reverse = task_metrics(row, [3, 4, 0, 1, 2])
+    assert reverse["kendall_tau"] == pytest.approx(-1.0)
+    assert task_metrics(np.full(3, np.nan), [0, 1, 2]) is None
+    floor = task_metrics(np.array([0.0, 0.01]), [1, 0], error_floor=1e-3)
+    assert floor["relative_increase_pct"] == pytest.approx(1000.0)
+    ties = task_metrics(np.array([0.1, 0.1]), [1, 0])
+    assert ties["hit"] and math.isnan(ties["kendall_tau"])
+
+
+def test_meta_tasks_and_missing_rows(zoo) -> None:
+    errors = zoo.errors.copy()
+    errors[0] = np.nan  # a task without any observed error is not scored
+    res = evaluate_selectors(
+        {"prior": MeanErrorPrior(), "oracle": OracleSelector()},
+        zoo.task_embeddings,
+        errors,
+        zoo.expert_source_embeddings,
+        zoo.expert_ids,
+        zoo.families,
+        folds=3,
+        meta_tasks={"fam01": ["family0", "family1"]},
+    )
+    assert list(res.meta_tasks) == ["fam01", "Mixed"]
+    assert res.reports["prior"].by_meta_task["fam01"].n_tasks == 19
+    assert res.reports["prior"].by_meta_task["Mixed"].n_tasks == 39
+    assert math.isnan(res.reports["prior"].relative_increase_pct[0])
+
+
+def test_norm_vs_difficulty() -> None:
+    rng = np.random.default_rng(0)
+    emb = np.exp(rng.normal(size=(20, 8)))
+    norms = np.linalg.norm(emb, axis=1)
+    errors = np.stack([0.01 * norms, 0.02 * norms + 0.1], axis=1)  # best = column 0
+    anti = norm_vs_difficulty(emb, 1.0 / errors)  # best = column 1, falling with the norm
+    errors[3, 1] = np.nan
+    res = norm_vs_difficulty(emb, errors)
+    assert res.spearman == pytest.approx(1.0)
+    assert res.n_tasks == 20
+    assert anti.spearman == pytest.approx(-1.0)
+    json.loads(to_json(res))
+
+
+def test_family_recovery(zoo) -> None:
+    rec = family_recovery(zoo.task_embeddings, zoo.families)
+    assert rec.accuracy == 1.0 and set(rec.per_family) == set(zoo.families)
+    assert rec.chance_accuracy == pytest.approx(4 * 10 * 9 / (40 * 39))
+    assert family_recovery(zoo.task_embeddings, zoo.families, distance="d_asym").accuracy > 0.9
+    shuffled = np.random.default_rng(0).permutation(zoo.families)
+    assert family_recovery(zoo.task_embeddings, shuffled).accuracy < 0.6
+    with pytest.raises(ValueError):
+        family_recovery(zoo.task_embeddings, zoo.families, distance="l2")
+
+
+def test_reports(result) -> None:
+    text = to_markdown(result)
+    for number in (
+        "+59.52%",
+        "+30.18%",
+        "+42.54%",
+        "+9.97%",
+        "+6.81%",
+        "+112.49%",
+        "+75.73%",
+        "+40.30%",
+        "+29.23%",
+        "+27.81%",
+    ):
+        assert number in text
+    model_row = next(line for line in text.splitlines() if line.startswith("| model2vec |"))
+    assert model_row.rstrip(" |").endswith("+27.81%")
+    assert "weighted τ" in text and "expected chance" in text
+    assert "+59.52%" not in to_markdown(result, paper=False)
+    data = json.loads(to_json(result))
+    assert data["reports"]["oracle"]["by_meta_task"]["Mixed"]["relative_increase_pct"] == 0.0
+    assert len(data["reports"]["model2vec"]["rankings"]) == 40
+
+
+def test_data_efficiency(zoo) -> None:
+    small = synthetic_zoo(
+        n_clusters=4,
+        tasks_per_cluster=10,
+        experts_per_cluster=2,
+        dim=64,
+        source_noise=0.3,
+        noise=0.2,
+        random_state=0,
+    )
+    zoos = {100: (small.task_embeddings, small.errors), 1000: (zoo.task_embeddings, zoo.errors)}
+    results = data_efficiency(
+        {"task2vec": Task2VecSelector(), "prior": MeanErrorPrior()},
+        zoos,
+        zoo.expert_source_embeddings,
+        zoo.expert_ids,
+        zoo.families,
+        folds=4,
+    )
+    assert list(results) == [100, 1000]
+    table = data_efficiency_markdown(results)
+    assert "| selector | 100 | 1000 |" in table and "| task2vec |" in table

@@ -1,0 +1,234 @@
+"""MODEL2VEC: the differentiable distance, fitting, inference and persistence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+
+from t2v_core.distance import d_asym, d_sym, trivial_embedding
+from t2v_core.evaluate import synthetic_zoo
+from t2v_core.model2vec import Model2Vec, resolve_expert_sources, torch_d_asym, torch_d_sym
+from t2v_core.selectors import top1_relative_increase
+
+FAST = {"max_epochs": 150, "patience": 20}
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    return synthetic_zoo(
+        n_clusters=3,
+        tasks_per_cluster=8,
+        experts_per_cluster=2,
+        dim=32,
+        source_noise=0.3,
+        missing_fraction=0.1,
+        random_state=1,
+    )
+
+
+@pytest.fixture(scope="module")
+def fitted(zoo) -> Model2Vec:
+    return Model2Vec(**FAST).fit(
+        zoo.task_embeddings, zoo.errors, zoo.expert_source_embeddings, expert_ids=zoo.expert_ids
+    )
+
+
+def test_torch_d_sym_matches_library() -> None:
+    rng = np.random.default_rng(0)
+    a = np.exp(rng.normal(size=(7, 40))) * rng.uniform(0.01, 100, size=(7, 1))
+    b = np.exp(rng.normal(size=(5, 40)))
+    a[0, :5] = 0.0  # zero Fisher entries, and a coordinate that is zero on both sides
+    b[1, :3] = 0.0
+    got = torch_d_sym(
+        torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32)
+    )
+    np.testing.assert_allclose(got.numpy(), d_sym(a, b), atol=1e-5)
+
+    t0 = trivial_embedding(40, 1.3)
+    got = torch_d_asym(
+        torch.as_tensor(a, dtype=torch.float32),
+        torch.as_tensor(b, dtype=torch.float32),
+        torch.as_tensor(t0),
+        0.15,
+    )
+    np.testing.assert_allclose(got.numpy(), d_asym(a, b, t0=t0, alpha=0.15), atol=1e-5)
+
+
+def test_torch_d_sym_has_finite_gradients() -> None:
+    m = torch.rand(3, 10, requires_grad=True)
+    tasks = torch.rand(4, 10)
+    tasks[0] = 0.0  # an all-zero task makes one of the norms vanish
+    torch_d_sym(m, tasks).sum().backward()
+    assert torch.isfinite(m.grad).all()
+
+
+def test_model_distances_are_library_d_asym(zoo, fitted) -> None:
+    """The trained model ranks by exactly t2v_core.distance.d_asym of its expert embeddings."""
+    m = fitted.expert_embeddings_
+    assert (m > 0).all()
+    expected = d_asym(m, zoo.task_embeddings, t0=fitted.t0_.numpy(), alpha=fitted.alpha_).T
+    np.testing.assert_allclose(fitted.distances(zoo.task_embeddings), expected, atol=1e-5)
+    np.testing.assert_allclose(fitted.offsets_, m - fitted.sources_.numpy(), rtol=1e-6)
+
+
+def test_outputs_are_consistent(zoo, fitted) -> None:
+    ranks = fitted.rank(zoo.task_embeddings)
+    n_experts = len(zoo.expert_ids)
+    assert ranks.shape == (zoo.task_embeddings.shape[0], n_experts)
+    assert (np.sort(ranks, axis=1) == np.arange(n_experts)).all()
+    scores = fitted.scores(zoo.task_embeddings)
+    np.testing.assert_allclose(scores.sum(axis=1), 1.0, atol=1e-9)
+    np.testing.assert_array_equal(fitted.predict(zoo.task_embeddings), ranks[:, 0])
+    np.testing.assert_array_equal(scores.argmax(axis=1), ranks[:, 0])
+    assert fitted.predict(zoo.task_embeddings[0]).shape == (1,)  # a single vector is one task
+    assert fitted.tau_ > 0 and fitted.history_
+
+
+def test_fit_is_deterministic(zoo, fitted) -> None:
+    again = Model2Vec(**FAST).fit(
+        zoo.task_embeddings, zoo.errors, zoo.expert_source_embeddings, expert_ids=zoo.expert_ids
+    )
+    assert torch.equal(again.log_m_, fitted.log_m_)
+    assert again.tau_ == fitted.tau_
+    other = clone(Model2Vec(**FAST, random_state=7)).fit(
+        zoo.task_embeddings, zoo.errors, zoo.expert_source_embeddings
+    )
+    assert not torch.equal(other.log_m_, fitted.log_m_)  # another validation split
+
+
+def test_save_load_round_trip(tmp_path, zoo, fitted) -> None:
+    path = tmp_path / "models" / "m2v.pt"
+    fitted.save(path)
+    raw = torch.load(path, weights_only=True)  # a plain dict: loads with no code execution
+    assert raw["format"] == "t2v-model2vec"
+    loaded = Model2Vec.load(path)
+    np.testing.assert_array_equal(
+        loaded.rank(zoo.task_embeddings), fitted.rank(zoo.task_embeddings)
+    )
+    np.testing.assert_array_equal(
+        loaded.scores(zoo.task_embeddings), fitted.scores(zoo.task_embeddings)
+    )
+    assert loaded.expert_ids_ == zoo.expert_ids
+    assert loaded.get_params() == fitted.get_params()
+    assert list(tmp_path.joinpath("models").iterdir()) == [path]  # no temporary left behind
+
+
+def test_load_rejects_other_files(tmp_path) -> None:
+    path = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(ValueError):
+        Model2Vec.load(path)
+
+
+def test_generic_expert_starts_at_mean_task(zoo) -> None:
+    """With no training steps, m_i is the source (plus the floor); the generic one is the mean."""
+    model = Model2Vec(max_epochs=0).fit(
+        zoo.task_embeddings, zoo.errors, zoo.expert_source_embeddings
+    )
+    m = model.expert_embeddings_
+    g = zoo.generic_index
+    np.testing.assert_allclose(m[g], zoo.task_embeddings.mean(axis=0), rtol=1e-4)
+    np.testing.assert_allclose(m[0], zoo.expert_source_embeddings[0], rtol=1e-4)
+    # A NaN row means the same as None.
+    nan_sources = np.stack(
+        [
+            np.full(zoo.task_embeddings.shape[1], np.nan) if s is None else s
+            for s in zoo.expert_source_embeddings
+        ]
+    )
+    same = Model2Vec(max_epochs=0).fit(zoo.task_embeddings, zoo.errors, nan_sources)
+    np.testing.assert_allclose(same.expert_embeddings_, m)
+    at_t0 = Model2Vec(max_epochs=0, missing_source="t0").fit(
+        zoo.task_embeddings, zoo.errors, zoo.expert_source_embeddings
+    )
+    np.testing.assert_allclose(at_t0.expert_embeddings_[g], at_t0.t0_.numpy(), rtol=1e-5)
+
+
+def test_missing_cells_and_uninformative_tasks(zoo) -> None:
+    errors = zoo.errors.copy()
+    errors[0, 1:] = np.nan  # one observed cell: no ranking information, skipped
+    errors[1, ::2] = np.nan
+    model = Model2Vec(**FAST).fit(zoo.task_embeddings, errors, zoo.expert_source_embeddings)
+    assert np.isfinite(model.expert_embeddings_).all()
+    with pytest.raises(ValueError):
+        Model2Vec().fit(
+            zoo.task_embeddings, np.full_like(errors, np.nan), zoo.expert_source_embeddings
+        )
+
+
+def test_rejects_inconsistent_input(zoo) -> None:
+    with pytest.raises(ValueError):
+        Model2Vec().fit(zoo.task_embeddings, zoo.errors[:, :-1], zoo.expert_source_embeddings)
+    with pytest.raises(ValueError):
+        Model2Vec().fit(-zoo.task_embeddings, zoo.errors, zoo.expert_source_embeddings)
+    with pytest.raises(RuntimeError):
+        Model2Vec().rank(zoo.task_embeddings)
+    with pytest.raises(ValueError):
+        resolve_expert_sources([np.ones(3)], np.ones((2, 4)))
+
+
+def test_learns_to_correct_wrong_source_embeddings() -> None:
+    """Swap the source embeddings of two families' experts: nearest-source selection then
+    sends those families to the wrong experts, while MODEL2VEC learns from the matrix where
+    the experts really belong and recovers the right ones on held-out tasks."""
+    zoo = synthetic_zoo(
+        n_clusters=3, tasks_per_cluster=12, experts_per_cluster=2, dim=32, random_state=2
+    )
+    sources = list(zoo.expert_source_embeddings)
+    sources[0], sources[2] = sources[2], sources[0]
+    sources[1], sources[3] = sources[3], sources[1]
+    held_out = np.arange(zoo.task_embeddings.shape[0]) % 4 == 0
+    train, test = ~held_out, held_out
+    model = Model2Vec(**FAST).fit(zoo.task_embeddings[train], zoo.errors[train], sources)
+    learned = top1_relative_increase(zoo.errors[test], model.rank(zoo.task_embeddings[test]))
+    untrained = Model2Vec(max_epochs=0).fit(zoo.task_embeddings[train], zoo.errors[train], sources)
+    start = top1_relative_increase(zoo.errors[test], untrained.rank(zoo.task_embeddings[test]))
+    assert np.mean(start) > 0.3  # the swapped families are misrouted at initialisation
+    assert np.mean(learned) < 0.05
+    # The swapped experts moved: each is now nearer (d_sym) to its own family's tasks.
+    fam = np.asarray(zoo.families)
+    m = model.expert_embeddings_
+    for i in range(4):
+        own = zoo.expert_families[i]
+        dist = d_sym(m[i], zoo.task_embeddings)
+        assert dist[fam == own].mean() < min(
+            dist[fam == f].mean() for f in set(zoo.families) - {own}
+        )
+
+
+def test_memory_blocks_do_not_change_the_fit(zoo, fitted, monkeypatch) -> None:
+    """Gradients accumulated over small blocks of tasks equal one full-batch gradient."""
+    import t2v_core.model2vec as module
+
+    dim = zoo.task_embeddings.shape[1]
+    monkeypatch.setattr(module, "_PAIR_ELEMENTS", 3 * len(zoo.expert_ids) * dim)  # 3 tasks
+    blocked = Model2Vec(**FAST).fit(
+        zoo.task_embeddings, zoo.errors, zoo.expert_source_embeddings, expert_ids=zoo.expert_ids
+    )
+    assert blocked.best_epoch_ == fitted.best_epoch_
+    np.testing.assert_allclose(blocked.log_m_.numpy(), fitted.log_m_.numpy(), atol=1e-4)
+    np.testing.assert_array_equal(
+        blocked.rank(zoo.task_embeddings), fitted.rank(zoo.task_embeddings)
+    )
+
+
+def test_minibatches_are_deterministic(zoo) -> None:
+    params = {**FAST, "batch_size": 5, "max_epochs": 20}
+    a = Model2Vec(**params).fit(zoo.task_embeddings, zoo.errors, zoo.expert_source_embeddings)
+    b = Model2Vec(**params).fit(zoo.task_embeddings, zoo.errors, zoo.expert_source_embeddings)
+    assert torch.equal(a.log_m_, b.log_m_)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(tmp_path, zoo, fitted) -> None:
+    gpu = Model2Vec(**FAST, device="cuda").fit(
+        zoo.task_embeddings, zoo.errors, zoo.expert_source_embeddings
+    )
+    np.testing.assert_allclose(gpu.log_m_.numpy(), fitted.log_m_.numpy(), atol=1e-3)
+    gpu.save(tmp_path / "gpu.pt")
+    on_cpu = Model2Vec.load(tmp_path / "gpu.pt", device="cpu")
+    np.testing.assert_allclose(
+        on_cpu.distances(zoo.task_embeddings), gpu.distances(zoo.task_embeddings), atol=1e-5
+    )

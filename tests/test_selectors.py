@@ -1,0 +1,264 @@
+"""Selectors: the shared contract, and what each one ranks by."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from t2v_core.distance import d_asym, d_sym
+from t2v_core.evaluate import synthetic_zoo
+from t2v_core.selectors import (
+    AsymTask2VecSelector,
+    ChanceSelector,
+    GenericSelector,
+    LEEPSelector,
+    LogMESelector,
+    MeanErrorPrior,
+    Model2VecSelector,
+    NCESelector,
+    OracleSelector,
+    Selector,
+    Task2VecSelector,
+    TwoStageSelector,
+    rank_by_score,
+    top1_relative_increase,
+)
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    return synthetic_zoo(
+        n_clusters=3,
+        tasks_per_cluster=6,
+        experts_per_cluster=2,
+        dim=32,
+        source_noise=0.3,
+        missing_fraction=0.15,
+        n_samples=30,
+        random_state=3,
+    )
+
+
+def all_selectors() -> dict[str, Selector]:
+    return {
+        "chance": ChanceSelector(random_state=1),
+        "generic": GenericSelector(),
+        "prior": MeanErrorPrior(),
+        "prior_rank": MeanErrorPrior(statistic="rank"),
+        "prior_relative": MeanErrorPrior(statistic="relative"),
+        "task2vec": Task2VecSelector(),
+        "asym": AsymTask2VecSelector(),
+        "model2vec": Model2VecSelector(max_epochs=60, patience=10),
+        "oracle": OracleSelector(),
+        "logme": LogMESelector(),
+        "leep": LEEPSelector(),
+        "nce": NCESelector(),
+        "two_stage": TwoStageSelector(Task2VecSelector(), LogMESelector(), top=3),
+    }
+
+
+def split(zoo, n_test: int = 5):
+    n = zoo.task_embeddings.shape[0]
+    test = np.arange(n) % (n // n_test) == 0
+    return np.flatnonzero(~test), np.flatnonzero(test)
+
+
+def ctx(zoo, idx) -> dict:
+    return {k: [v[i] for i in idx] for k, v in zoo.context.items()}
+
+
+@pytest.mark.parametrize("name", list(all_selectors()))
+def test_rows_are_permutations(zoo, name: str) -> None:
+    train, test = split(zoo)
+    selector = all_selectors()[name].fit(
+        zoo.task_embeddings[train],
+        zoo.errors[train],
+        zoo.expert_source_embeddings,
+        zoo.expert_ids,
+        **ctx(zoo, train),
+    )
+    kwargs = ctx(zoo, test)
+    if selector.requires_target_errors:
+        kwargs["target_errors"] = zoo.errors[test]
+    ranks = selector.rank(zoo.task_embeddings[test], **kwargs)
+    n_experts = len(zoo.expert_ids)
+    assert ranks.shape == (test.size, n_experts)
+    assert np.issubdtype(ranks.dtype, np.integer)
+    assert (np.sort(ranks, axis=1) == np.arange(n_experts)).all()
+    np.testing.assert_array_equal(
+        selector.predict(zoo.task_embeddings[test], **kwargs), ranks[:, 0]
+    )
+
+
+def fit(selector: Selector, zoo, errors=None) -> Selector:
+    return selector.fit(
+        zoo.task_embeddings,
+        zoo.errors if errors is None else errors,
+        zoo.expert_source_embeddings,
+        zoo.expert_ids,
+    )
+
+
+def test_chance_depends_only_on_seed_and_task(zoo) -> None:
+    chance = fit(ChanceSelector(random_state=5), zoo)
+    tasks = zoo.task_embeddings
+    together = chance.rank(tasks)
+    alone = np.concatenate([chance.rank(t) for t in tasks])
+    np.testing.assert_array_equal(together, alone)
+    assert len({tuple(r) for r in together}) > 1  # different tasks, different draws
+    other = fit(ChanceSelector(random_state=6), zoo).rank(tasks)
+    assert not np.array_equal(together, other)
+
+
+def test_generic_first_then_mean_error(zoo) -> None:
+    generic = fit(GenericSelector(), zoo)
+    ranks = generic.rank(zoo.task_embeddings[:4])
+    g = zoo.generic_index
+    assert (ranks[:, 0] == g).all()
+    means = np.nanmean(zoo.errors, axis=0)
+    rest = [i for i in np.argsort(means, kind="stable") if i != g]
+    np.testing.assert_array_equal(ranks[0, 1:], rest)
+    by_id = fit(GenericSelector(generic=zoo.expert_ids[0]), zoo)
+    assert by_id.rank(zoo.task_embeddings[:1])[0, 0] == 0
+    with pytest.raises(ValueError):
+        GenericSelector().fit(
+            zoo.task_embeddings, zoo.errors[:, :-1], zoo.expert_source_embeddings[:-1]
+        )  # no expert lacks a source
+
+
+def test_mean_error_prior(zoo) -> None:
+    errors = np.array([[0.1, 0.5, np.nan], [0.3, 0.2, 0.9], [0.2, 0.4, 0.1]])
+    emb = zoo.task_embeddings[:3]
+    sources = zoo.expert_source_embeddings[:3]
+    prior = MeanErrorPrior().fit(emb, errors, sources)
+    # Means ignoring missing cells: 0.2, 0.367, 0.5.
+    np.testing.assert_array_equal(prior.rank(emb), [[0, 1, 2]] * 3)
+    by_rank = MeanErrorPrior(statistic="rank").fit(emb, errors, sources)
+    # Per-task ranks: [0,1,-], [1,0,2], [1,2,0] -> means 0.67, 1.0, 1.0.
+    np.testing.assert_array_equal(by_rank.rank(emb)[0], [0, 1, 2])
+    with pytest.raises(ValueError):
+        MeanErrorPrior(statistic="median").fit(emb, errors, sources)
+
+
+def test_task2vec_nearest_source(zoo) -> None:
+    t2v = fit(Task2VecSelector(), zoo)
+    tasks = zoo.task_embeddings
+    ranks = t2v.rank(tasks)
+    sources = t2v.sources_
+    expected = np.argsort(d_sym(sources, tasks).T, axis=1, kind="stable")
+    np.testing.assert_array_equal(ranks, expected)
+    np.testing.assert_allclose(sources[zoo.generic_index], tasks.mean(axis=0))
+
+
+def test_asym_alpha_from_training_tasks(zoo) -> None:
+    asym = fit(AsymTask2VecSelector(), zoo)
+    assert asym.alpha_ in asym.alpha_losses_
+    assert asym.alpha_losses_[asym.alpha_] == min(asym.alpha_losses_.values())
+    ranks = asym.rank(zoo.task_embeddings)
+    expected = d_asym(asym.sources_, zoo.task_embeddings, t0=asym.t0_, alpha=asym.alpha_).T
+    np.testing.assert_array_equal(ranks, np.argsort(expected, axis=1, kind="stable"))
+    zero = fit(AsymTask2VecSelector(alphas=(0.0,)), zoo)
+    np.testing.assert_array_equal(
+        zero.rank(zoo.task_embeddings), fit(Task2VecSelector(), zoo).rank(zoo.task_embeddings)
+    )
+
+
+def test_asym_alpha_follows_the_matrix() -> None:
+    """A flat source A is nearer every task than a complex source B. If the matrix says B
+    transfers better, the fitted α must be large enough to rank B first everywhere; if it
+    says A, α must stay below the smallest value that would flip any task."""
+    rng = np.random.default_rng(0)
+    flat, complex_ = np.exp(rng.normal(scale=0.2, size=16)), np.exp(rng.normal(scale=1.0, size=16))
+    sources = [flat, complex_]
+    tasks = np.exp(rng.normal(scale=0.5, size=(12, 16)))
+    grid = np.round(np.linspace(0.0, 3.0, 61), 2)
+    b_better = np.tile([0.5, 0.3], (12, 1))
+    asym = AsymTask2VecSelector(alphas=grid).fit(tasks, b_better, sources)
+    c = d_sym(np.stack(sources), asym.t0_[None, :])[:, 0]
+    d = d_sym(np.stack(sources), tasks).T
+    flip = (d[:, 1] - d[:, 0]) / (c[1] - c[0])  # α above which B outranks A on each task
+    assert (d[:, 0] < d[:, 1]).all() and c[1] > c[0] and 0 < flip.min() and flip.max() < 3
+    assert asym.alpha_ >= flip.max()
+    assert (asym.predict(tasks) == 1).all()
+    a_better = b_better[:, ::-1]
+    asym = AsymTask2VecSelector(alphas=grid).fit(tasks, a_better, sources)
+    assert asym.alpha_ < flip.min()
+    assert (asym.predict(tasks) == 0).all()
+
+
+def test_oracle_reads_only_target_errors(zoo) -> None:
+    oracle = fit(OracleSelector(), zoo)
+    with pytest.raises(ValueError):
+        oracle.rank(zoo.task_embeddings[:2])
+    ranks = oracle.rank(zoo.task_embeddings[:2], target_errors=zoo.errors[:2])
+    for r, row in zip(ranks, zoo.errors[:2], strict=True):
+        observed = row[r][np.isfinite(row[r])]
+        assert (np.diff(observed) >= 0).all() and np.isnan(row[r][observed.size :]).all()
+    assert (
+        top1_relative_increase(
+            zoo.errors, oracle.rank(zoo.task_embeddings, target_errors=zoo.errors)
+        ).max()
+        == 0.0
+    )
+
+
+def per_expert_context(quality: list[float], n: int = 60, seed: int = 0) -> dict:
+    """One task; each expert's features and source head carry signal in proportion to quality."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, size=n)
+    means = rng.normal(size=(3, 6))
+    feats, probs = [], []
+    for q in quality:
+        feats.append(3 * q * means[y] + rng.normal(size=(n, 6)))
+        logits = 5 * q * np.eye(4)[y] + rng.normal(size=(n, 4))
+        p = np.exp(logits)
+        probs.append(p / p.sum(axis=1, keepdims=True))
+    return {"labels": [y], "features": [feats], "source_probs": [probs]}
+
+
+@pytest.mark.parametrize("cls", [LogMESelector, LEEPSelector, NCESelector])
+def test_transferability_selectors_rank_informative_experts_first(cls) -> None:
+    quality = [0.0, 1.0, 0.3]
+    context = per_expert_context(quality)
+    emb = np.ones((1, 4))
+    selector = cls().fit(emb, np.full((1, 3), 0.5), [np.ones(4)] * 3)
+    ranks = selector.rank(emb, **context)
+    np.testing.assert_array_equal(ranks[0], [1, 2, 0])
+    # An expert that was not run on the task ranks last.
+    context["features"][0][1] = None
+    context["source_probs"][0][1] = None
+    assert selector.rank(emb, **context)[0, -1] == 1
+    with pytest.raises(ValueError):
+        selector.rank(emb)
+
+
+def test_nce_uses_source_labels_when_given() -> None:
+    context = per_expert_context([0.0, 1.0, 0.3])
+    labels = [[p.argmax(axis=1) for p in context["source_probs"][0]]]
+    emb = np.ones((1, 4))
+    nce = NCESelector().fit(emb, np.full((1, 3), 0.5), [np.ones(4)] * 3)
+    np.testing.assert_array_equal(
+        nce.rank(emb, labels=context["labels"], source_labels=labels), nce.rank(emb, **context)
+    )
+
+
+def test_two_stage_reorders_only_the_head(zoo) -> None:
+    first = fit(Task2VecSelector(), zoo)
+    two = fit(TwoStageSelector(Task2VecSelector(), LogMESelector(), top=3), zoo)
+    context = zoo.context
+    base = first.rank(zoo.task_embeddings)
+    ranks = two.rank(zoo.task_embeddings, **context)
+    np.testing.assert_array_equal(ranks[:, 3:], base[:, 3:])
+    np.testing.assert_array_equal(np.sort(ranks[:, :3], axis=1), np.sort(base[:, :3], axis=1))
+    logme = fit(LogMESelector(), zoo).rank(zoo.task_embeddings, **context)
+    for r, full in zip(ranks, logme, strict=True):
+        assert list(r[:3]) == [i for i in full if i in set(r[:3])]
+
+
+def test_rank_by_score_puts_nan_last() -> None:
+    np.testing.assert_array_equal(
+        rank_by_score(np.array([[0.2, np.nan, 0.9, 0.2]]), higher_is_better=True), [[2, 0, 3, 1]]
+    )
+    np.testing.assert_array_equal(
+        rank_by_score(np.array([[0.2, np.nan, 0.9, 0.2]]), higher_is_better=False), [[0, 3, 2, 1]]
+    )

@@ -1,0 +1,106 @@
+"""LogME, LEEP and NCE against independent oracles and hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.linear_model import BayesianRidge
+
+from t2v_core.transferability import leep, logme, nce
+
+TINY = 1e-300  # gamma hyper-priors this flat make BayesianRidge's evidence LogME's exactly
+
+
+def sklearn_evidence_per_sample(features: np.ndarray, column: np.ndarray) -> float:
+    """Log marginal likelihood of BayesianRidge without intercept, started like LogME."""
+    model = BayesianRidge(
+        fit_intercept=False,
+        compute_score=True,
+        alpha_1=TINY,
+        alpha_2=TINY,
+        lambda_1=TINY,
+        lambda_2=TINY,
+        alpha_init=1.0,  # noise precision β
+        lambda_init=1.0,  # weight precision α
+        tol=1e-14,
+        max_iter=100_000,
+    ).fit(features, column)
+    return model.scores_[-1] / features.shape[0]
+
+
+@pytest.mark.parametrize("n,d", [(80, 6), (40, 40), (12, 30)])
+def test_logme_equals_bayesian_ridge_evidence(n: int, d: int) -> None:
+    rng = np.random.default_rng(n + d)
+    labels = rng.integers(0, 3, size=n)
+    features = rng.normal(size=(n, d))
+    features[:, 0] += 1.5 * labels  # some signal, so α and β settle away from their start
+    expected = np.mean(
+        [sklearn_evidence_per_sample(features, (labels == k).astype(float)) for k in range(3)]
+    )
+    assert logme(features, labels) == pytest.approx(expected, abs=1e-6)
+
+
+def test_logme_single_column_evidence() -> None:
+    """Binary labels: LogME is the mean of the two columns' evidences, each BayesianRidge's."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, size=50)
+    features = rng.normal(size=(50, 4)) + labels[:, None]
+    cols = [sklearn_evidence_per_sample(features, (labels == k).astype(float)) for k in (0, 1)]
+    assert logme(features, labels) == pytest.approx(np.mean(cols), abs=1e-6)
+    assert logme(features, labels.astype(str)) == pytest.approx(logme(features, labels))
+
+
+def test_logme_prefers_informative_features() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, size=120)
+    means = rng.normal(size=(4, 8))
+    good = 3 * means[labels] + rng.normal(size=(120, 8))
+    noise = rng.normal(size=(120, 8))
+    assert logme(good, labels) > logme(noise, labels)
+
+
+def test_logme_rejects_bad_input() -> None:
+    with pytest.raises(ValueError):
+        logme(np.ones(5), np.zeros(5))
+    with pytest.raises(ValueError):
+        logme(np.full((3, 2), np.nan), np.zeros(3))
+    with pytest.raises(ValueError):
+        logme(np.ones((3, 2)), np.zeros(4))
+
+
+def test_leep_hand_computed() -> None:
+    # Joint P(y,z): y=0 -> [0.5, 1/6], y=1 -> [0, 1/3]; P(z) = [1/2, 1/2];
+    # P(y=0|z) = [1, 1/3]. Per-sample likelihoods: 2/3, 1, 2/3.
+    theta = np.array([[0.5, 0.5], [1.0, 0.0], [0.0, 1.0]])
+    assert leep(theta, [0, 0, 1]) == pytest.approx(2 / 3 * math.log(2 / 3), abs=1e-12)
+
+
+def test_leep_limits() -> None:
+    y = np.array([0, 1, 2, 1, 0, 2])
+    perfect = np.eye(4)[[3, 0, 1, 0, 3, 1]]  # a deterministic source class per target class
+    assert leep(perfect, y) == pytest.approx(0.0, abs=1e-12)
+    flat = np.full((6, 4), 0.25)  # source head says nothing: LEEP = Σ P(y) log P(y) = −H(Y)
+    assert leep(flat, y) == pytest.approx(math.log(1 / 3), abs=1e-12)
+
+
+def test_nce_hand_computed() -> None:
+    # P(y|z=0) = [2/3, 1/3], P(y|z=1) = [1/3, 2/3], P(z) = 1/2 each.
+    y = [0, 0, 1, 1, 1, 0]
+    z = [0, 0, 0, 1, 1, 1]
+    expected = 2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3)
+    assert nce(z, y) == pytest.approx(expected, abs=1e-12)
+
+
+def test_nce_limits() -> None:
+    assert nce([5, 7, 9, 5], ["a", "b", "b", "a"]) == pytest.approx(0.0, abs=1e-12)  # Z decides Y
+    # Independent: every (y, z) pair equally often -> −H(Y|Z) = −H(Y) = −log 2.
+    assert nce([0, 1, 0, 1], [0, 0, 1, 1]) == pytest.approx(-math.log(2), abs=1e-12)
+    # Unbalanced independent design: H(Y) with P(y) = (1/4, 3/4).
+    z = [0, 1] * 4
+    y = [0, 0, 1, 1, 1, 1, 1, 1]
+    h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert nce(z, y) == pytest.approx(-h, abs=1e-12)
+    with pytest.raises(ValueError):
+        nce([0, 1], [0, 1, 1])
