@@ -1,0 +1,342 @@
+"""Figures for reviewing a zoo: the task map, distance and error-matrix heatmaps, norm vs error,
+and top-k recommendations against their true errors.
+
+Every function builds a :class:`matplotlib.figure.Figure` on its own Agg canvas instead of
+going through ``pyplot``: no global backend switch, nothing kept alive in pyplot's figure
+registry (batch jobs draw many figures), and notebooks still display the returned figures.
+Functions that compute something on the way (t-SNE coordinates, orderings) return it next to
+the figure, so what was drawn can be checked against the data it came from.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_rgba
+from matplotlib.figure import Figure
+from sklearn.manifold import TSNE
+
+from t2v_core.distance import d_sym
+from t2v_core.storage import StorageRoot
+
+__all__ = [
+    "TaskMap",
+    "distance_heatmap",
+    "embedding_matrix",
+    "error_matrix_heatmap",
+    "family_order",
+    "new_figure",
+    "norm_vs_error",
+    "png_bytes",
+    "save_png",
+    "task_map",
+    "topk_bars",
+]
+
+_MISSING = "lightgrey"
+
+
+@dataclass
+class TaskMap:
+    """The t-SNE task map and exactly what it was computed from."""
+
+    figure: Figure
+    distances: np.ndarray  # n×n d_sym of the embeddings passed in: the t-SNE input
+    coords: np.ndarray  # n×2 positions drawn
+    task_ids: list[str]
+    families: list[str]
+
+
+def new_figure(width: float = 6.0, height: float = 5.0) -> Figure:
+    """A figure with its own Agg canvas and constrained layout."""
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def png_bytes(fig: Figure, dpi: int = 100) -> bytes:
+    """The figure rendered as PNG."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def save_png(fig: Figure, path: str | os.PathLike[str], dpi: int = 100) -> str:
+    """Write the figure as PNG to a local path or a URI (``s3://...``), atomically; returns
+    where it went."""
+    path = str(path)
+    parent, name = posixpath.split(path.replace(os.sep, "/"))
+    return StorageRoot(parent or ".").write_bytes_atomic(name, png_bytes(fig, dpi))
+
+
+def embedding_matrix(table) -> tuple[list[str], np.ndarray]:
+    """(task ids, n×d embeddings) from an embeddings table (Arrow or pandas) in row order,
+    keeping the stored float32 values exactly."""
+    if hasattr(table, "column_names"):  # pyarrow
+        import pyarrow.compute as pc
+
+        ids = [str(x) for x in table.column("task_id").to_pylist()]
+        column = table.column("embedding").combine_chunks()
+        dims = set(pc.list_value_length(column).to_pylist())
+        if len(dims) > 1:
+            raise ValueError(f"embeddings of different sizes: {sorted(dims)}")
+        values = np.array(column.flatten().to_numpy(zero_copy_only=False))  # writable copy
+        return ids, values.reshape(len(ids), dims.pop() if dims else 0)
+    ids = [str(x) for x in table["task_id"]]
+    rows = [np.asarray(v) for v in table["embedding"]]
+    return ids, np.stack(rows) if rows else np.zeros((0, 0))
+
+
+def family_order(families: Sequence[str]) -> np.ndarray:
+    """Indices that group items by family name (stable: input order inside a family)."""
+    return np.argsort(np.asarray([str(f) for f in families]), kind="stable")
+
+
+def _family_colors(families: Sequence[str]) -> dict[str, tuple]:
+    names = sorted({str(f) for f in families})
+    cmap_name = "tab10" if len(names) <= 10 else "tab20"
+    from matplotlib import colormaps
+
+    cmap = colormaps[cmap_name]
+    return {name: to_rgba(cmap(i % cmap.N)) for i, name in enumerate(names)}
+
+
+def _default_ids(n: int, ids: Sequence | None) -> list[str]:
+    out = [str(i) for i in (range(n) if ids is None else ids)]
+    if len(out) != n:
+        raise ValueError(f"{len(out)} ids for {n} rows")
+    return out
+
+
+def _tsne_coords(distances: np.ndarray, perplexity: float | None, random_state: int) -> np.ndarray:
+    n = distances.shape[0]
+    if n < 4:
+        # t-SNE needs a few neighbours; classical MDS places 1–3 points exactly.
+        j = np.eye(n) - 1.0 / n
+        b = -0.5 * j @ (distances**2) @ j
+        vals, vecs = np.linalg.eigh(b)
+        top = np.argsort(vals)[::-1][:2]
+        coords = vecs[:, top] * np.sqrt(np.clip(vals[top], 0, None))
+        return np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
+    p = perplexity if perplexity is not None else min(30.0, max(2.0, (n - 1) / 3.0))
+    tsne = TSNE(
+        n_components=2, metric="precomputed", init="random",
+        perplexity=min(p, n - 1.0), random_state=random_state,
+    )
+    return np.asarray(tsne.fit_transform(distances), dtype=np.float64)
+
+
+def task_map(
+    embeddings,
+    families: Sequence[str],
+    task_ids: Sequence | None = None,
+    *,
+    perplexity: float | None = None,
+    random_state: int = 0,
+    annotate: bool | None = None,
+    title: str = "Task embeddings (t-SNE on d_sym)",
+) -> TaskMap:
+    """t-SNE map of tasks coloured by family, computed on the d_sym matrix of exactly the
+    ``embeddings`` given (as a precomputed metric), like the paper's task-space figure."""
+    emb = np.asarray(embeddings)
+    if emb.ndim != 2 or emb.shape[0] == 0:
+        raise ValueError(f"need an n×d embedding matrix, got shape {emb.shape}")
+    fams = [str(f) for f in families]
+    ids = _default_ids(emb.shape[0], task_ids)
+    if len(fams) != emb.shape[0]:
+        raise ValueError(f"{len(fams)} families for {emb.shape[0]} tasks")
+    distances = np.asarray(d_sym(emb), dtype=np.float64)
+    coords = _tsne_coords(distances, perplexity, random_state)
+
+    fig = new_figure(7.0, 6.0)
+    ax = fig.add_subplot()
+    colors = _family_colors(fams)
+    ax.scatter(coords[:, 0], coords[:, 1], c=[colors[f] for f in fams], s=36,
+               edgecolors="black", linewidths=0.3)
+    for name, color in colors.items():
+        ax.scatter([], [], color=color, label=name)
+    if len(colors) <= 20:
+        ax.legend(title="family", fontsize="small", loc="best")
+    if annotate if annotate is not None else emb.shape[0] <= 40:
+        for (x, y), label in zip(coords, ids, strict=True):
+            ax.annotate(label, (x, y), fontsize=6, alpha=0.7, xytext=(2, 2),
+                        textcoords="offset points")
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return TaskMap(fig, distances, coords, ids, fams)
+
+
+def _family_ticks(ax, sorted_fams: list[str], axis: str) -> None:
+    """One tick per family block at its centre, with separators between blocks."""
+    starts = [0] + [i for i in range(1, len(sorted_fams)) if sorted_fams[i] != sorted_fams[i - 1]]
+    ends = starts[1:] + [len(sorted_fams)]
+    centers = [(s + e - 1) / 2 for s, e in zip(starts, ends, strict=True)]
+    labels = [sorted_fams[s] for s in starts]
+    for b in starts[1:]:
+        (ax.axhline if axis == "y" else ax.axvline)(b - 0.5, color="white", linewidth=1.0)
+    if axis == "y":
+        ax.set_yticks(centers, labels, fontsize="small")
+    else:
+        ax.set_xticks(centers, labels, rotation=60, ha="right", fontsize="small")
+
+
+def distance_heatmap(
+    embeddings=None,
+    families: Sequence[str] = (),
+    *,
+    distances: np.ndarray | None = None,
+    title: str = "d_sym between tasks (ordered by family)",
+) -> tuple[Figure, np.ndarray]:
+    """Heatmap of the task × task d_sym matrix with tasks grouped by family; pass
+    ``distances`` (e.g. ``TaskMap.distances``) to reuse a matrix. Returns (figure, order)."""
+    dist = np.asarray(d_sym(np.asarray(embeddings)) if distances is None else distances)
+    fams = [str(f) for f in families]
+    if dist.ndim != 2 or dist.shape[0] != dist.shape[1] or len(fams) != dist.shape[0]:
+        raise ValueError(f"need an n×n matrix and n families, got {dist.shape} and {len(fams)}")
+    order = family_order(fams)
+    fig = new_figure(7.0, 6.0)
+    ax = fig.add_subplot()
+    image = ax.imshow(dist[np.ix_(order, order)], cmap="viridis", interpolation="nearest")
+    sorted_fams = [fams[i] for i in order]
+    _family_ticks(ax, sorted_fams, "y")
+    _family_ticks(ax, sorted_fams, "x")
+    fig.colorbar(image, ax=ax, label="d_sym")
+    ax.set_title(title)
+    return fig, order
+
+
+def error_matrix_heatmap(
+    errors,
+    task_ids: Sequence | None = None,
+    expert_ids: Sequence | None = None,
+    *,
+    task_families: Sequence[str] | None = None,
+    expert_families: Sequence[str | None] | None = None,
+    title: str = "Test error: task × expert",
+) -> Figure:
+    """The performance matrix (rows tasks, columns experts), missing cells grey; rows (and
+    columns, when expert families are given) grouped by family."""
+    err = np.asarray(errors, dtype=np.float64)
+    if err.ndim != 2 or err.size == 0:
+        raise ValueError(f"need a non-empty T×E error matrix, got shape {err.shape}")
+    tids = _default_ids(err.shape[0], task_ids)
+    eids = _default_ids(err.shape[1], expert_ids)
+    rows = family_order(task_families) if task_families is not None else np.arange(err.shape[0])
+    cols = (family_order([f if f is not None else "~generic" for f in expert_families])
+            if expert_families is not None else np.arange(err.shape[1]))
+    shown = np.ma.masked_invalid(err[np.ix_(rows, cols)])
+    fig = new_figure(min(4.0 + 0.25 * err.shape[1], 16.0), min(3.0 + 0.18 * err.shape[0], 16.0))
+    ax = fig.add_subplot()
+    from matplotlib import colormaps
+
+    cmap = colormaps["magma_r"].with_extremes(bad=_MISSING)
+    image = ax.imshow(shown, cmap=cmap, aspect="auto", interpolation="nearest")
+    if task_families is not None and err.shape[0] > 40:
+        _family_ticks(ax, [str(task_families[i]) for i in rows], "y")
+    else:
+        ax.set_yticks(range(len(rows)), [tids[i] for i in rows], fontsize=6)
+    if err.shape[1] <= 60:
+        ax.set_xticks(range(len(cols)), [eids[j] for j in cols], rotation=60, ha="right",
+                      fontsize=6)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("task")
+    fig.colorbar(image, ax=ax, label="test error")
+    ax.set_title(title)
+    return fig
+
+
+def norm_vs_error(
+    embeddings,
+    errors,
+    families: Sequence[str] | None = None,
+    *,
+    ord: int | float = 2,
+    title: str = "Embedding norm vs best test error",
+) -> tuple[Figure, np.ndarray, np.ndarray]:
+    """Scatter of each task's embedding norm against its best (oracle) test error — the
+    paper's observation that the norm tracks task difficulty. Tasks with no observed error
+    are left out. Returns (figure, norms, best errors) of the tasks drawn."""
+    from scipy.stats import spearmanr
+
+    emb = np.asarray(embeddings, dtype=np.float64)
+    err = np.asarray(errors, dtype=np.float64)
+    if emb.ndim != 2 or err.ndim != 2 or emb.shape[0] != err.shape[0]:
+        raise ValueError(f"need n×d embeddings and n×E errors, got {emb.shape}, {err.shape}")
+    keep = np.isfinite(err).any(axis=1)
+    norms = np.linalg.norm(emb[keep], ord=ord, axis=1)
+    best = np.nanmin(err[keep], axis=1)
+    fams = [str(f) for f in (families if families is not None else ["task"] * emb.shape[0])]
+    fams = [f for f, k in zip(fams, keep, strict=True) if k]
+    colors = _family_colors(fams)
+    fig = new_figure(6.0, 4.5)
+    ax = fig.add_subplot()
+    ax.scatter(norms, best, c=[colors[f] for f in fams], s=30, edgecolors="black", linewidths=0.3)
+    if families is not None and len(colors) <= 20:
+        for name, color in colors.items():
+            ax.scatter([], [], color=color, label=name)
+        ax.legend(title="family", fontsize="small")
+    if norms.size >= 3 and np.ptp(norms) > 0 and np.ptp(best) > 0:
+        rho = spearmanr(norms, best).statistic
+        title = f"{title} (Spearman ρ = {rho:.2f})"
+    ax.set_xlabel(f"‖embedding‖_{ord}")
+    ax.set_ylabel("best test error")
+    ax.set_title(title)
+    return fig, norms, best
+
+
+def topk_bars(
+    recommendations: pd.DataFrame,
+    k: int = 5,
+    *,
+    oracle_errors: Mapping[str, float] | None = None,
+    tasks: Sequence[str] | None = None,
+    ncols: int = 3,
+    title: str = "Top-k recommended experts and their true test errors",
+) -> Figure:
+    """One panel per task: the true test error of each of its top-k recommended experts
+    (``recommendations``: task_id, rank, expert_id, score, true_error — the table
+    :func:`t2v_core.recommender_model.recommendations_frame` makes), with the task's best
+    achievable error as a dashed line when ``oracle_errors`` gives it. Unknown errors are
+    marked "n/a"."""
+    needed = {"task_id", "rank", "expert_id"}
+    if not needed <= set(recommendations.columns):
+        raise ValueError(f"recommendations need columns {sorted(needed)}")
+    recs = recommendations.sort_values(["task_id", "rank"], kind="stable")
+    task_list = [str(t) for t in (tasks if tasks is not None else recs["task_id"].unique())]
+    if not task_list:
+        raise ValueError("no tasks to plot")
+    ncols = max(1, min(ncols, len(task_list)))
+    nrows = -(-len(task_list) // ncols)
+    fig = new_figure(3.6 * ncols, 2.8 * nrows + 0.4)
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    for ax, task in zip(axes, task_list, strict=False):
+        top = recs[recs["task_id"].astype(str) == task].head(k)
+        true = (top["true_error"].to_numpy(dtype=np.float64)
+                if "true_error" in top else np.full(len(top), np.nan))
+        known = np.isfinite(true)
+        x = np.arange(len(top))
+        ax.bar(x[known], true[known], color="tab:blue")
+        ax.bar(x[~known], np.zeros((~known).sum()), color=_MISSING)
+        for xi, ok in zip(x, known, strict=True):
+            if not ok:
+                ax.annotate("n/a", (xi, 0), ha="center", va="bottom", fontsize=7)
+        if oracle_errors is not None and task in oracle_errors:
+            ax.axhline(oracle_errors[task], color="tab:red", linestyle="--", linewidth=1,
+                       label="oracle")
+            ax.legend(fontsize="x-small", loc="upper left")
+        labels = [f"{r}. {e}" for r, e in zip(top["rank"], top["expert_id"], strict=True)]
+        ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=6)
+        ax.set_title(str(task), fontsize="small")
+        ax.set_ylabel("test error", fontsize="small")
+    for ax in axes[len(task_list):]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize="medium")
+    return fig
