@@ -85,8 +85,8 @@ def fit_head(
     z = (x - mean) / std
     counts = torch.bincount(y, minlength=n_classes).float()
     class_weight = torch.where(counts > 0, len(y) / (n_classes * counts.clamp_min(1)), 0.0)
-    w = torch.zeros(n_classes, x.shape[1], requires_grad=True)
-    b = torch.zeros(n_classes, requires_grad=True)
+    w = torch.zeros(n_classes, x.shape[1], device=x.device, requires_grad=True)
+    b = torch.zeros(n_classes, device=x.device, requires_grad=True)
     opt = torch.optim.Adam([w, b], lr=lr)
     for _ in range(epochs):
         opt.zero_grad()
@@ -94,7 +94,7 @@ def fit_head(
         loss = loss + 0.5 * weight_decay * (w * w).sum()
         loss.backward()
         opt.step()
-    head = nn.Linear(x.shape[1], n_classes)
+    head = nn.Linear(x.shape[1], n_classes).to(x.device)
     with torch.no_grad():
         head.weight.copy_(w / std)
         head.bias.copy_(b - (w / std) @ mean)
@@ -173,8 +173,7 @@ class _Capture:
     def __init__(self, layers: list[tuple[str, nn.Module]]) -> None:
         self.layers = layers
         self.inputs: dict[int, torch.Tensor] = {}
-        self.sums = [torch.zeros(m.out_channels if isinstance(m, nn.Conv2d) else m.num_features,
-                                 dtype=torch.float64) for _, m in layers]
+        self.sums: list[torch.Tensor | float] = [0.0] * len(layers)  # on the model's device
         self.sample_weight: torch.Tensor | None = None
         self.handles = [m.register_forward_hook(self._forward_hook(i)) for i, (_, m) in enumerate(layers)]
 
@@ -195,7 +194,7 @@ class _Capture:
             else:
                 sq = _bn_sq_norms(module, a, delta)
             w = self.sample_weight
-            self.sums[index] += (sq if w is None else sq * w[:, None]).sum(0).double()
+            self.sums[index] = self.sums[index] + (sq if w is None else sq * w[:, None]).sum(0).double()
 
         return hook
 
@@ -208,7 +207,9 @@ class _Capture:
         out = []
         for (_, m), s in zip(self.layers, self.sums, strict=True):
             size = _conv_filter_size(m) if isinstance(m, nn.Conv2d) else 1
-            out.append((s / (n_samples * size)).numpy())
+            if not isinstance(s, torch.Tensor):  # the layer never saw a gradient
+                s = torch.zeros(m.out_channels if isinstance(m, nn.Conv2d) else m.num_features)
+            out.append((s / (n_samples * size)).cpu().numpy())
         return np.concatenate(out)
 
 
@@ -218,11 +219,12 @@ def _label_passes(method: str, probs: torch.Tensor, labels: torch.Tensor, mc_sam
     n, c = probs.shape
     if method == "expected":
         for k in range(c):
-            yield torch.full((n,), k, dtype=torch.long), probs[:, k]
+            yield torch.full((n,), k, dtype=torch.long, device=probs.device), probs[:, k]
     elif method == "montecarlo":
         for _ in range(mc_samples):
-            y = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            yield y, torch.full((n,), 1.0 / mc_samples)
+            # sampled on the CPU generator so that a seed gives the same labels on any device
+            y = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1)
+            yield y.to(probs.device), torch.full((n,), 1.0 / mc_samples, device=probs.device)
     elif method == "empirical":
         yield labels, None
     else:
@@ -366,7 +368,9 @@ def variational_fisher(
     layers = [(name, m) for name, m in fisher_filters(backbone) if isinstance(m, nn.Conv2d)]
     torch.manual_seed(seed)
     init = float(np.log(1e-3 / prior_precision))
-    log_var = [torch.full((m.out_channels,), init, requires_grad=True) for _, m in layers]
+    device = next(backbone.parameters()).device
+    log_var = [torch.full((m.out_channels,), init, device=device, requires_grad=True)
+               for _, m in layers]
     sizes = torch.tensor([_conv_filter_size(m) for _, m in layers], dtype=torch.float32)
 
     def noisy(index: int, module: nn.Conv2d):
@@ -389,6 +393,7 @@ def variational_fisher(
     try:
         for _ in tqdm(range(steps), disable=not progress, desc="fisher[variational]"):
             idx = torch.randint(0, len(images), (min(batch_size, len(images)),), generator=gen)
+            idx = idx.to(images.device)
             opt.zero_grad()
             nll = F.cross_entropy(head(backbone(images[idx])), labels[idx])
             kl = sum(
@@ -403,7 +408,7 @@ def variational_fisher(
             h.remove()
         backbone.train(modes[0])
         head.train(modes[1])
-    return torch.cat([(-lv.detach()).exp() for lv in log_var]).double().numpy()
+    return torch.cat([(-lv.detach()).exp() for lv in log_var]).double().cpu().numpy()
 
 
 # --------------------------------------------------------------------------- label-free
@@ -416,8 +421,8 @@ def domain_embedding(features: torch.Tensor, full: bool = False) -> np.ndarray:
     """
     phi = features.detach().double().flatten(1)
     if full:
-        return (phi.T @ phi / len(phi)).numpy()
-    return phi.pow(2).mean(0).numpy()
+        return (phi.T @ phi / len(phi)).cpu().numpy()
+    return phi.pow(2).mean(0).cpu().numpy()
 
 
 # --------------------------------------------------------------------------- public call
@@ -470,7 +475,7 @@ def task2vec(
         raise FisherError(f"task {name}: labels must lie in [0, {n_classes})")
     if max_samples is not None and len(labels) > max_samples:
         keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:max_samples]
-        keep = keep.sort().values
+        keep = keep.sort().values.to(labels.device)
         images, labels = images[keep], labels[keep]
         features = None if features is None else features[keep]
     if features is None:
