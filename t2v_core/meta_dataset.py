@@ -1,0 +1,125 @@
+"""The inputs of every recommender, read from a storage root in one aligned piece.
+
+MODEL2VEC, the selectors and the evaluation all want the same arrays: task embeddings (T×d),
+the task × expert error matrix (T×E, NaN where a cell is missing), each expert's source-task
+embedding (E×d, NaN for an expert without one, such as the generic ImageNet expert) and the
+tasks' families. Only tasks that have both an embedding at their current content hash and at
+least one matrix cell take part.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from t2v_core.embeddings import read_embeddings
+from t2v_core.matrix import pivot, read_matrix
+from t2v_core.storage import StorageRoot
+from t2v_core.zoo import read_experts, read_tasks
+
+log = logging.getLogger(__name__)
+
+_PARTITION = re.compile(r"^(?P<key>[a-z_]+)=(?P<value>.+)$")
+
+
+@dataclass(frozen=True)
+class MetaDataset:
+    """Aligned arrays for fitting and evaluating expert selectors."""
+
+    probe_id: str
+    method: str
+    task_ids: tuple[str, ...]
+    families: tuple[str, ...]
+    embeddings: np.ndarray  # T × d
+    errors: np.ndarray  # T × E, NaN = no result
+    expert_ids: tuple[str, ...]
+    expert_sources: np.ndarray  # E × d, NaN rows for experts without a source task
+    filter_names: tuple[str, ...] | None = None
+
+    @property
+    def generic_experts(self) -> tuple[str, ...]:
+        missing = np.isnan(self.expert_sources).all(axis=1)
+        return tuple(e for e, m in zip(self.expert_ids, missing, strict=True) if m)
+
+
+def _partitions(root: StorageRoot, rel: str, key: str) -> list[str]:
+    values = []
+    for name in root.list(rel):
+        m = _PARTITION.match(name.rstrip("/").rsplit("/", 1)[-1])
+        if m and m["key"] == key:
+            values.append(m["value"])
+    return sorted(values)
+
+
+def resolve_embedding_set(
+    root: StorageRoot, probe_id: str | None = None, method: str | None = None
+) -> tuple[str, str]:
+    """Pick the probe and method of the stored embeddings, or explain what to pass."""
+    probes = _partitions(root, "embeddings", "probe")
+    if probe_id is None:
+        if len(probes) != 1:
+            raise ValueError(
+                f"{len(probes)} probes have embeddings under {root!r} ({', '.join(probes) or 'none'}); "
+                "pass --probe-id"
+            )
+        probe_id = probes[0]
+    methods = _partitions(root, f"embeddings/probe={probe_id}", "method")
+    if method is None:
+        if len(methods) != 1:
+            raise ValueError(
+                f"probe {probe_id} has embeddings for {methods or 'no'} methods; pass --method"
+            )
+        method = methods[0]
+    if method not in methods:
+        raise ValueError(f"no {method} embeddings for probe {probe_id} (found {methods})")
+    return probe_id, method
+
+
+def load_meta_dataset(
+    root: StorageRoot | str,
+    probe_id: str | None = None,
+    method: str | None = None,
+    *,
+    mode: str = "probe",
+) -> MetaDataset:
+    """Read zoo, embeddings and matrix from ``root`` and align them."""
+    root = root if isinstance(root, StorageRoot) else StorageRoot(root)
+    probe_id, method = resolve_embedding_set(root, probe_id, method)
+    tasks = read_tasks(root)
+    experts = sorted(read_experts(root), key=lambda e: e.expert_id)
+    if not tasks or not experts:
+        raise ValueError(f"the zoo under {root!r} has {len(tasks)} tasks and {len(experts)} experts")
+    emb = read_embeddings(root, probe_id, method, tasks)
+    table = read_matrix(root, mode=mode, tasks=tasks, experts=experts)
+    expert_ids = [e.expert_id for e in experts]
+    errors, row_ids, _ = pivot(table, emb.task_ids, expert_ids)
+    keep = np.isfinite(errors).any(axis=1)
+    if not keep.any():
+        raise ValueError(f"no task under {root!r} has both a {probe_id}/{method} embedding "
+                         f"and a {mode} matrix cell")
+    if (~keep).any():
+        log.info("%d embedded task(s) have no matrix cell yet and are left out", int((~keep).sum()))
+    by_id = {t.task_id: t for t in tasks}
+    vectors = emb.vectors
+    sources = np.full((len(experts), vectors.shape[1]), np.nan, dtype=np.float64)
+    for j, e in enumerate(experts):
+        if e.source_task_id and e.source_task_id in emb.task_ids:
+            sources[j] = emb.row(e.source_task_id)
+        elif e.source_task_id:
+            log.warning("expert %s: its source task %s has no embedding; treated as generic",
+                        e.expert_id, e.source_task_id)
+    ids = [t for t, k in zip(row_ids, keep, strict=True) if k]
+    return MetaDataset(
+        probe_id=probe_id,
+        method=method,
+        task_ids=tuple(ids),
+        families=tuple(by_id[t].family for t in ids),
+        embeddings=vectors[keep].astype(np.float64),
+        errors=errors[keep],
+        expert_ids=tuple(expert_ids),
+        expert_sources=sources,
+        filter_names=emb.filter_names,
+    )

@@ -1,0 +1,123 @@
+"""train_model2vec → evaluate → recommend on a storage root holding a synthetic zoo.
+
+The zoo's embeddings and matrix come from :func:`t2v_core.evaluate.synthetic_zoo`, where each
+expert is built to be best on its own family, and are written with the same storage code the
+embedding and matrix jobs use; the jobs then only see Parquet.
+"""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import evaluate as evaluate_job
+from jobs import recommend as recommend_job
+from jobs import train_model2vec
+from t2v_core.embeddings import TaskOutcome, dataset_path, embeddings_table, write_filter_names
+from t2v_core.evaluate import synthetic_zoo
+from t2v_core.matrix import MatrixRow, write_rows
+from t2v_core.storage import StorageRoot
+from t2v_core.zoo import ExpertSpec, TaskSpec, write_experts, write_tasks
+
+PROBE, METHOD = "small_cnn-random0", "montecarlo"
+
+
+def _task(task_id, family):
+    return TaskSpec(task_id, family, f"/nowhere/{task_id}", "imagefolder", ("a", "b"), 10, 4,
+                    f"hash-{task_id}")
+
+
+@pytest.fixture(scope="module")
+def zoo_root(tmp_path_factory):
+    zoo = synthetic_zoo(n_clusters=3, tasks_per_cluster=6, experts_per_cluster=1, dim=32,
+                        source_noise=0.2, random_state=1)
+    root = StorageRoot(tmp_path_factory.mktemp("zoo") / "root")
+    tasks = [_task(f"{fam}-{i:02d}", fam) for i, fam in enumerate(zoo.families)]
+    sources = [_task(f"source-{e}", fam or "generic")
+               for e, fam, src in zip(zoo.expert_ids, zoo.expert_families,
+                                      zoo.expert_source_embeddings, strict=True) if src is not None]
+    write_tasks(root, tasks + sources)
+    source_ids = iter(t.task_id for t in sources)
+    experts = [ExpertSpec(e, "small_cnn", f"/nowhere/{e}.pt",
+                          None if src is None else next(source_ids), f"w-{e}")
+               for e, src in zip(zoo.expert_ids, zoo.expert_source_embeddings, strict=True)]
+    write_experts(root, experts)
+    vectors = list(zoo.task_embeddings) + [s for s in zoo.expert_source_embeddings if s is not None]
+    outcomes = [TaskOutcome(t.task_id, t.content_hash, np.asarray(v, np.float32), 10)
+                for t, v in zip(tasks + sources, vectors, strict=True)]
+    root.write_part(dataset_path(PROBE, METHOD), embeddings_table(outcomes, PROBE, METHOD),
+                    ["task_id", "content_hash"])
+    write_filter_names(root, PROBE, [f"f{i}" for i in range(zoo.task_embeddings.shape[1])])
+    rows = [MatrixRow(t.task_id, e.expert_id, "probe", "ok", float(err), float(err) / 2, 10, 5,
+                      1, 0.1, t.content_hash, e.content_hash)
+            for t, errs in zip(tasks, zoo.errors, strict=True)
+            for e, err in zip(experts, errs, strict=True)]
+    write_rows(root, rows)
+    return root, zoo, tasks
+
+
+def test_train_evaluate_recommend_end_to_end(zoo_root):
+    root, zoo, tasks = zoo_root
+    assert train_model2vec.main(["--root", root.uri, "--no-tracking", "--max-epochs", "200"]) == 0
+    model, meta = train_model2vec.load_model(root)
+    assert meta["probe_id"] == PROBE and len(meta["task_ids"]) == len(tasks)
+    assert meta["metrics"]["train_relative_increase_pct"] < 10
+
+    assert evaluate_job.main(["--root", root.uri, "--no-tracking", "--folds", "3",
+                              "--model2vec-epochs", "150"]) == 0
+    run = root.read_bytes("evaluation/LATEST").decode()
+    report = json.loads(root.read_bytes(f"evaluation/{run}/table1.json"))
+    mixed = {name: rep["by_meta_task"]["Mixed"]["relative_increase_pct"]
+             for name, rep in report["table1"]["reports"].items()}
+    assert mixed["Oracle"] == 0.0
+    assert mixed["Model2Vec"] < mixed["Chance"] and mixed["Model2Vec"] < mixed["ImageNet"]
+    assert mixed["Asym Task2Vec"] < mixed["Chance"]
+    markdown = root.read_bytes(f"evaluation/{run}/table1.md").decode()
+    assert "+27.81%" in markdown  # the paper's Mixed Model2Vec number sits beside ours
+    assert report["family_recovery"]["accuracy"] > 0.9
+
+    picked = [tasks[0].task_id, tasks[-1].task_id]
+    assert recommend_job.main(["--root", root.uri, "--no-tracking", "--tasks", ",".join(picked),
+                               "--top-k", "2"]) == 0
+    parts = root.list("recommendations", recursive=True)
+    frame = pq.read_table(root.join(parts[-1])).to_pandas()
+    n_experts = len(zoo.expert_ids)
+    assert len(frame) == 2 * n_experts
+    for _, group in frame.groupby("task_id"):
+        assert sorted(group["rank"]) == list(range(1, n_experts + 1))
+        assert group["true_error"].notna().all()
+        best = group.sort_values("rank").iloc[0]
+        assert best["true_error"] <= group["true_error"].median()
+
+
+def test_recommend_names_what_is_missing(zoo_root, capsys):
+    root, _, _ = zoo_root
+    train_model2vec.main(["--root", root.uri, "--no-tracking", "--max-epochs", "20"])
+    with pytest.raises(SystemExit, match="not in the zoo: nope"):
+        recommend_job.main(["--root", root.uri, "--no-tracking", "--tasks", "nope"])
+    with pytest.raises(SystemExit, match="needs --probe"):
+        recommend_job.main(["--root", root.uri, "--no-tracking", "--data", "/tmp/x"])
+
+
+@pytest.mark.parametrize("job", [train_model2vec, evaluate_job, recommend_job])
+def test_help(job, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        job.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--root" in capsys.readouterr().out
+
+
+def test_registered_model_in_local_mlflow_ranks_like_the_stored_one(zoo_root, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root, _, tasks = zoo_root
+    assert train_model2vec.main(["--root", root.uri, "--max-epochs", "30"]) == 0
+    db = f"sqlite:///{root.path}/mlflow.db"
+    ids = ",".join(t.task_id for t in tasks[:3])
+    stored = recommend_job.recommend(recommend_job.parse_args(
+        ["--root", root.uri, "--tasks", ids]))
+    registered = recommend_job.recommend(recommend_job.parse_args(
+        ["--root", root.uri, "--tasks", ids, "--tracking-uri", db,
+         "--model", "models:/task2vec-recommender@champion"]))
+    assert list(stored["expert_id"]) == list(registered["expert_id"])
+    assert np.allclose(stored["score"], registered["score"], atol=1e-6)
