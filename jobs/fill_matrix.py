@@ -273,6 +273,11 @@ def run_trial(config: dict) -> None:
     from ray import tune
 
     torch.set_num_threads(max(1, int(config["job"].get("threads", 1))))
+    if _already_written(config["job"], config["unit"]):
+        # A restored experiment whose state predates this trial's completion (the driver
+        # was killed): the rows are in the matrix, nothing to recompute.
+        tune.report({"cells_json": "[]", "n_cells": 0, "skipped": 1, "done": True})
+        return
     on_epoch = None
     if config["job"]["mode"] == "finetune":
         def on_epoch(metrics: dict) -> None:
@@ -290,6 +295,15 @@ def run_trial(config: dict) -> None:
         "unit_seconds": out["seconds"],
         "done": True,
     })
+
+
+def _already_written(job: dict, unit: dict) -> bool:
+    from t2v_core.matrix import written
+    from t2v_core.storage import StorageRoot
+    from t2v_core.zoo import ExpertSpec, TaskSpec
+
+    return written(StorageRoot(job["root"]), [TaskSpec(**t) for t in unit["tasks"]],
+                   ExpertSpec(**unit["expert"]), job["mode"])
 
 
 def _trial_name(trial) -> str:
@@ -541,6 +555,9 @@ def _grid_outcomes(grid, since: float) -> tuple[list[dict], dict]:
             continue
         outcomes.extend(json.loads(m["cells_json"]))
         if m.get("timestamp", 0) >= since:
+            if m.get("skipped"):
+                stats["trials_skipped"] += 1
+                continue
             stats["trials_run"] += 1
             stats["feature_hits"] += int(m.get("feature_hits", 0))
             stats["feature_misses"] += int(m.get("feature_misses", 0))
@@ -623,7 +640,8 @@ def _fill(args: argparse.Namespace) -> dict:
     summary = {"root": redact_uri(root.uri), "mode": args.mode, "layout": args.layout,
                "experiment": base, "tasks": len(tasks), "experts": len(experts),
                "requested": len(requested), "resumed": False, "trials_run": 0,
-               "trials_errored": 0, "feature_hits": 0, "feature_misses": 0, "planned": 0,
+               "trials_errored": 0, "trials_skipped": 0, "feature_hits": 0,
+               "feature_misses": 0, "planned": 0,
                "interrupted": False}
     pointer = f"{_ACTIVE_DIR}/{base}.json"
     attempted: set[str] = set()
@@ -660,7 +678,13 @@ def _fill(args: argparse.Namespace) -> dict:
         if state.get("state") == "running" and tune.Tuner.can_restore(path, storage_filesystem=fs):
             init_ray(args.address, args.num_cpus)
             summary["resumed"] = True
-            if not execute(state["name"], None, None, {}, True, state["trials"]):
+            try:
+                finished = execute(state["name"], None, None, {}, True, state["trials"])
+            except Exception as exc:  # unreadable state: the matrix itself says what is left
+                log.warning("cannot resume %s (%s: %s); planning the missing cells afresh",
+                            state["name"], type(exc).__name__, exc)
+                finished, summary["resumed"] = True, False
+            if not finished:
                 return _finish(summary, root, args, tasks, experts, requested, started)
 
     done = done_cells(root, tasks, experts, args.mode, retry_failed=args.retry_failed)
@@ -715,10 +739,11 @@ def main(argv: list[str] | None = None) -> int:
         summary = fill(args)
     log.info(
         "matrix %s (%s): %d/%d cells ok, %d failed, %d missing; %d trials run here "
-        "(%d errored), features %d cached / %d computed, %.1fs%s",
+        "(%d errored, %d skipped as already written), features %d cached / %d computed, %.1fs%s",
         summary["root"], summary["mode"], summary["cells_ok"], summary["requested"],
         summary["cells_failed"], summary["cells_missing"], summary["trials_run"],
-        summary["trials_errored"], summary["feature_hits"], summary["feature_misses"],
+        summary["trials_errored"], summary["trials_skipped"], summary["feature_hits"],
+        summary["feature_misses"],
         summary["seconds"], ", resumed an interrupted run" if summary["resumed"] else "",
     )
     if args.summary_json:

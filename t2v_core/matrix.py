@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from t2v_core.storage import MATRIX_SCHEMA, StorageRoot, conform
+from t2v_core.storage import MATRIX_SCHEMA, StorageRoot, conform, key_hash
 from t2v_core.zoo import ExpertSpec, TaskSpec
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,24 @@ def rows_table(rows: Iterable[MatrixRow]) -> pa.Table:
 def write_rows(root: StorageRoot, rows: Sequence[MatrixRow]) -> str:
     """Write ``rows`` as one idempotent part; returns its path under the root."""
     return root.write_part(MATRIX_DIR, rows_table(rows), list(KEY_COLUMNS))
+
+
+def part_for(keys: Iterable[tuple[str, str, str]]) -> str:
+    """The path :func:`write_rows` gives a part holding exactly these (task_id, expert_id,
+    mode) cells, so a worker can tell with one lookup whether its cells were written."""
+    cols = list(zip(*keys, strict=True))
+    table = pa.table({k: pa.array(list(v), pa.string()) for k, v in zip(KEY_COLUMNS, cols, strict=True)})
+    return f"{MATRIX_DIR}/part-{key_hash(table, list(KEY_COLUMNS))}.parquet"
+
+
+def written(root: StorageRoot, tasks: Sequence[TaskSpec], expert: ExpertSpec, mode: str) -> bool:
+    """Whether the part for these cells exists and holds rows of their current content."""
+    rel = part_for([(t.task_id, expert.expert_id, mode) for t in tasks])
+    if not root.exists(rel):
+        return False
+    rows = conform(root.read_table(rel), MATRIX_ROW_SCHEMA).to_pylist()
+    want = {(t.task_id, t.content_hash, expert.expert_id, expert.content_hash) for t in tasks}
+    return {(r["task_id"], r["task_hash"], r["expert_id"], r["expert_hash"]) for r in rows} == want
 
 
 def read_matrix(

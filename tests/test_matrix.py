@@ -29,9 +29,11 @@ from t2v_core.matrix import (
     compact,
     done_cells,
     missing_cells,
+    part_for,
     pivot,
     read_matrix,
     write_rows,
+    written,
 )
 from t2v_core.probes import build_probe, save_weights
 from t2v_core.storage import StorageRoot
@@ -175,6 +177,10 @@ def test_rows_roundtrip_dedup_pivot_and_compact(tmp_path):
     done = done_cells(root, [_spec("t1"), _spec("t2")], [_expert("e1"), _expert("e2")], "probe")
     assert done == {("t1", "e1"), ("t2", "e1"), ("t1", "e2")}
     assert json.loads(table.to_pylist()[0]["config"])["hp"] == {"lr": 0.01}
+    assert part_for([("t2", "e1", "probe"), ("t1", "e1", "probe")]) == first
+    assert written(root, [_spec("t1"), _spec("t2")], _expert("e1"), "probe")
+    assert not written(root, [_spec("t1"), _spec("t2", "new")], _expert("e1"), "probe")
+    assert not written(root, [_spec("t1")], _expert("e1"), "probe")
     assert compact(root) is not None
     assert len(root.list(MATRIX_DIR)) == 1
     assert read_matrix(root).num_rows == 4  # stale-hash row kept; readers filter it by spec
@@ -248,7 +254,10 @@ def test_fill_on_s3_every_cell_once_and_the_trained_expert_wins(zoo_files, moto_
     assert len(raw_rows(root)) == 24
 
 
-def test_interrupted_run_resumes_without_recomputing(zoo_files, ray_local, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
+def test_interrupted_run_resumes_without_recomputing(zoo_files, ray_local, tmp_path, sig):
+    """SIGINT lets Tune save its state; after SIGKILL the state may predate finished trials,
+    which then find their rows in the matrix and skip."""
     from jobs.fill_matrix import main
 
     root_uri = str(tmp_path / "root")
@@ -267,9 +276,9 @@ def test_interrupted_run_resumes_without_recomputing(zoo_files, ray_local, tmp_p
         if matrix_dir.exists() and len(list(matrix_dir.glob("part-*.parquet"))) >= 2:
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-3000:]
+    assert proc.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL), err[-3000:]
     before = {p.name: p.stat().st_mtime_ns for p in matrix_dir.glob("part-*.parquet")}
     assert 2 <= len(before) < 18
 
@@ -277,6 +286,7 @@ def test_interrupted_run_resumes_without_recomputing(zoo_files, ray_local, tmp_p
     summary = json.loads(summary_path.read_text())
     assert summary["resumed"] and summary["cells_ok"] == 18
     assert 1 <= summary["trials_run"] <= 18 - len(before)  # finished cells are not re-trained
+    assert summary["trials_run"] + summary["trials_skipped"] <= 18
     after = {p.name: p.stat().st_mtime_ns for p in matrix_dir.glob("part-*.parquet")}
     assert {k: after[k] for k in before} == before
     keys = [(r["task_id"], r["expert_id"]) for r in raw_rows(StorageRoot(root_uri))]
