@@ -65,8 +65,9 @@ def ray_local():
     """
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2,
-             configure_logging=False)
+    # address="local": always a new Ray of our own, never one another process left running
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             object_store_memory=256 * 1024**2, configure_logging=False)
     yield ray
     ray.shutdown()
 
