@@ -1,0 +1,132 @@
+"""Ray plumbing shared by the jobs: connecting, handing workers the storage settings, and
+collecting results as they complete.
+
+* :func:`init_ray` starts a local Ray (laptop, tests) or joins a cluster (``--address``, or
+  ``RAY_ADDRESS`` as set by ``ray job submit``). Only for a Ray it starts itself or one on a
+  loopback address does it default ``RAY_AUTH_MODE`` to ``disabled``; it says so in the log.
+* :func:`worker_runtime_env` forwards the ``AWS_*`` and ``MLFLOW_*`` variables of the driver to
+  the tasks, because workers on other nodes (or started before the variables were set) do not
+  inherit the driver's environment. Only the variable names are ever logged. The values do
+  travel in the task's runtime_env, which the Ray dashboard shows; on clusters with instance
+  roles or secrets mounted on the nodes, pass ``--no-forward-env``.
+* :func:`iter_ready` waits with ``ray.wait`` and yields results as they arrive (and empty
+  lists on a timeout, so the caller can flush on time as well as on count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from urllib.parse import urlsplit
+
+import ray
+
+log = logging.getLogger(__name__)
+
+FORWARDED_PREFIXES = ("AWS_", "MLFLOW_")
+_LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+def add_ray_args(parser: argparse.ArgumentParser) -> None:
+    """The Ray options every job takes."""
+    g = parser.add_argument_group("Ray")
+    g.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join: 'auto', host:port or ray://host:port. Default: RAY_ADDRESS "
+        "(set by 'ray job submit') or else a new local Ray on loopback",
+    )
+    g.add_argument(
+        "--local-cpus",
+        type=int,
+        default=None,
+        help="CPUs of a new local Ray (default: all); ignored when joining a cluster",
+    )
+    g.add_argument(
+        "--no-forward-env",
+        dest="forward_env",
+        action="store_false",
+        help="do not pass the driver's AWS_*/MLFLOW_* variables to the workers",
+    )
+
+
+def _is_loopback(address: str) -> bool:
+    host = urlsplit(address if "://" in address else f"ray://{address}").hostname or ""
+    return host in _LOOPBACK
+
+
+def init_ray(address: str | None = None, *, local_cpus: int | None = None) -> bool:
+    """Connect to (or start) Ray. Returns True when this call started it, so the caller knows
+    whether to shut it down; an already connected Ray is used as it is."""
+    if ray.is_initialized():
+        log.info("using the Ray this process is already connected to")
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    starts_local = address is None or address == "local"
+    if starts_local or (address != "auto" and _is_loopback(address)):
+        if "RAY_AUTH_MODE" not in os.environ:
+            os.environ["RAY_AUTH_MODE"] = "disabled"
+            log.info("Ray on loopback: token auth disabled (RAY_AUTH_MODE=disabled)")
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if starts_local:
+        ray.init(address="local", num_cpus=local_cpus, include_dashboard=False,
+                 configure_logging=False)
+        log.info("started a local Ray with %s CPU(s)", ray.cluster_resources().get("CPU"))
+    else:
+        ray.init(address=address, configure_logging=False)
+        log.info("joined the Ray cluster (%s CPU, %s GPU)",
+                 ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))
+    return True
+
+
+def worker_runtime_env(
+    forward: bool = True, prefixes: Sequence[str] = FORWARDED_PREFIXES
+) -> dict | None:
+    """A task-level runtime_env carrying the driver's variables with ``prefixes`` (None when
+    there is nothing to forward). Task-level ``env_vars`` merge with a job's own runtime_env,
+    so a ``working_dir`` given to ``ray job submit`` is kept."""
+    if not forward:
+        return None
+    env = {k: v for k, v in os.environ.items() if k.startswith(tuple(prefixes))}
+    if not env:
+        return None
+    log.info("passing %s to the workers (values not logged)", ", ".join(sorted(env)))
+    return {"env_vars": env}
+
+
+def iter_ready(
+    refs: Iterable[ray.ObjectRef], *, timeout_s: float | None = None
+) -> Iterator[list[ray.ObjectRef]]:
+    """Yield the refs that completed since the last yield, as soon as at least one has, and an
+    empty list every ``timeout_s`` seconds while none has."""
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=timeout_s)
+        if ready and pending:
+            more, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+            ready += more
+        yield ready
+
+
+def get_or_error(ref: ray.ObjectRef) -> tuple[object, BaseException | None]:
+    """``(value, None)``, or ``(None, error)`` where the error is the task's own exception when
+    Ray has it (``RayTaskError.cause``) and Ray's error otherwise (worker or node died, ...)."""
+    try:
+        return ray.get(ref), None
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        return None, cause if isinstance(cause, BaseException) else exc
+    except ray.exceptions.RayError as exc:
+        return None, exc
+
+
+def cancel(refs: Iterable[ray.ObjectRef]) -> None:
+    """Best-effort cancel of tasks that are no longer wanted (the driver is giving up)."""
+    for ref in refs:
+        try:
+            ray.cancel(ref, force=False)
+        except Exception as exc:  # already finished, or its owner is gone
+            log.debug("cancel %s: %s", ref, exc)
