@@ -31,6 +31,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.fisher
 	$(PY) -m benchmarks.distances
+	$(PY) -m benchmarks.embed_scaling
+	$(PY) -m benchmarks.matrix_cost
 
 lint: $(STAMP)
 	$(PY) -m ruff check t2v_core jobs tests benchmarks
