@@ -162,8 +162,7 @@ def filter_names(backbone: nn.Module, include_bn: bool = False) -> tuple[str, ..
     names = []
     for name, m in fisher_filters(backbone, include_bn):
         kind = "bn" if isinstance(m, nn.BatchNorm2d) else "conv"
-        count = m.num_features if kind == "bn" else m.out_channels
-        names.extend(f"{name}:{kind}:{i}" for i in range(count))
+        names.extend(f"{name}:{kind}:{i}" for i in range(_n_filters(m)))
     return tuple(names)
 
 
@@ -203,14 +202,22 @@ class _Capture:
             h.remove()
 
     def per_filter(self, n_samples: int) -> np.ndarray:
-        """Mean over samples and over each filter's weights of the squared gradients."""
-        out = []
-        for (_, m), s in zip(self.layers, self.sums, strict=True):
-            size = _conv_filter_size(m) if isinstance(m, nn.Conv2d) else 1
-            if not isinstance(s, torch.Tensor):  # the layer never saw a gradient
-                s = torch.zeros(m.out_channels if isinstance(m, nn.Conv2d) else m.num_features)
-            out.append((s / (n_samples * size)).cpu().numpy())
-        return np.concatenate(out)
+        return _per_filter_mean(self.layers, self.sums, n_samples)
+
+
+def _n_filters(module: nn.Module) -> int:
+    return module.out_channels if isinstance(module, nn.Conv2d) else module.num_features
+
+
+def _per_filter_mean(layers: list[tuple[str, nn.Module]], sums: list, n_samples: int) -> np.ndarray:
+    """Mean over samples and over each filter's weights of the summed squared gradients."""
+    out = []
+    for (_, m), s in zip(layers, sums, strict=True):
+        size = _conv_filter_size(m) if isinstance(m, nn.Conv2d) else 1
+        if not isinstance(s, torch.Tensor):  # the layer never saw a gradient
+            s = torch.zeros(_n_filters(m))
+        out.append((s / (n_samples * size)).cpu().numpy())
+    return np.concatenate(out)
 
 
 def _label_passes(method: str, probs: torch.Tensor, labels: torch.Tensor, mc_samples: int,
@@ -305,8 +312,7 @@ def per_filter_fisher_naive(
     backbone.eval()
     head.eval()
     generator = torch.Generator().manual_seed(seed)
-    sums = [torch.zeros(m.out_channels if isinstance(m, nn.Conv2d) else m.num_features,
-                        dtype=torch.float64) for _, m in layers]
+    sums = [torch.zeros(_n_filters(m), dtype=torch.float64) for _, m in layers]
     try:
         for p in params:
             p.requires_grad_(True)
@@ -333,11 +339,7 @@ def per_filter_fisher_naive(
             p.requires_grad_(f)
         backbone.train(modes[0])
         head.train(modes[1])
-    out = []
-    for (_, m), s in zip(layers, sums, strict=True):
-        size = _conv_filter_size(m) if isinstance(m, nn.Conv2d) else 1
-        out.append((s / (len(images) * size)).numpy())
-    return np.concatenate(out)
+    return _per_filter_mean(layers, sums, len(images))
 
 
 # --------------------------------------------------------------------------- variational
