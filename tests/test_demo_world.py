@@ -1,0 +1,265 @@
+"""The embedded demo world, the wheel-shipped EfficientNet-Lite0 probe, experts and the demo
+orchestrator: all on the small preset at 32 px."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from t2v_core import demo_world
+from t2v_core.data import load_split
+from t2v_core.distance import d_sym
+from t2v_core.efficientnet_lite import pretrained_weights_path
+from t2v_core.experts import Recipe, blocks, finetune, linear_probe_error, state_digest
+from t2v_core.fisher import fit_head, per_filter_fisher, per_filter_fisher_naive, task2vec
+from t2v_core.probes import build_probe, extract_features, load_state_dict
+from t2v_core.zoo import read_experts, read_tasks, register_folders
+
+SIZE = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: on 2 shared cores, two threads spin-wait for each other and run
+    these small networks several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return build_probe("efficientnet_lite0", pretrained_weights_path(), input_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def small_zoo(tmp_path_factory):
+    """The small demo world, built and registered once for this module."""
+    root = tmp_path_factory.mktemp("demo-small")
+    report = demo_world.build_world(root, "small")
+    registered = register_folders(report.tasks_uri, root)
+    assert not registered.skipped and not registered.problems
+    return root, report
+
+
+# --------------------------------------------------------------------------- the world
+
+
+def test_small_world_has_the_expected_families_and_classes(small_zoo):
+    root, report = small_zoo
+    cfg = demo_world.PRESETS["small"]
+    plan = {t.task_id: t for t in demo_world.plan_world("small")}
+    specs = read_tasks(root)
+    assert sorted(report.built) == sorted(plan) == [s.task_id for s in specs]
+    assert {s.family for s in specs} == set(demo_world.SMALL_FAMILIES)
+    for s in specs:
+        task = plan[s.task_id]
+        assert s.family == task.family
+        assert set(s.classes) == set(task.classes)
+        assert 2 <= s.n_classes <= cfg.max_classes
+        assert (s.n_train, s.n_test) == (s.n_classes * cfg.n_train, s.n_classes * cfg.n_test)
+    images, labels = load_split(specs[0], "train", SIZE)
+    assert images.shape[1:] == (3, SIZE, SIZE)
+
+
+def test_default_world_plan_size_and_families():
+    plan = demo_world.plan_world("default")
+    families = {t.family for t in plan}
+    assert 40 <= len(plan) <= 80
+    assert {"digits", "texture", "photo", "shapes"} < families
+    assert sum(f.startswith("script_") for f in families) == len(demo_world.SCRIPT_GROUPS)
+    assert all(2 <= t.n_classes <= 30 for t in plan)
+    assert len({t.task_id for t in plan}) == len(plan)
+    # one expert per family in the default demo, plus the generic one: at least 8
+    assert len(demo_world.representative_tasks(plan)) + 1 >= 8
+
+
+def test_generation_is_deterministic_and_cached(small_zoo, tmp_path):
+    root, _ = small_zoo
+    first = {s.task_id: s.content_hash for s in read_tasks(root)}
+    again = demo_world.build_world(root, "small")
+    assert again.built == [] and sorted(again.cached) == sorted(first)
+
+    other = tmp_path / "again"
+    demo_world.build_world(other, "small")
+    register_folders(demo_world.tasks_uri(other), other)
+    assert {s.task_id: s.content_hash for s in read_tasks(other)} == first
+
+    # a folder whose fingerprint does not match is made again, with the same bytes
+    task_id = sorted(first)[0]
+    (other / demo_world.TASKS_DIR / task_id / demo_world.FINGERPRINT).write_text("stale")
+    rebuilt = demo_world.build_world(other, "small")
+    assert rebuilt.built == [task_id]
+    register_folders(demo_world.tasks_uri(other), other)
+    assert {s.task_id: s.content_hash for s in read_tasks(other)} == first
+
+
+def test_scripts_have_real_letters():
+    for script in demo_world.SCRIPTS:
+        letters = demo_world.script_letters(script)
+        assert len(letters) >= 20, script
+    # the letters of one script are rendered differently from each other
+    a, b = demo_world.script_letters("devanagari")[:2]
+    font = demo_world.SCRIPTS["devanagari"][0]
+    assert not np.array_equal(demo_world._glyph_mask(font, 400, a),
+                              demo_world._glyph_mask(font, 400, b))
+
+
+def test_families_embed_closer_within_than_across(small_zoo, lite0):
+    root, _ = small_zoo
+    specs = read_tasks(root)
+    vectors = []
+    for s in specs:
+        x, y = load_split(s, "train", SIZE)
+        vectors.append(task2vec(lite0, x, y, n_classes=s.n_classes, method="montecarlo").vector)
+    dist = d_sym(np.stack(vectors))
+    family = np.array([s.family for s in specs])
+    same = family[:, None] == family[None, :]
+    off_diagonal = ~np.eye(len(specs), dtype=bool)
+    within, across = dist[same & off_diagonal].mean(), dist[~same].mean()
+    assert within < across - 0.02, (within, across)
+
+
+# --------------------------------------------------------------------------- the probe
+
+
+def test_lite0_matches_the_package_network_and_classifies_imagenet_photos(lite0):
+    from efficientnet_lite_pytorch import EfficientNet
+    from PIL import Image
+    from skimage.data import chelsea, coffee
+
+    from t2v_core.data import IMAGENET_MEAN, IMAGENET_STD
+
+    state = load_state_dict(pretrained_weights_path())
+    reference = EfficientNet.from_name("efficientnet-lite0")
+    reference.load_state_dict(state)
+    reference.eval()
+    probe = build_probe("efficientnet_lite0", pretrained_weights_path())
+    head = torch.nn.Linear(1280, 1000)
+    head.load_state_dict({"weight": state["_fc.weight"], "bias": state["_fc.bias"]})
+    batch = []
+    for photo in (chelsea(), coffee()):
+        arr = np.asarray(Image.fromarray(photo).resize((224, 224)), np.float32) / 255.0
+        batch.append(((arr - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1))
+    x = torch.from_numpy(np.stack(batch))
+    with torch.no_grad():
+        ours, theirs = head(probe.backbone(x)), reference(x)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    # ImageNet classes 281–285 are cats, 967 is espresso
+    assert 281 <= int(ours[0].argmax()) <= 285
+    assert int(ours[1].argmax()) == 967
+
+
+def test_fisher_engine_is_exact_through_same_padding(lite0):
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 24, 24)
+    y = torch.tensor([0, 1, 2])
+    head = fit_head(extract_features(lite0.backbone, x), y, 3)
+    fast = per_filter_fisher(lite0.backbone, head, x, y, method="expected")
+    slow = per_filter_fisher_naive(lite0.backbone, head, x, y, method="expected")
+    np.testing.assert_allclose(fast, slow, rtol=1e-3, atol=1e-6 * slow.max())
+
+
+def test_lite0_weights_round_trip(tmp_path, lite0):
+    from t2v_core.probes import save_weights
+
+    path = tmp_path / "lite0.pt"
+    save_weights(lite0.backbone, str(path))
+    again = build_probe("efficientnet_lite0", str(path), input_size=SIZE)
+    assert again.probe_id == lite0.probe_id
+    x = torch.randn(2, 3, SIZE, SIZE)
+    torch.testing.assert_close(extract_features(again.backbone, x),
+                               extract_features(lite0.backbone, x))
+
+
+# --------------------------------------------------------------------------- experts
+
+
+def test_blocks_open_containers():
+    resnet = build_probe("resnet18").backbone
+    names = [n for n, _ in blocks(resnet)]
+    assert names[:2] == ["conv1", "bn1"] and names[-1] == "layer4.1"
+    lite = [n for n, _ in blocks(build_probe("efficientnet_lite0").backbone)]
+    assert lite[0] == "_conv_stem" and "_blocks.15" in lite and lite[-1] == "_bn1"
+
+
+def test_finetune_is_deterministic_and_train_last_freezes_the_rest():
+    probe = build_probe("small_cnn", seed=1)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 3, 16, 16, generator=gen)
+    y = torch.arange(24) % 3
+    recipe = Recipe(epochs=2, batch_size=8, image_size=16)
+    a = finetune(probe, x, y, 3, recipe)
+    b = finetune(probe, x, y, 3, recipe)
+    assert state_digest(a.backbone) == state_digest(b.backbone)
+    assert state_digest(a.backbone) != state_digest(probe.backbone)  # the probe is untouched
+
+    last = finetune(probe, x, y, 3, Recipe(epochs=2, batch_size=8, train_last=1))
+    before, after = probe.backbone.state_dict(), last.backbone.state_dict()
+    trained = blocks(last.backbone)[-1][0]
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(f"{trained}.") for k in changed)
+
+
+def test_train_experts_with_ray(small_zoo, ray_local, lite0):
+    from jobs import train_experts
+
+    root, _ = small_zoo
+    sources = ["script_western__latin", "shapes__polygons"]
+    argv = ["--root", str(root), "--tasks", ",".join(sources), "--epochs", "8",
+            "--image-size", str(SIZE), "--no-progress", "--no-tracking"]
+    assert train_experts.main(argv) == 0
+    experts = {e.expert_id: e for e in read_experts(root)}
+    generic = experts.pop("efficientnet_lite0__generic")
+    assert generic.source_task_id is None
+    assert sorted(e.source_task_id for e in experts.values()) == sources
+    assert all(e.weights_uri.endswith(f"experts/{e.expert_id}.pt") for e in experts.values())
+    assert build_probe("efficientnet_lite0", generic.weights_uri).probe_id == \
+        build_probe("efficientnet_lite0", pretrained_weights_path()).probe_id
+
+    specs = {s.task_id: s for s in read_tasks(root)}
+    random_probe = build_probe("efficientnet_lite0", seed=0, input_size=SIZE)
+    for expert in experts.values():
+        spec = specs[expert.source_task_id]
+        train, test = load_split(spec, "train", SIZE), load_split(spec, "test", SIZE)
+        loaded = build_probe("efficientnet_lite0", expert.weights_uri, input_size=SIZE)
+        ours = linear_probe_error(loaded.backbone, train, test, spec.n_classes)
+        generic_error = linear_probe_error(lite0.backbone, train, test, spec.n_classes)
+        random_error = linear_probe_error(random_probe.backbone, train, test, spec.n_classes)
+        assert ours < generic_error and ours < random_error, (expert.expert_id, ours,
+                                                              generic_error, random_error)
+
+    # re-running changes nothing
+    manifest = (root / "zoo" / "experts.parquet").read_bytes()
+    assert train_experts.main(argv) == 0
+    assert (root / "zoo" / "experts.parquet").read_bytes() == manifest
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+def test_demo_stages_skip_missing_jobs_and_filter_options(caplog):
+    from jobs import demo
+
+    caplog.set_level(logging.INFO, logger="jobs.demo")
+    assert demo.call_job("jobs.no_such_stage", {"--root": "x"}) == "skipped"
+    assert "jobs.no_such_stage is not available" in caplog.text
+    from jobs import register_zoo
+
+    accepted = demo.accepted_options(register_zoo)
+    assert {"--folders", "--root"} <= accepted
+    argv = demo.job_argv({"--root": "r", "--probe": "p", "--no-progress": True,
+                          "--verbose": False}, accepted)
+    assert argv == ["--root", "r", "--no-progress"]
+
+
+def test_demo_help():
+    from jobs import demo
+
+    with pytest.raises(SystemExit) as exit_info:
+        demo.parse_args(["--help"])
+    assert exit_info.value.code == 0
