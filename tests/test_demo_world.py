@@ -263,3 +263,20 @@ def test_demo_help():
     with pytest.raises(SystemExit) as exit_info:
         demo.parse_args(["--help"])
     assert exit_info.value.code == 0
+
+
+def test_demo_small_first_stages_end_to_end(tmp_path, ray_local):
+    from jobs import demo
+
+    root = tmp_path / "demo"
+    argv = ["--root", str(root), "--small", "--no-tracking",
+            "--stages", "world,register_zoo,train_experts"]
+    assert demo.main(argv) == 0
+    tasks = read_tasks(root)
+    assert len(tasks) == len(demo_world.plan_world("small"))
+    experts = read_experts(root)
+    # the generic expert and one expert per family
+    assert len(experts) == 1 + len(demo_world.SMALL_FAMILIES)
+    assert {e.source_task_id for e in experts} - {None} == set(
+        demo_world.representative_tasks(tasks))
+    assert demo.main(argv + ["--stages", "nonsense"]) == 2
