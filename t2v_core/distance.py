@@ -17,7 +17,9 @@ _EPS = 1e-12
 
 
 def _as_2d(x) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+    # a private copy: inputs are often read-only Arrow-backed arrays, and it is cheap next
+    # to any pairwise computation
+    t = torch.from_numpy(np.array(x, dtype=np.float32))
     if t.ndim == 1:
         t = t[None, :]
     if t.ndim != 2:
