@@ -37,3 +37,11 @@ def add_embedding_args(parser: argparse.ArgumentParser) -> None:
                         help="Fisher method of the embeddings (default: the only one stored)")
     parser.add_argument("--mode", default="probe", choices=["probe", "finetune"],
                         help="which matrix to learn from")
+
+
+def add_error_floor_arg(parser: argparse.ArgumentParser) -> None:
+    """The smallest oracle error used as a denominator of the relative error increase."""
+    parser.add_argument(
+        "--error-floor", type=float, default=0.02,
+        help="oracle errors below this count as this in (err − oracle)/oracle (default 0.02): "
+        "a task some expert solves perfectly would otherwise turn any miss into +1000s of %%")

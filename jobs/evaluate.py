@@ -16,7 +16,7 @@ import json
 import logging
 import sys
 
-from jobs._cli import add_common_args, add_embedding_args, setup_logging
+from jobs._cli import add_common_args, add_embedding_args, add_error_floor_arg, setup_logging
 from t2v_core import evaluate as ev
 from t2v_core.meta_dataset import MetaDataset, load_meta_dataset
 from t2v_core.selectors import (
@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n\n")[0])
     add_common_args(p)
     add_embedding_args(p)
+    add_error_floor_arg(p)
     p.add_argument("--folds", default="loo",
                    help="'loo' (leave-one-task-out) or a number of folds over tasks")
     p.add_argument("--seed", type=int, default=0)
@@ -63,19 +64,20 @@ def standard_selectors(data: MetaDataset, *, seed: int = 0, model2vec_epochs: in
     return selectors
 
 
-def run(data: MetaDataset, folds: str | int, *, seed: int = 0, model2vec_epochs: int = 300
-        ) -> dict:
+def run(data: MetaDataset, folds: str | int, *, seed: int = 0, model2vec_epochs: int = 300,
+        error_floor: float = 0.02) -> dict:
     """The whole evaluation of one meta-dataset, as plain data plus the markdown table."""
     result = ev.evaluate_selectors(
         standard_selectors(data, seed=seed, model2vec_epochs=model2vec_epochs),
         data.embeddings, data.errors, data.expert_sources, list(data.expert_ids),
-        list(data.families), folds=folds, random_state=seed,
+        list(data.families), folds=folds, random_state=seed, error_floor=error_floor,
     )
     recovery = ev.family_recovery(data.embeddings, list(data.families))
     difficulty = ev.norm_vs_difficulty(data.embeddings, data.errors)
     markdown = "\n\n".join([
         f"## Expert selection ({len(data.task_ids)} tasks × {len(data.expert_ids)} experts, "
-        f"probe {data.probe_id}, {data.method} Fisher, folds={folds})",
+        f"probe {data.probe_id}, {data.method} Fisher, folds={folds}, "
+        f"oracle errors floored at {error_floor:g})",
         ev.to_markdown(result, paper=True),
         f"Family recovery from embeddings alone (1-NN, d_sym): {recovery.accuracy:.1%} "
         f"(chance {recovery.chance_accuracy:.1%}).",
@@ -90,6 +92,7 @@ def run(data: MetaDataset, folds: str | int, *, seed: int = 0, model2vec_epochs:
             "norm_vs_difficulty": json.loads(ev.to_json(difficulty)),
             "probe_id": data.probe_id,
             "method": data.method,
+            "error_floor": error_floor,
             "task_ids": list(data.task_ids),
             "expert_ids": list(data.expert_ids),
         },
@@ -128,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     root = StorageRoot(args.root)
     data = load_meta_dataset(root, args.probe_id, args.method, mode=args.mode)
     log.info("evaluating selectors on %d tasks × %d experts", len(data.task_ids), len(data.expert_ids))
-    report = run(data, folds, seed=args.seed, model2vec_epochs=args.model2vec_epochs)
+    report = run(data, folds, seed=args.seed, model2vec_epochs=args.model2vec_epochs,
+                 error_floor=args.error_floor)
     base = write_report(root, report)
     print(report["markdown"])
     log.info("wrote %s/table1.md and table1.json", root.join(base))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs._cli import add_common_args, add_embedding_args, setup_logging
+from jobs._cli import add_common_args, add_embedding_args, add_error_floor_arg, setup_logging
 from t2v_core.meta_dataset import MetaDataset, load_meta_dataset
 from t2v_core.model2vec import Model2Vec
 from t2v_core.selectors import top1_relative_increase
@@ -35,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 description=__doc__.split("\n\n")[0])
     add_common_args(p)
     add_embedding_args(p)
+    add_error_floor_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-epochs", type=int, default=500)
     p.add_argument("--alpha", type=float, default=0.15, help="weight of the source-complexity term")
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         "n_tasks": len(data.task_ids),
         "n_experts": len(data.expert_ids),
         "train_relative_increase_pct": 100 * float(
-            np.nanmean(top1_relative_increase(data.errors, model.rank(data.embeddings)))),
+            np.nanmean(top1_relative_increase(data.errors, model.rank(data.embeddings),
+                                              error_floor=args.error_floor))),
         "tau": float(model.tau_),
     }
     version = save_model(root, model, data, metrics)
