@@ -228,6 +228,7 @@ def _evaluate(cfg: DemoConfig) -> str:
     # K folds over tasks: leave-one-task-out refits MODEL2VEC once per task
     return call_job("jobs.evaluate", {
         "--root": cfg.root, "--mode": "probe", "--folds": 3 if cfg.small else 5,
+        "--image-size": cfg.image_size,  # finds the matrix's cached features: the LogME column
         "--no-tracking": not cfg.tracking})
 
 

@@ -16,6 +16,8 @@ import json
 import logging
 import sys
 
+import numpy as np
+
 from jobs._cli import add_common_args, add_embedding_args, add_error_floor_arg, setup_logging
 from t2v_core import evaluate as ev
 from t2v_core.meta_dataset import MetaDataset, load_meta_dataset
@@ -23,6 +25,7 @@ from t2v_core.selectors import (
     AsymTask2VecSelector,
     ChanceSelector,
     GenericSelector,
+    LogMESelector,
     MeanErrorPrior,
     Model2VecSelector,
     OracleSelector,
@@ -45,7 +48,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model2vec-epochs", type=int, default=300,
                    help="MODEL2VEC epochs per fold (it is refitted for every held-out fold)")
     p.add_argument("--no-plots", dest="plots", action="store_false")
+    t = p.add_argument_group("LogME baseline (from the matrix job's cached expert features)")
+    t.add_argument("--image-size", type=int, default=None,
+                   help="image size the matrix was filled with; enables the LogME column")
+    t.add_argument("--max-per-class", type=int, default=None)
+    t.add_argument("--features-seed", type=int, default=0)
     return p.parse_args(argv)
+
+
+def logme_context(root: StorageRoot, data: MetaDataset, image_size: int,
+                  max_per_class: int | None = None, seed: int = 0) -> dict | None:
+    """Per task, every expert's cached training-split features and the labels, or None when
+    some are missing (LogME needs a forward pass of every expert over every task)."""
+    from t2v_core.features import FeatureCache, FeatureKey
+    from t2v_core.zoo import read_experts, read_tasks
+
+    cache = FeatureCache(root)
+    tasks = {t.task_id: t for t in read_tasks(root)}
+    experts = {e.expert_id: e for e in read_experts(root)}
+    features, labels = [], []
+    for task_id in data.task_ids:
+        per_expert = []
+        for expert_id in data.expert_ids:
+            key = FeatureKey.for_cell(experts[expert_id], tasks[task_id], "train", image_size,
+                                      max_per_class, seed)
+            cached = cache.load(key)
+            if cached is None:
+                log.warning("no cached features for %s on %s: LogME left out", expert_id, task_id)
+                return None
+            per_expert.append(cached.features.astype(np.float64))
+        features.append(per_expert)
+        labels.append(cached.labels)
+    return {"features": features, "labels": labels}
 
 
 def standard_selectors(data: MetaDataset, *, seed: int = 0, model2vec_epochs: int = 300
@@ -65,12 +99,17 @@ def standard_selectors(data: MetaDataset, *, seed: int = 0, model2vec_epochs: in
 
 
 def run(data: MetaDataset, folds: str | int, *, seed: int = 0, model2vec_epochs: int = 300,
-        error_floor: float = 0.02) -> dict:
-    """The whole evaluation of one meta-dataset, as plain data plus the markdown table."""
+        error_floor: float = 0.02, context: dict | None = None) -> dict:
+    """The whole evaluation of one meta-dataset, as plain data plus the markdown table.
+    ``context`` (see :func:`logme_context`) adds the LogME column."""
+    selectors = standard_selectors(data, seed=seed, model2vec_epochs=model2vec_epochs)
+    if context:
+        selectors = {**{k: v for k, v in selectors.items() if k != "Oracle"},
+                     "LogME": LogMESelector(), "Oracle": selectors["Oracle"]}
     result = ev.evaluate_selectors(
-        standard_selectors(data, seed=seed, model2vec_epochs=model2vec_epochs),
-        data.embeddings, data.errors, data.expert_sources, list(data.expert_ids),
+        selectors, data.embeddings, data.errors, data.expert_sources, list(data.expert_ids),
         list(data.families), folds=folds, random_state=seed, error_floor=error_floor,
+        context=context,
     )
     recovery = ev.family_recovery(data.embeddings, list(data.families))
     difficulty = ev.norm_vs_difficulty(data.embeddings, data.errors)
@@ -131,8 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     root = StorageRoot(args.root)
     data = load_meta_dataset(root, args.probe_id, args.method, mode=args.mode)
     log.info("evaluating selectors on %d tasks × %d experts", len(data.task_ids), len(data.expert_ids))
+    context = None
+    if args.image_size:
+        context = logme_context(root, data, args.image_size, args.max_per_class,
+                                args.features_seed)
     report = run(data, folds, seed=args.seed, model2vec_epochs=args.model2vec_epochs,
-                 error_floor=args.error_floor)
+                 error_floor=args.error_floor, context=context)
     base = write_report(root, report)
     print(report["markdown"])
     log.info("wrote %s/table1.md and table1.json", root.join(base))

@@ -121,3 +121,34 @@ def test_registered_model_in_local_mlflow_ranks_like_the_stored_one(zoo_root, mo
          "--model", "models:/task2vec-recommender@champion"]))
     assert list(stored["expert_id"]) == list(registered["expert_id"])
     assert np.allclose(stored["score"], registered["score"], atol=1e-6)
+
+
+def test_logme_column_from_cached_expert_features(zoo_root):
+    from t2v_core.features import FeatureCache, FeatureKey, Features
+    from t2v_core.zoo import read_experts
+
+    root, zoo, tasks = zoo_root
+    experts = read_experts(root)
+    rng = np.random.default_rng(0)
+    cache = FeatureCache(root)
+    for t, errs in zip(tasks, zoo.errors, strict=True):
+        labels = np.arange(40) % 2
+        for e in experts:
+            # features whose class signal shrinks with the cell's error: LogME should follow
+            err = errs[zoo.expert_ids.index(e.expert_id)]
+            feats = rng.normal(size=(40, 8)) + (1 - err) * 3 * labels[:, None]
+            cache.save(FeatureKey.for_cell(e, t, "train", 32), Features(feats, labels))
+    args = ["--root", root.uri, "--no-tracking", "--no-plots", "--folds", "3",
+            "--model2vec-epochs", "20", "--image-size", "32"]
+    assert evaluate_job.main(args) == 0
+    report = json.loads(root.read_bytes(f"evaluation/{root.read_bytes('evaluation/LATEST').decode()}"
+                                        "/table1.json"))
+    logme = report["table1"]["reports"]["LogME"]["by_meta_task"]["Mixed"]
+    chance = report["table1"]["reports"]["Chance"]["by_meta_task"]["Mixed"]
+    assert logme["relative_increase_pct"] < chance["relative_increase_pct"]
+    # one expert's features missing on one task: the column is left out, the rest runs
+    root.fs.rm(root.join(FeatureKey.for_cell(experts[0], tasks[0], "train", 32).rel))
+    assert evaluate_job.main(args) == 0
+    report = json.loads(root.read_bytes(f"evaluation/{root.read_bytes('evaluation/LATEST').decode()}"
+                                        "/table1.json"))
+    assert "LogME" not in report["table1"]["reports"]
