@@ -69,8 +69,9 @@ def save_model(root: StorageRoot, model: Model2Vec, data: MetaDataset, metrics: 
     return version
 
 
-def load_model(root: StorageRoot, version: str | None = None) -> tuple[Model2Vec, dict]:
+def load_model(root: StorageRoot | str, version: str | None = None) -> tuple[Model2Vec, dict]:
     """The stored model of ``version`` (default: LATEST) and its metadata."""
+    root = root if isinstance(root, StorageRoot) else StorageRoot(root)
     if version is None:
         if not root.exists(LATEST):
             raise FileNotFoundError(f"no trained MODEL2VEC under {root!r}: run jobs.train_model2vec")

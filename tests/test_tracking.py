@@ -363,3 +363,47 @@ def test_ray_tags_and_code_version(monkeypatch):
         assert tracking.code_version() == f"{__version__}+g0123456789ab"
     finally:
         tracking._git_sha.cache_clear()
+
+
+# --------------------------------------------------------------------------- a whole demo
+
+
+def test_small_demo_against_the_server(mlflow_server, moto_s3, ray_local, tmp_path, monkeypatch):
+    """Every stage of the demo leaves its run on the server, with plots downloadable from S3
+    and a registered recommender that ranks like the one stored under the root."""
+    from jobs import demo
+    from jobs.train_model2vec import load_model
+    from t2v_core.meta_dataset import load_meta_dataset
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    root = tmp_path / "root"
+    assert demo.main(["--root", str(root), "--small"]) == 0
+
+    client = MlflowClient(mlflow_server)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string="attributes.status = 'FINISHED'")
+    by_name = {r.info.run_name: r for r in runs}
+    stages = ["train_experts", "embed_tasks", "fill_matrix", "train_model2vec", "evaluate"]
+    assert {"demo", *stages} <= set(by_name)
+    pipeline = by_name["demo"].info.run_id
+    assert all(by_name[s].data.tags.get("mlflow.parentRunId") == pipeline for s in stages)
+    assert by_name["embed_tasks"].data.metrics["tasks_done"] == 12
+    assert by_name["fill_matrix"].data.metrics["cells_ok"] > 0
+    assert any(k.startswith("table1/") for k in by_name["evaluate"].data.metrics)
+
+    evaluate_run = by_name["evaluate"].info.run_id
+    plots = {a.path for a in client.list_artifacts(evaluate_run, "plots")}
+    assert {"plots/task_map.png", "plots/error_matrix.png"} <= plots
+    local = client.download_artifacts(evaluate_run, "plots/task_map.png", str(tmp_path))
+    assert open(local, "rb").read(8) == PNG_SIGNATURE
+    assert any(k.endswith("task_map.png") for k in _s3_keys(moto_s3, f"{SERVER_PREFIX}/"))
+
+    stored, _ = load_model(root)
+    data = load_meta_dataset(root)
+    frame = pd.DataFrame({"task_id": list(data.task_ids),
+                          "embedding": [r.astype(np.float32).tolist() for r in data.embeddings]})
+    got = load_recommender(f"models:/{DEFAULT_NAME}@champion").predict(frame)
+    expected = stored.rank(data.embeddings.astype(np.float32))
+    for i, task in enumerate(data.task_ids):
+        rows = got[got["task_id"] == task].sort_values("rank")
+        assert rows["expert_id"].tolist() == [stored.expert_ids_[j] for j in expected[i]]
