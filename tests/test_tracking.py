@@ -382,11 +382,12 @@ def test_small_demo_against_the_server(mlflow_server, moto_s3, ray_local, tmp_pa
     client = MlflowClient(mlflow_server)
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiments, filter_string="attributes.status = 'FINISHED'")
-    by_name = {r.info.run_name: r for r in runs}
+    # other tests of this module share the server: look only at the demo's own runs
+    (pipeline,) = [r.info.run_id for r in runs if r.info.run_name == "demo"]
+    by_name = {r.info.run_name: r for r in runs
+               if r.data.tags.get("mlflow.parentRunId") == pipeline}
     stages = ["train_experts", "embed_tasks", "fill_matrix", "train_model2vec", "evaluate"]
-    assert {"demo", *stages} <= set(by_name)
-    pipeline = by_name["demo"].info.run_id
-    assert all(by_name[s].data.tags.get("mlflow.parentRunId") == pipeline for s in stages)
+    assert set(stages) <= set(by_name)
     assert by_name["embed_tasks"].data.metrics["tasks_done"] == 12
     assert by_name["fill_matrix"].data.metrics["cells_ok"] > 0
     assert any(k.startswith("table1/") for k in by_name["evaluate"].data.metrics)
