@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import logging
 
 
@@ -74,3 +75,8 @@ def add_error_floor_arg(parser: argparse.ArgumentParser) -> None:
         "--error-floor", type=float, default=0.02,
         help="oracle errors below this count as this in (err − oracle)/oracle (default 0.02): "
         "a task some expert solves perfectly would otherwise turn any miss into +1000s of %%")
+
+
+def run_stamp() -> str:
+    """UTC time to the second: the sortable name of a run's output folder under the root."""
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")

@@ -11,14 +11,19 @@ to the paper's numbers, and logs metrics and plots to MLflow.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import sys
 
 import numpy as np
 
-from jobs._cli import add_common_args, add_embedding_args, add_error_floor_arg, setup_logging
+from jobs._cli import (
+    add_common_args,
+    add_embedding_args,
+    add_error_floor_arg,
+    run_stamp,
+    setup_logging,
+)
 from t2v_core import evaluate as ev
 from t2v_core.meta_dataset import MetaDataset, load_meta_dataset
 from t2v_core.selectors import (
@@ -139,7 +144,7 @@ def run(data: MetaDataset, folds: str | int, *, seed: int = 0, model2vec_epochs:
 
 
 def write_report(root: StorageRoot, report: dict) -> str:
-    run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    run_id = run_stamp()
     base = f"evaluation/{run_id}"
     root.write_bytes_atomic(f"{base}/table1.md", report["markdown"].encode())
     root.write_bytes_atomic(f"{base}/table1.json",

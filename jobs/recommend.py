@@ -12,7 +12,6 @@ from the MLflow registry), prints the top ``--top-k`` per task and writes all ra
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import logging
 import sys
 
@@ -20,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from jobs._cli import add_common_args, add_embedding_args, setup_logging
+from jobs._cli import add_common_args, add_embedding_args, run_stamp, setup_logging
 from jobs.train_model2vec import load_model
 from t2v_core.embeddings import EmbedConfig, embed_task, read_embeddings
 from t2v_core.matrix import read_matrix
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     frame = recommend(args)
     root = StorageRoot(args.root)
-    run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    run_id = run_stamp()
     root.write_part(f"recommendations/{run_id}", pa.Table.from_pandas(frame, preserve_index=False),
                     ["task_id", "rank"])
     top = frame[frame["rank"] <= args.top_k]

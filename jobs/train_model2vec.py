@@ -10,7 +10,6 @@ new version of the MLflow registered model ``task2vec-recommender`` with alias `
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import hashlib
 import json
 import logging
@@ -20,7 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs._cli import add_common_args, add_embedding_args, add_error_floor_arg, setup_logging
+from jobs._cli import (
+    add_common_args,
+    add_embedding_args,
+    add_error_floor_arg,
+    run_stamp,
+    setup_logging,
+)
 from t2v_core.meta_dataset import MetaDataset, load_meta_dataset
 from t2v_core.model2vec import Model2Vec
 from t2v_core.selectors import top1_relative_increase
@@ -50,7 +55,7 @@ def _version(data: MetaDataset) -> str:
     digest.update(np.ascontiguousarray(data.embeddings).tobytes())
     digest.update(np.nan_to_num(data.errors, nan=-1.0).tobytes())
     digest.update("\n".join(data.task_ids + data.expert_ids).encode())
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    stamp = run_stamp()
     return f"{stamp}-{digest.hexdigest()[:8]}"
 
 
