@@ -5,11 +5,14 @@
 
 Works on any registered zoo (``zoo/tasks.parquet``). Each expert's weights are written to
 ``<root>/experts/<expert_id>.pt`` and registered in ``zoo/experts.parquet``, together with the
-generic expert: the base weights themselves (``source_task_id`` null). An expert's
-``content_hash`` covers the architecture, the base weights, its source task's content hash
-and the training recipe; an expert already registered with the same hash and whose weights
-file exists is skipped, so re-running adds nothing and a killed run resumes. The manifest is
-updated as each expert finishes.
+generic expert: the base weights themselves (``source_task_id`` null). Beside the weights,
+``<expert_id>.head.pt`` keeps the expert's source head (the classifier trained with it; for
+the generic expert the classifier of the base checkpoint, e.g. ImageNet's, when it has one),
+which the LEEP and NCE baselines of the evaluation read. An expert's ``content_hash`` covers
+the architecture, the base weights, its source task's content hash and the training recipe;
+an expert already registered with the same hash and whose weights and head files exist is
+skipped, so re-running adds nothing and a killed run resumes. The manifest is updated as each
+expert finishes.
 """
 
 from __future__ import annotations
@@ -29,7 +32,15 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from jobs._cli import add_common_args, setup_logging
 from jobs._ray_util import add_ray_args, get_or_error, init_ray, iter_ready, worker_runtime_env
-from t2v_core.experts import Recipe, expert_content_hash, finetune, state_digest
+from t2v_core.experts import (
+    HEAD_SUFFIX,
+    Recipe,
+    SourceHead,
+    base_head,
+    expert_content_hash,
+    finetune,
+    state_digest,
+)
 from t2v_core.probes import available_archs, build_probe, resolve_weights
 from t2v_core.storage import StorageRoot, redact_uri
 from t2v_core.zoo import ExpertSpec, TaskSpec, read_experts, read_tasks, upsert_experts
@@ -87,6 +98,20 @@ def weights_rel(expert_id: str) -> str:
     return f"{EXPERTS_DIR}/{expert_id}.pt"
 
 
+def head_rel(expert_id: str) -> str:
+    """The source head's file; :func:`t2v_core.experts.head_uri` finds it from the weights URI."""
+    return f"{EXPERTS_DIR}/{expert_id}{HEAD_SUFFIX}"
+
+
+def write_expert(root: StorageRoot, expert_id: str, backbone: torch.nn.Module,
+                 head: SourceHead | None) -> str:
+    """Weights first, then the head: an expert counts as done only once both exist."""
+    uri = root.write_bytes_atomic(weights_rel(expert_id), _serialize(backbone))
+    if head is not None:
+        root.write_bytes_atomic(head_rel(expert_id), head.to_bytes())
+    return uri
+
+
 def train_one(root_uri: str, arch: str, weights: str | None, task: TaskSpec, recipe: Recipe,
               expert_id: str) -> dict:
     """Fine-tune one expert and write its weights (runs inside a Ray worker)."""
@@ -97,14 +122,16 @@ def train_one(root_uri: str, arch: str, weights: str | None, task: TaskSpec, rec
     images, labels = load_split(task, "train", recipe.image_size, recipe.max_per_class,
                                 seed=recipe.seed)
     result = finetune(probe, images, labels, task.n_classes, recipe, name=expert_id)
-    uri = root.write_bytes_atomic(weights_rel(expert_id), _serialize(result.backbone))
+    head = SourceHead.from_linear(result.head, task.classes)
+    uri = write_expert(root, expert_id, result.backbone, head)
     return {"expert_id": expert_id, "weights_uri": uri, "digest": state_digest(result.backbone),
             "train_error": result.train_error, "seconds": result.seconds}
 
 
 def plan(root: StorageRoot, arch: str, base_digest: str, tasks: list[TaskSpec], recipe: Recipe,
-         prefix: str, generic: bool) -> tuple[list[Job], list[Job]]:
-    """(jobs to run, jobs already done) for the requested experts."""
+         prefix: str, generic: bool, generic_head: bool = False) -> tuple[list[Job], list[Job]]:
+    """(jobs to run, jobs already done) for the requested experts. Every trained expert has a
+    source head; the generic one has one when ``generic_head`` (its base checkpoint has one)."""
     jobs = []
     if generic:
         jobs.append(Job(f"{prefix}__{GENERIC}", None,
@@ -117,7 +144,10 @@ def plan(root: StorageRoot, arch: str, base_digest: str, tasks: list[TaskSpec], 
     for job in jobs:
         old = known.get(job.expert_id)
         fresh = old is not None and old.content_hash == job.content_hash
-        (done if fresh and root.exists(weights_rel(job.expert_id)) else todo).append(job)
+        files = [weights_rel(job.expert_id)]
+        if job.task is not None or generic_head:
+            files.append(head_rel(job.expert_id))
+        (done if fresh and all(root.exists(f) for f in files) else todo).append(job)
     return todo, done
 
 
@@ -131,9 +161,11 @@ def run(root_uri: str, *, tasks: str = "representative", arch: str = "efficientn
     weights_uri = resolve_weights(arch, weights)
     base = build_probe(arch, weights_uri, seed=recipe.seed, input_size=recipe.image_size)
     base_digest = state_digest(base.backbone)
+    generic_head = base_head(weights_uri, base.feature_dim) if generic else None
     prefix = prefix or arch
     selected = select_tasks(read_tasks(root), tasks)
-    todo, done = plan(root, arch, base_digest, selected, recipe, prefix, generic)
+    todo, done = plan(root, arch, base_digest, selected, recipe, prefix, generic,
+                      generic_head is not None)
     outcome = TrainReport(skipped=[j.expert_id for j in done], base_probe_id=base.probe_id)
     for job in done:
         log.info("expert %s is up to date; skipped", job.expert_id)
@@ -145,8 +177,10 @@ def run(root_uri: str, *, tasks: str = "representative", arch: str = "efficientn
         outcome.trained.append(job.expert_id)
 
     for job in [j for j in todo if j.task is None]:
-        register(job, root.write_bytes_atomic(weights_rel(job.expert_id), _serialize(base.backbone)))
-        log.info("generic expert %s = the base weights (%s)", job.expert_id, base.probe_id)
+        register(job, write_expert(root, job.expert_id, base.backbone, generic_head))
+        log.info("generic expert %s = the base weights (%s), %s", job.expert_id, base.probe_id,
+                 "no source head (the base weights have no classifier)" if generic_head is None
+                 else f"source head with {generic_head.n_classes} classes")
     remote = [j for j in todo if j.task is not None]
     if not remote:
         return outcome

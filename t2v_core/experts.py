@@ -2,8 +2,10 @@
 
 MODEL2VEC needs a library of feature extractors that are good on different parts of the zoo.
 An expert is made by training a copy of the (pretrained) probe, with a fresh linear head, on
-its source task, then dropping the head: what is kept is the feature extractor, saved as a
-plain state dict that :func:`t2v_core.probes.build_probe` loads like any other weights.
+its source task. The feature extractor is saved as a plain state dict that
+:func:`t2v_core.probes.build_probe` loads like any other weights; the head (the expert's
+*source head*) is saved beside it (:func:`head_uri`), because LEEP and NCE score an expert
+by what its source classifier predicts on a new task.
 
 Training is deterministic given the recipe's seed (on the same machine and thread count):
 initialisation, batch order and augmentation all draw from seeded generators. That is what
@@ -14,18 +16,29 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
+import fsspec
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from t2v_core.fisher import fit_head
-from t2v_core.probes import Probe, extract_features, weights_digest
+from t2v_core.probes import (
+    _HEAD_PREFIXES,
+    Probe,
+    WeightsError,
+    extract_features,
+    load_state_dict,
+    weights_digest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +76,7 @@ class Recipe:
 @dataclass
 class FinetuneResult:
     backbone: nn.Module
+    head: nn.Linear  # the source head: logits = head(backbone(x))
     train_error: float
     losses: list[float]
     seconds: float
@@ -125,8 +139,9 @@ def finetune(
     The probe itself is not modified. BatchNorm layers keep the probe's running statistics
     (eval mode) while their affine parameters train: with a few hundred images and small
     batches, re-estimated statistics would be noisy, and pretrained BN momenta are too slow
-    to follow them, so train- and eval-mode features would disagree. Returns the trained backbone in eval
-    mode with gradients off, ready for :func:`t2v_core.probes.save_weights`.
+    to follow them, so train- and eval-mode features would disagree. Returns the trained backbone
+    and head in eval mode with gradients off, ready for :func:`t2v_core.probes.save_weights`
+    and :class:`SourceHead`.
     """
     started = time.perf_counter()
     labels = torch.as_tensor(labels).long()
@@ -181,7 +196,8 @@ def finetune(
         losses.append(total / len(labels))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     backbone.eval()
-    for p in backbone.parameters():
+    head.eval()
+    for p in [*backbone.parameters(), *head.parameters()]:
         p.requires_grad_(False)
     with torch.no_grad():
         feats = extract_features(backbone, images)
@@ -190,7 +206,7 @@ def finetune(
     log.info("%s: %d images, %d epochs, final loss %.3f, train error %.3f, %.1fs", name,
              len(labels), recipe.epochs, losses[-1] if losses else float("nan"), train_error,
              seconds)
-    return FinetuneResult(backbone, train_error, losses, seconds)
+    return FinetuneResult(backbone, head, train_error, losses, seconds)
 
 
 def linear_probe_error(
@@ -213,3 +229,117 @@ def linear_probe_error(
 def state_digest(backbone: nn.Module) -> str:
     """Digest of the backbone's weights as they will be saved."""
     return weights_digest(backbone.state_dict())
+
+
+# -- source heads ------------------------------------------------------------------------
+HEAD_SUFFIX = ".head.pt"
+
+
+@dataclass
+class SourceHead:
+    """An expert's source-task classifier, the linear layer on top of its backbone's output:
+    ``logits = features @ weight.T + bias``. ``classes`` names the Z outputs when known."""
+
+    weight: torch.Tensor  # Z×D
+    bias: torch.Tensor  # Z
+    classes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.weight = self.weight.detach().cpu().float()
+        self.bias = self.bias.detach().cpu().float()
+        self.classes = tuple(str(c) for c in self.classes)
+        if self.weight.ndim != 2 or self.bias.shape != (self.weight.shape[0],):
+            raise WeightsError(f"a head needs Z×D weight and Z bias, got "
+                               f"{tuple(self.weight.shape)} and {tuple(self.bias.shape)}")
+        if self.classes and len(self.classes) != self.n_classes:
+            raise WeightsError(f"{len(self.classes)} class names for {self.n_classes} outputs")
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.weight.shape[1])
+
+    @classmethod
+    def from_linear(cls, head: nn.Linear, classes: tuple[str, ...] = ()) -> SourceHead:
+        return cls(head.weight, head.bias, classes)
+
+    def logits(self, features) -> np.ndarray:
+        """Source-class logits (N×Z, float64) of backbone features (N×D)."""
+        f = np.asarray(features, dtype=np.float64)
+        if f.ndim != 2 or f.shape[1] != self.feature_dim:
+            raise ValueError(f"head takes N×{self.feature_dim} features, got {f.shape}")
+        return f @ self.weight.double().numpy().T + self.bias.double().numpy()
+
+    def probabilities(self, features) -> np.ndarray:
+        """Softmax over the source classes (N×Z, float64): θ(x) in LEEP."""
+        z = self.logits(features)
+        z -= z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def to_bytes(self) -> bytes:
+        """A weights-only checkpoint; its ``state_dict`` loads into ``nn.Linear`` as it is."""
+        buf = io.BytesIO()
+        torch.save({"state_dict": {"weight": self.weight, "bias": self.bias},
+                    "classes": list(self.classes)}, buf)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "head") -> SourceHead:
+        try:
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            state = obj["state_dict"]
+            return cls(state["weight"], state["bias"], tuple(obj.get("classes") or ()))
+        except WeightsError:
+            raise
+        except Exception as exc:  # torch raises several types for bad or unsafe pickles
+            raise WeightsError(f"{source} is not a loadable source head: {exc}") from exc
+
+
+def head_uri(weights_uri: str) -> str:
+    """Where an expert's source head lives: beside its weights, ``<name>.head.pt``."""
+    stem = weights_uri[: -len(".pt")] if weights_uri.endswith(".pt") else weights_uri
+    return stem + HEAD_SUFFIX
+
+
+def load_head(weights_uri: str) -> SourceHead | None:
+    """The source head of the expert whose weights are at ``weights_uri``; None when it has
+    none (an expert registered from outside, or trained before heads were kept)."""
+    uri = head_uri(weights_uri)
+    try:
+        with fsspec.open(uri, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise WeightsError(f"cannot read source head {uri}: {exc}") from exc
+    return SourceHead.from_bytes(data, uri)
+
+
+def checkpoint_head(state_dict: Mapping[str, torch.Tensor], feature_dim: int
+                    ) -> SourceHead | None:
+    """The classifier a checkpoint carries beside its feature extractor (e.g. ImageNet's).
+
+    It is the part :func:`t2v_core.probes.apply_weights` leaves out; it counts as a source
+    head only when it is one linear layer on the backbone's output (Z×feature_dim weight).
+    """
+    state = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    weights = [k for k, v in state.items()
+               if k.startswith(_HEAD_PREFIXES) and k.endswith("weight") and v.ndim == 2]
+    if len(weights) != 1:
+        return None
+    key = weights[0]
+    weight, bias = state[key], state.get(key[: -len("weight")] + "bias")
+    if weight.shape[1] != feature_dim or bias is None:
+        return None
+    return SourceHead(weight, bias)
+
+
+def base_head(weights_uri: str | None, feature_dim: int) -> SourceHead | None:
+    """The source head of a probe's base weights (the generic expert's), if the file has one."""
+    if weights_uri is None:
+        return None
+    return checkpoint_head(load_state_dict(weights_uri), feature_dim)
