@@ -30,16 +30,26 @@ from t2v_core.selectors import (
     AsymTask2VecSelector,
     ChanceSelector,
     GenericSelector,
+    LEEPSelector,
     LogMESelector,
     MeanErrorPrior,
     Model2VecSelector,
+    NCESelector,
     OracleSelector,
     Selector,
     Task2VecSelector,
+    hard_predictions,
 )
 from t2v_core.storage import StorageRoot
 
 log = logging.getLogger("jobs.evaluate")
+
+# Per-expert transferability columns, each with the context key it reads (see t2v_core.selectors).
+TRANSFER_COLUMNS: dict[str, tuple[str, type[Selector]]] = {
+    "LogME": ("features", LogMESelector),
+    "LEEP": ("source_probs", LEEPSelector),
+    "NCE": ("source_labels", NCESelector),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,24 +63,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model2vec-epochs", type=int, default=300,
                    help="MODEL2VEC epochs per fold (it is refitted for every held-out fold)")
     p.add_argument("--no-plots", dest="plots", action="store_false")
-    t = p.add_argument_group("LogME baseline (from the matrix job's cached expert features)")
+    t = p.add_argument_group("LogME, LEEP and NCE baselines (from the matrix job's cached "
+                             "expert features and the experts' source heads)")
     t.add_argument("--image-size", type=int, default=None,
-                   help="image size the matrix was filled with; enables the LogME column")
+                   help="image size the matrix was filled with; enables the LogME column, and "
+                        "the LEEP and NCE columns when every expert has a source head")
     t.add_argument("--max-per-class", type=int, default=None)
     t.add_argument("--features-seed", type=int, default=0)
     return p.parse_args(argv)
 
 
-def logme_context(root: StorageRoot, data: MetaDataset, image_size: int,
-                  max_per_class: int | None = None, seed: int = 0) -> dict | None:
-    """Per task, every expert's cached training-split features and the labels, or None when
-    some are missing (LogME needs a forward pass of every expert over every task)."""
+def _cached_features(root: StorageRoot, data: MetaDataset, experts: dict, image_size: int,
+                     max_per_class: int | None, seed: int
+                     ) -> tuple[list[list[np.ndarray]], list[np.ndarray]] | None:
+    """Per task, every expert's cached training-split features, and the task's labels; None
+    when some are missing (the matrix job computes them, this job never runs an expert)."""
     from t2v_core.features import FeatureCache, FeatureKey
-    from t2v_core.zoo import read_experts, read_tasks
+    from t2v_core.zoo import read_tasks
 
     cache = FeatureCache(root)
     tasks = {t.task_id: t for t in read_tasks(root)}
-    experts = {e.expert_id: e for e in read_experts(root)}
     features, labels = [], []
     for task_id in data.task_ids:
         per_expert = []
@@ -79,12 +91,76 @@ def logme_context(root: StorageRoot, data: MetaDataset, image_size: int,
                                       max_per_class, seed)
             cached = cache.load(key)
             if cached is None:
-                log.warning("no cached features for %s on %s: LogME left out", expert_id, task_id)
+                log.warning("no cached features for %s on %s: LogME, LEEP and NCE left out",
+                            expert_id, task_id)
                 return None
             per_expert.append(cached.features.astype(np.float64))
         features.append(per_expert)
         labels.append(cached.labels)
-    return {"features": features, "labels": labels}
+    return features, labels
+
+
+def _source_heads(data: MetaDataset, experts: dict) -> list | None:
+    """Every expert's source head, in ``data.expert_ids`` order; None if one has none."""
+    from t2v_core.experts import load_head
+    from t2v_core.probes import WeightsError
+
+    heads = []
+    for expert_id in data.expert_ids:
+        try:
+            head = load_head(experts[expert_id].weights_uri)
+        except WeightsError as exc:
+            log.warning("unreadable source head of %s (%s): LEEP and NCE left out", expert_id, exc)
+            return None
+        if head is None:
+            log.warning("no source head for %s: LEEP and NCE left out", expert_id)
+            return None
+        heads.append(head)
+    return heads
+
+
+def _source_probs(heads: list, features: list[list[np.ndarray]]) -> list[list[np.ndarray]] | None:
+    """Per task, per expert: the source head's softmax over its classes on the cached
+    features, which are the backbone output the head was trained on."""
+    try:
+        return [[h.probabilities(f) for h, f in zip(heads, per_expert, strict=True)]
+                for per_expert in features]
+    except ValueError as exc:  # a head that does not fit its expert's features
+        log.warning("source heads do not match the cached features (%s): LEEP and NCE left out",
+                    exc)
+        return None
+
+
+def transfer_context(root: StorageRoot, data: MetaDataset, image_size: int,
+                     max_per_class: int | None = None, seed: int = 0) -> dict | None:
+    """What the per-expert transferability columns read, per task (item j = task j):
+    ``features`` and ``labels`` (LogME); when every expert has a source head, also its
+    ``source_probs`` (LEEP) and hard ``source_labels`` (NCE). None without the features:
+    each of these baselines needs a forward pass of every expert over every task."""
+    from t2v_core.zoo import read_experts
+
+    experts = {e.expert_id: e for e in read_experts(root)}
+    cached = _cached_features(root, data, experts, image_size, max_per_class, seed)
+    if cached is None:
+        return None
+    features, labels = cached
+    context: dict = {"features": features, "labels": labels}
+    heads = _source_heads(data, experts)
+    probs = None if heads is None else _source_probs(heads, features)
+    if probs is not None:
+        context["source_probs"] = probs
+        context["source_labels"] = [[hard_predictions(p) for p in task] for task in probs]
+    return context
+
+
+def with_transfer_columns(selectors: dict[str, Selector], context: dict | None
+                          ) -> dict[str, Selector]:
+    """The transferability columns whose inputs ``context`` carries, placed before Oracle."""
+    extra = {name: cls() for name, (key, cls) in TRANSFER_COLUMNS.items()
+             if context and key in context}
+    rest = {k: v for k, v in selectors.items() if k != "Oracle"}
+    oracle = {"Oracle": selectors["Oracle"]} if "Oracle" in selectors else {}
+    return {**rest, **extra, **oracle}
 
 
 def standard_selectors(data: MetaDataset, *, seed: int = 0, model2vec_epochs: int = 300
@@ -106,11 +182,10 @@ def standard_selectors(data: MetaDataset, *, seed: int = 0, model2vec_epochs: in
 def run(data: MetaDataset, folds: str | int, *, seed: int = 0, model2vec_epochs: int = 300,
         error_floor: float = 0.02, context: dict | None = None) -> dict:
     """The whole evaluation of one meta-dataset, as plain data plus the markdown table.
-    ``context`` (see :func:`logme_context`) adds the LogME column."""
-    selectors = standard_selectors(data, seed=seed, model2vec_epochs=model2vec_epochs)
-    if context:
-        selectors = {**{k: v for k, v in selectors.items() if k != "Oracle"},
-                     "LogME": LogMESelector(), "Oracle": selectors["Oracle"]}
+    ``context`` (see :func:`transfer_context`) adds the LogME, LEEP and NCE columns it has
+    inputs for."""
+    selectors = with_transfer_columns(
+        standard_selectors(data, seed=seed, model2vec_epochs=model2vec_epochs), context)
     result = ev.evaluate_selectors(
         selectors, data.embeddings, data.errors, data.expert_sources, list(data.expert_ids),
         list(data.families), folds=folds, random_state=seed, error_floor=error_floor,
@@ -177,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("evaluating selectors on %d tasks × %d experts", len(data.task_ids), len(data.expert_ids))
     context = None
     if args.image_size:
-        context = logme_context(root, data, args.image_size, args.max_per_class,
-                                args.features_seed)
+        context = transfer_context(root, data, args.image_size, args.max_per_class,
+                                   args.features_seed)
     report = run(data, folds, seed=args.seed, model2vec_epochs=args.model2vec_epochs,
                  error_floor=args.error_floor, context=context)
     base = write_report(root, report)

@@ -50,6 +50,7 @@ __all__ = [
     "Selector",
     "Task2VecSelector",
     "TwoStageSelector",
+    "hard_predictions",
     "top1_relative_increase",
 ]
 
@@ -64,6 +65,12 @@ def rank_by_score(scores: np.ndarray, *, higher_is_better: bool) -> np.ndarray:
     key = -s if higher_is_better else s.copy()
     key[np.isnan(key)] = np.inf
     return np.argsort(key, axis=-1, kind="stable")
+
+
+def hard_predictions(source_probs) -> np.ndarray | None:
+    """An expert's hard source predictions (argmax of its source-head output), as NCE reads
+    them; None stays None (the expert was not run on the task)."""
+    return None if source_probs is None else np.asarray(source_probs).argmax(axis=1)
 
 
 def top1_relative_increase(
@@ -427,10 +434,7 @@ class NCESelector(_PerExpertScoreSelector):
         if "source_labels" in context:
             return context["source_labels"]
         if "source_probs" in context:
-            return [
-                [None if p is None else np.asarray(p).argmax(axis=1) for p in task]
-                for task in context["source_probs"]
-            ]
+            return [[hard_predictions(p) for p in task] for task in context["source_probs"]]
         raise ValueError("NCESelector needs context 'source_labels' or 'source_probs'")
 
     def _score(self, expert_output: Any, labels: np.ndarray) -> float:
