@@ -2,6 +2,7 @@
 
     python -m jobs.fill_matrix --root ./t2v-data|s3://bucket/prefix [--mode probe|finetune]
         [--tasks PAT,..] [--experts PAT,..] [--shard i/n] [--num-samples K] [--max-cells N]
+        [--max-per-class N]
 
 For every (task, expert) cell of the zoo manifests that has no current row in ``matrix/``,
 train a classifier for each of ``--num-samples`` hyper-parameter configurations (learning
@@ -9,6 +10,10 @@ rate and weight decay, log-uniform, seeded; the first is the centre of the range
 the best one, chosen on a validation split of the training data, as one matrix row.
 Diverging configurations are recorded; a cell whose configurations all diverge becomes a
 ``failed`` row with the reason. Cells already in the matrix are skipped.
+
+``--max-per-class N`` trains every cell on at most N training images per class (a seeded
+subset); such cells are other cells than the full-data ones (the size is part of a row's key),
+so matrices at several training-set sizes fill and resume independently.
 
 Two layouts of work into Tune trials:
 
@@ -123,7 +128,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--batch-size", type=int, default=32, help="finetune batch size")
     r.add_argument("--image-size", type=int, default=None,
                    help="input size in pixels (default: the expert architecture's)")
-    r.add_argument("--max-per-class", type=int, default=None, help="cap on training images/class")
+    r.add_argument("--max-per-class", type=int, default=None,
+                   help="cap on training images per class; capped cells are kept apart from "
+                        "the full-data ones (default: all images)")
     r.add_argument("--max-test-per-class", type=int, default=None, help="cap on test images/class")
     r.add_argument("--val-fraction", type=float, default=0.2,
                    help="share of each class's training images used to pick the configuration")
@@ -143,6 +150,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.num_samples < 1 or args.cells_per_trial < 1:
         p.error("--num-samples and --cells-per-trial must be at least 1")
+    if args.max_per_class is not None and args.max_per_class < 1:
+        p.error("--max-per-class must be at least 1")
     if args.layout == "auto":
         args.layout = "batched" if args.mode == "probe" else "trial"
     if args.epochs is None:
@@ -306,7 +315,7 @@ def _already_written(job: dict, unit: dict) -> bool:
     from t2v_core.zoo import ExpertSpec, TaskSpec
 
     return written(StorageRoot(job["root"]), [TaskSpec(**t) for t in unit["tasks"]],
-                   ExpertSpec(**unit["expert"]), job["mode"])
+                   ExpertSpec(**unit["expert"]), job["mode"], job["data"]["max_per_class"])
 
 
 def _trial_name(trial) -> str:
@@ -343,6 +352,7 @@ def combine(outcomes: list[dict], job: dict, layout: str) -> MatrixRow:
         train_error=pick["train_error"], n_train=int(pick["n_train"]), epochs=int(pick["epochs"]),
         trials=int(tried), gpu_seconds=float(sum(o["seconds"] for o in outcomes)),
         task_hash=pick["task_hash"], expert_hash=pick["expert_hash"], config=config, error=error,
+        max_per_class=job["data"]["max_per_class"],
     )
 
 
@@ -572,7 +582,8 @@ def _write_remaining(root, outcomes, planned: set[str], job, layout, tasks, expe
     restored experiment only sees the trials it ran itself)."""
     from t2v_core.matrix import done_cells, write_rows
 
-    done = {_cell_key(*c) for c in done_cells(root, tasks, experts, job["mode"])}
+    done = {_cell_key(*c) for c in done_cells(root, tasks, experts, job["mode"],
+                                              max_per_class=job["data"]["max_per_class"])}
     by_cell = defaultdict(list)
     for o in outcomes:
         k = _cell_key(o["task_id"], o["expert_id"])
@@ -641,6 +652,7 @@ def _fill(args: argparse.Namespace) -> dict:
         "job": {k: v for k, v in job.items() if k != "root"}, "layout": args.layout,
         "per_trial": args.cells_per_trial}))
     summary = {"root": redact_uri(root.uri), "mode": args.mode, "layout": args.layout,
+               "max_per_class": args.max_per_class,
                "experiment": base, "tasks": len(tasks), "experts": len(experts),
                "requested": len(requested), "resumed": False, "trials_run": 0,
                "trials_errored": 0, "trials_skipped": 0, "feature_hits": 0,
@@ -690,16 +702,17 @@ def _fill(args: argparse.Namespace) -> dict:
             if not finished:
                 return _finish(summary, root, args, tasks, experts, requested, started)
 
-    done = done_cells(root, tasks, experts, args.mode, retry_failed=args.retry_failed)
+    done = done_cells(root, tasks, experts, args.mode, retry_failed=args.retry_failed,
+                      max_per_class=args.max_per_class)
     todo = [(t, e) for t, e in requested if (t.task_id, e.expert_id) not in done
             and _cell_key(t.task_id, e.expert_id) not in attempted]
     summary["already_done"] = len(requested) - len(todo)
     if args.max_cells is not None:
         todo = todo[: args.max_cells]
     summary["planned"] = len(todo)
-    log.info("%d tasks × %d experts: %d cells requested, %d done, %d to fill now (%s layout)",
-             len(tasks), len(experts), len(requested), summary["already_done"], len(todo),
-             args.layout)
+    log.info("%d tasks × %d experts (%s per class): %d cells requested, %d done, %d to fill now "
+             "(%s layout)", len(tasks), len(experts), args.max_per_class or "all images",
+             len(requested), summary["already_done"], len(todo), args.layout)
     if todo:
         init_ray(args.address, args.num_cpus)
         units, config_lists, expected = plan(todo, args, configs)
@@ -713,7 +726,8 @@ def _fill(args: argparse.Namespace) -> dict:
 def _finish(summary, root, args, tasks, experts, requested, started) -> dict:
     from t2v_core.matrix import read_matrix
 
-    final = read_matrix(root, mode=args.mode, tasks=tasks, experts=experts).to_pylist()
+    final = read_matrix(root, mode=args.mode, tasks=tasks, experts=experts,
+                        max_per_class=args.max_per_class).to_pylist()
     want = {(t.task_id, e.expert_id) for t, e in requested}
     rows = [r for r in final if (r["task_id"], r["expert_id"]) in want]
     summary.update(
@@ -752,7 +766,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2))
     record_stage(args, "fill_matrix",
-                 {"mode": summary["mode"], "num_samples": args.num_samples},
+                 {"mode": summary["mode"], "num_samples": args.num_samples,
+                  "max_per_class": args.max_per_class},
                  {k: summary[k] for k in ("cells_ok", "cells_failed", "cells_missing",
                                           "trials_run", "feature_hits", "feature_misses")})
     # A budgeted run (--max-cells) leaves cells for the next run on purpose.
