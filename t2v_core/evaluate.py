@@ -473,22 +473,35 @@ def to_markdown(result: EvaluationResult, paper: bool = True) -> str:
     return "\n".join(lines) + "\n"
 
 
+_EFFICIENCY_TITLES = {
+    "relative_increase_pct": "Relative error increase over the oracle",
+    "top1_hit_rate": "Top-1 hit rate",
+    "kendall_tau": "Kendall τ",
+    "weighted_tau": "Weighted Kendall τ",
+}
+
+
 def data_efficiency_markdown(
-    results: Mapping[Any, EvaluationResult], meta_task: str = MIXED
+    results: Mapping[Any, EvaluationResult],
+    meta_task: str = MIXED,
+    metric: str = "relative_increase_pct",
 ) -> str:
-    """One table: rows = selectors, columns = training-set sizes, cells = relative increase."""
+    """One table: rows = selectors, columns = training-set sizes, cells = ``metric`` (a scalar
+    field of :class:`MetaTaskScores`; percentages for the relative increase)."""
     sizes = list(results)
     names = list(next(iter(results.values())).reports) if results else []
     header = ["selector", *(str(s) for s in sizes)]
+    title = _EFFICIENCY_TITLES.get(metric, metric)
     lines = [
-        f"Relative error increase over the oracle on {meta_task}, by training-set size.",
+        f"{title} on {meta_task}, by training-set size.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
     ]
+    pct = metric.endswith("_pct")
     for name in names:
         cells = [name] + [
-            _fmt(results[s].reports[name].by_meta_task[meta_task].relative_increase_pct)
+            _fmt(getattr(results[s].reports[name].by_meta_task[meta_task], metric), pct=pct)
             for s in sizes
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -5,6 +5,11 @@ the task × expert error matrix (T×E, NaN where a cell is missing), each expert
 embedding (E×d, NaN for an expert without one, such as the generic ImageNet expert) and the
 tasks' families. Only tasks that have both an embedding at their current content hash and at
 least one matrix cell take part.
+
+The same arrays exist per training-set size (``max_per_class``: the matrix rows trained on at
+most that many images per class). Task embeddings computed on such a subset live in a root of
+their own, :func:`subsample_root`, next to the root's full-data ``embeddings/``, so that
+:func:`resolve_embedding_set` still finds one set there.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from t2v_core.zoo import read_experts, read_tasks
 log = logging.getLogger(__name__)
 
 _PARTITION = re.compile(r"^(?P<key>[a-z_]+)=(?P<value>.+)$")
+SUBSAMPLED_DIR = "subsampled"
+EMBEDDING_SOURCES = ("subsample", "full")
 
 
 @dataclass(frozen=True)
@@ -38,11 +45,22 @@ class MetaDataset:
     expert_ids: tuple[str, ...]
     expert_sources: np.ndarray  # E × d, NaN rows for experts without a source task
     filter_names: tuple[str, ...] | None = None
+    max_per_class: int | None = None  # training images per class of the matrix; None: all
+    task_embeddings: str = "full"  # "subsample": tasks embedded on the matrix's image subset
 
     @property
     def generic_experts(self) -> tuple[str, ...]:
         missing = np.isnan(self.expert_sources).all(axis=1)
         return tuple(e for e, m in zip(self.expert_ids, missing, strict=True) if m)
+
+
+def subsample_root(root: StorageRoot, max_per_class: int) -> StorageRoot:
+    """The root for task embeddings computed on at most ``max_per_class`` training images per
+    class: ``subsampled/max_per_class=<n>/`` under ``root``, holding a copy of the task
+    manifest (so the embedding job runs on it unchanged) and its own ``embeddings/``."""
+    if max_per_class < 1:
+        raise ValueError(f"max_per_class must be at least 1, got {max_per_class}")
+    return StorageRoot(root.join(f"{SUBSAMPLED_DIR}/max_per_class={int(max_per_class)}"))
 
 
 def _partitions(root: StorageRoot, rel: str, key: str) -> list[str]:
@@ -84,30 +102,46 @@ def load_meta_dataset(
     method: str | None = None,
     *,
     mode: str = "probe",
+    max_per_class: int | None = None,
+    task_embeddings: str = "full",
 ) -> MetaDataset:
-    """Read zoo, embeddings and matrix from ``root`` and align them."""
+    """Read zoo, embeddings and matrix from ``root`` and align them.
+
+    ``max_per_class`` picks the matrix of that training-set size (None: full data). With
+    ``task_embeddings="subsample"`` the tasks' embeddings come from :func:`subsample_root` of
+    that size, computed on the images its matrix cells were trained on; the experts' source
+    embeddings always come from full data, as each expert was trained on all of its source.
+    """
     root = root if isinstance(root, StorageRoot) else StorageRoot(root)
+    if task_embeddings not in EMBEDDING_SOURCES:
+        raise ValueError(f"task_embeddings must be one of {EMBEDDING_SOURCES}, got {task_embeddings!r}")
+    if max_per_class is None:
+        task_embeddings = "full"
     probe_id, method = resolve_embedding_set(root, probe_id, method)
     tasks = read_tasks(root)
     experts = sorted(read_experts(root), key=lambda e: e.expert_id)
     if not tasks or not experts:
         raise ValueError(f"the zoo under {root!r} has {len(tasks)} tasks and {len(experts)} experts")
-    emb = read_embeddings(root, probe_id, method, tasks)
-    table = read_matrix(root, mode=mode, tasks=tasks, experts=experts)
+    full = read_embeddings(root, probe_id, method, tasks)
+    emb = full
+    if task_embeddings == "subsample":
+        emb = read_embeddings(subsample_root(root, max_per_class), probe_id, method, tasks)
+    table = read_matrix(root, mode=mode, tasks=tasks, experts=experts, max_per_class=max_per_class)
     expert_ids = [e.expert_id for e in experts]
-    errors, row_ids, _ = pivot(table, emb.task_ids, expert_ids)
+    errors, row_ids, _ = pivot(table, emb.task_ids, expert_ids, max_per_class=max_per_class)
     keep = np.isfinite(errors).any(axis=1)
+    size = "all images" if max_per_class is None else f"{max_per_class} images per class"
     if not keep.any():
         raise ValueError(f"no task under {root!r} has both a {probe_id}/{method} embedding "
-                         f"and a {mode} matrix cell")
+                         f"({task_embeddings} data) and a {mode} matrix cell ({size})")
     if (~keep).any():
         log.info("%d embedded task(s) have no matrix cell yet and are left out", int((~keep).sum()))
     by_id = {t.task_id: t for t in tasks}
     vectors = emb.vectors
     sources = np.full((len(experts), vectors.shape[1]), np.nan, dtype=np.float64)
     for j, e in enumerate(experts):
-        if e.source_task_id and e.source_task_id in emb.task_ids:
-            sources[j] = emb.row(e.source_task_id)
+        if e.source_task_id and e.source_task_id in full.task_ids:
+            sources[j] = full.row(e.source_task_id)
         elif e.source_task_id:
             log.warning("expert %s: its source task %s has no embedding; treated as generic",
                         e.expert_id, e.source_task_id)
@@ -122,4 +156,6 @@ def load_meta_dataset(
         expert_ids=tuple(expert_ids),
         expert_sources=sources,
         filter_names=emb.filter_names,
+        max_per_class=max_per_class,
+        task_embeddings=task_embeddings,
     )

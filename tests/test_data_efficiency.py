@@ -1,0 +1,244 @@
+"""Matrices at several training-set sizes side by side, and the data-efficiency job that fills,
+embeds and evaluates them (real Ray, real Parquet, the tiny learnable zoo of test_matrix)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from test_matrix import REPO, SIZE, _env, register, zoo_files  # noqa: F401  (fixture)
+
+from jobs import data_efficiency
+from t2v_core.embeddings import read_embeddings
+from t2v_core.matrix import (
+    ANY_SIZE,
+    MATRIX_DIR,
+    MatrixRow,
+    compact,
+    done_cells,
+    part_for,
+    pivot,
+    read_matrix,
+    rows_table,
+    sizes,
+    write_rows,
+    written,
+)
+from t2v_core.meta_dataset import load_meta_dataset, resolve_embedding_set, subsample_root
+from t2v_core.storage import StorageRoot
+from t2v_core.zoo import ExpertSpec, TaskSpec
+
+PROBE_ID = "small_cnn-random0"
+OLD_KEYS = ["task_id", "expert_id", "mode"]  # a matrix cell's key before the size joined it
+
+
+def _row(task: str, expert: str, err: float, cap: int | None = None, config: dict | None = None
+         ) -> MatrixRow:
+    return MatrixRow(task, expert, "probe", "ok", err, err, 10, 5, 1, 0.5, "t", "e",
+                     config or {"data": {"max_per_class": cap}}, None, max_per_class=cap)
+
+
+def _spec(tid: str) -> TaskSpec:
+    return TaskSpec(tid, "f", "/x", "imagefolder", ("a", "b"), 4, 2, "t")
+
+
+def _expert(eid: str) -> ExpertSpec:
+    return ExpertSpec(eid, "small_cnn", "/w", None, "e")
+
+
+# -- the size as part of a cell's key (no Ray) ---------------------------------------------
+def test_sizes_are_separate_cells(tmp_path):
+    root = StorageRoot(tmp_path)
+    full = write_rows(root, [_row("t1", "e1", 0.1), _row("t2", "e1", 0.2)])
+    capped = write_rows(root, [_row("t1", "e1", 0.4, 5), _row("t2", "e1", 0.6, 5)])
+    assert full != capped
+    assert write_rows(root, [_row("t1", "e1", 0.4, 5), _row("t2", "e1", 0.6, 5)]) == capped
+    tasks, experts = [_spec("t1"), _spec("t2")], [_expert("e1")]
+
+    assert [r["test_error"] for r in read_matrix(root).to_pylist()] == [0.1, 0.2]
+    assert [r["test_error"] for r in read_matrix(root, max_per_class=5).to_pylist()] == [0.4, 0.6]
+    assert read_matrix(root, max_per_class=10).num_rows == 0
+    every = read_matrix(root, max_per_class=ANY_SIZE)
+    assert every.num_rows == 4 and sizes(root) == [5, None]
+    # pivot picks one size (full data by default) out of a table holding several
+    np.testing.assert_allclose(pivot(every)[0], [[0.1], [0.2]])
+    np.testing.assert_allclose(pivot(every, max_per_class=5)[0], [[0.4], [0.6]])
+
+    assert done_cells(root, tasks, experts, "probe") == {("t1", "e1"), ("t2", "e1")}
+    assert done_cells(root, tasks, experts, "probe", max_per_class=10) == set()
+    assert written(root, tasks, experts[0], "probe")
+    assert written(root, tasks, experts[0], "probe", 5)
+    assert not written(root, tasks, experts[0], "probe", 10)
+    assert part_for([("t1", "e1", "probe"), ("t2", "e1", "probe")], 5) == capped
+
+    write_rows(root, [_row("t1", "e1", 0.3, 5)])  # a later part for one capped cell
+    assert len(compact(root)) == 2 and len(root.list(MATRIX_DIR)) == 2  # one part per size
+    assert read_matrix(root, max_per_class=ANY_SIZE).num_rows == 4
+
+
+def test_rows_without_the_column_read_as_full_data(tmp_path):
+    """Parts written before the size joined the key: full data, unless their recipe says
+    otherwise; rewriting such cells replaces their part instead of adding one."""
+    root = StorageRoot(tmp_path)
+    old = rows_table([_row("t1", "e1", 0.1), _row("t2", "e1", 0.2)])
+    legacy = root.write_part(MATRIX_DIR, old.drop_columns(["max_per_class"]), OLD_KEYS)
+    capped = rows_table([_row("t3", "e1", 0.7, config={"data": {"max_per_class": 5}})])
+    root.write_part(MATRIX_DIR, capped.drop_columns(["max_per_class"]), OLD_KEYS)
+
+    rows = read_matrix(root).to_pylist()
+    assert [(r["task_id"], r["max_per_class"]) for r in rows] == [("t1", None), ("t2", None)]
+    assert [r["task_id"] for r in read_matrix(root, max_per_class=5).to_pylist()] == ["t3"]
+    assert write_rows(root, [_row("t1", "e1", 0.1), _row("t2", "e1", 0.2)]) == legacy
+    assert read_matrix(root, max_per_class=ANY_SIZE, dedup=False).num_rows == 3
+
+
+# -- through Ray Tune ----------------------------------------------------------------------
+def _fill(root_uri: str, *extra: str) -> dict:
+    from jobs.fill_matrix import fill, parse_args
+
+    return fill(parse_args(["--root", root_uri, "--image-size", str(SIZE), "--num-samples", "1",
+                            "--tasks", "orient-a,colour-b,spot-a", "--experts",
+                            "random0,orient-a-expert", "--no-progress", *extra]))
+
+
+def _mtimes(root: StorageRoot, rel: str) -> dict[str, int]:
+    return {p: os.stat(root.join(p)).st_mtime_ns for p in root.list(rel, recursive=True)}
+
+
+def test_matrices_at_two_sizes_coexist_and_fill_once(zoo_files, ray_local, tmp_path):  # noqa: F811
+    root_uri = str(tmp_path / "root")
+    register(root_uri, str(zoo_files / "tasks"), str(zoo_files / "weights"))
+    root = StorageRoot(root_uri)
+    first = [_fill(root_uri, "--max-per-class", "3"), _fill(root_uri)]
+    assert [(s["planned"], s["cells_ok"]) for s in first] == [(6, 6), (6, 6)]
+    rows = read_matrix(root, max_per_class=ANY_SIZE).to_pylist()
+    assert sorted({r["max_per_class"] for r in rows}, key=str) == [3, None]
+    by_size = {cap: {(r["task_id"], r["expert_id"]): r for r in rows if r["max_per_class"] == cap}
+               for cap in (3, None)}
+    assert len(by_size[3]) == len(by_size[None]) == 6
+    for key, small in by_size[3].items():
+        # 3 images per class of 12: fewer to train on; the recipe says the same cap
+        assert small["n_train"] < by_size[None][key]["n_train"]
+        assert json.loads(small["config"])["data"]["max_per_class"] == 3
+
+    parts = _mtimes(root, MATRIX_DIR)
+    again = [_fill(root_uri, "--max-per-class", "3"), _fill(root_uri)]
+    assert [(s["planned"], s["trials_run"], s["cells_ok"]) for s in again] == [(0, 0, 6)] * 2
+    assert _mtimes(root, MATRIX_DIR) == parts
+
+
+# -- the job -------------------------------------------------------------------------------
+def _job_args(root_uri: str) -> list[str]:
+    return ["--root", root_uri, "--sizes", "all,4", "--probe", "small_cnn",
+            "--image-size", str(SIZE), "--num-samples", "1", "--folds", "3",
+            "--model2vec-epochs", "20", "--no-tracking", "--no-progress"]
+
+
+def _report(root: StorageRoot) -> tuple[str, dict]:
+    runs = sorted(p for p in root.list("evaluation", recursive=True)
+                  if p.endswith("data_efficiency.json"))
+    base = runs[-1].rsplit("/", 1)[0]
+    return (root.read_bytes(f"{base}/data_efficiency.md").decode(),
+            json.loads(root.read_bytes(f"{base}/data_efficiency.json")))
+
+
+def _relative(errors: np.ndarray, ranking: list[int], floor: float) -> float:
+    best = np.nanmin(errors)
+    pick = next(errors[j] for j in ranking if np.isfinite(errors[j]))
+    return 100 * (pick - best) / max(best, floor)
+
+
+def test_job_fills_embeds_and_evaluates_each_size(zoo_files, ray_local, tmp_path):  # noqa: F811
+    from jobs import embed_tasks
+
+    root_uri = str(tmp_path / "root")
+    register(root_uri, str(zoo_files / "tasks"), str(zoo_files / "weights"))
+    root = StorageRoot(root_uri)
+    assert embed_tasks.main(["--root", root_uri, "--probe", "small_cnn", "--image-size",
+                             str(SIZE), "--no-progress"]) == 0
+
+    assert data_efficiency.main(_job_args(root_uri)) == 0
+    markdown, report = _report(root)
+    assert report["sizes"] == ["4/class", "all"] and report["task_embeddings"] == "subsample"
+    assert "| selector | 4/class | all |" in markdown and "Top-1 hit rate" in markdown
+    tasks = report["task_ids"]
+    assert len(tasks) == 6
+    for label, cap in (("4/class", 4), ("all", None)):
+        reports = report["by_size"][label]["reports"]
+        assert reports["Oracle"]["by_meta_task"]["Mixed"]["relative_increase_pct"] == 0.0
+        # every per-task number of a size comes from that size's matrix rows
+        errors, _, experts = pivot(read_matrix(root, max_per_class=cap), tasks,
+                                   report["expert_ids"], max_per_class=cap)
+        assert report["mean_oracle_error"][label] == pytest.approx(
+            np.nanmin(errors, axis=1).mean())
+        prior = reports["Mean-error prior"]
+        got = [_relative(errors[t], prior["rankings"][t], report["error_floor"])
+               for t in range(len(tasks))]
+        np.testing.assert_allclose(prior["relative_increase_pct"], got)
+    small = pivot(read_matrix(root, max_per_class=4), tasks, report["expert_ids"],
+                  max_per_class=4)[0]
+    full = pivot(read_matrix(root), tasks, report["expert_ids"])[0]
+    assert not np.allclose(small, full)
+
+    # the subsets' embeddings sit apart from the root's own, which stay one set
+    assert resolve_embedding_set(root) == (PROBE_ID, "montecarlo")
+    sub = read_embeddings(subsample_root(root, 4), PROBE_ID, "montecarlo")
+    main = read_embeddings(root, PROBE_ID, "montecarlo")
+    assert sub.task_ids == main.task_ids and not np.allclose(sub.vectors, main.vectors)
+    data = load_meta_dataset(root, max_per_class=4, task_embeddings="subsample")
+    np.testing.assert_allclose(data.embeddings, sub.vectors[[sub.task_ids.index(t)
+                                                             for t in data.task_ids]])
+
+    # a re-run computes nothing: no matrix part and no embedding part is rewritten
+    before = {**_mtimes(root, MATRIX_DIR), **_mtimes(root, "subsampled")}
+    assert data_efficiency.main(_job_args(root_uri)) == 0
+    assert {**_mtimes(root, MATRIX_DIR), **_mtimes(root, "subsampled")} == before
+    assert _report(root)[1]["work"]["4/class"] == {
+        "matrix": {"planned": 0, "already_done": 18, "cells_ok": 18, "cells_failed": 0,
+                   "cells_missing": 0, "trials_errored": 0},
+        "embeddings": {"done": 0, "up_to_date": 6, "failed": 0}}
+
+
+def test_job_refuses_a_probe_other_than_the_embeddings_one(zoo_files, ray_local, tmp_path):  # noqa: F811
+    from jobs import embed_tasks
+
+    root_uri = str(tmp_path / "root")
+    register(root_uri, str(zoo_files / "tasks"), str(zoo_files / "weights"))
+    assert embed_tasks.main(["--root", root_uri, "--probe", "small_cnn", "--image-size",
+                             str(SIZE), "--no-progress", "--tasks", "orient-a,spot-b"]) == 0
+    args = _job_args(root_uri)
+    assert data_efficiency.main([*args, "--seed", "1"]) == 1  # small_cnn-random1
+    assert not StorageRoot(root_uri).exists(MATRIX_DIR)
+
+
+def test_help_and_bad_sizes():
+    out = subprocess.run([sys.executable, "-m", "jobs.data_efficiency", "--help"], cwd=REPO,
+                         env=_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for flag in ("--sizes", "--embeddings", "--probe", "--folds", "--root"):
+        assert flag in out.stdout
+    assert data_efficiency.parse_sizes("all,10,5,10") == [
+        data_efficiency.Size(5), data_efficiency.Size(10), data_efficiency.Size(None)]
+    for bad in ("0,all", "ten", ""):
+        with pytest.raises(SystemExit):
+            data_efficiency.parse_args(["--sizes", bad, "--embeddings", "full"])
+    with pytest.raises(SystemExit):  # subsets need a probe to embed them
+        data_efficiency.parse_args(["--sizes", "5,all"])
+
+
+def test_the_demo_runs_the_job_after_evaluate():
+    from jobs import demo
+
+    names = list(demo.STAGE_NAMES)
+    assert names.index("data_efficiency") == names.index("evaluate") + 1
+    for small in (True, False):
+        cfg = demo.DemoConfig.create("/tmp/unused", small)
+        options = demo.data_efficiency_options(cfg)
+        accepted = demo.accepted_options(data_efficiency)
+        assert set(options) <= accepted
+        caps = [s.max_per_class for s in data_efficiency.parse_sizes(options["--sizes"])]
+        assert caps[-1] is None and all(0 < c < cfg.world.n_train for c in caps[:-1])
