@@ -56,7 +56,11 @@ class WorldConfig:
     preset: str = "default"
     image_size: int = 32
     n_train: int = 32  # images per class
-    n_test: int = 16
+    n_test: int = 16  # images per class, at least; see min_test_per_task
+    # Small tasks get more test images per class: a 2-class task with 16 per class measures
+    # error in steps of 3 %, so which of two near-equal experts "wins" would be a coin flip
+    # and every selector's distance from the oracle would mostly measure that noise.
+    min_test_per_task: int = 192
     max_tasks_per_family: int | None = None
     max_classes: int = 16
     seed: int = 0
@@ -64,8 +68,8 @@ class WorldConfig:
 
 PRESETS: dict[str, WorldConfig] = {
     "default": WorldConfig(),
-    "small": WorldConfig(preset="small", n_train=12, n_test=8, max_tasks_per_family=2,
-                         max_classes=6),
+    "small": WorldConfig(preset="small", n_train=12, n_test=8, min_test_per_task=24,
+                         max_tasks_per_family=2, max_classes=6),
 }
 SMALL_FAMILIES = ("script_western", "script_brahmic_north", "digits", "texture", "photo",
                   "shapes")
@@ -476,10 +480,15 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def test_per_class(task: DemoTask, config: WorldConfig) -> int:
+    """Test images per class: ``n_test``, raised so the task has ``min_test_per_task``."""
+    return max(config.n_test, -(-config.min_test_per_task // task.n_classes))
+
+
 def task_files(task: DemoTask, config: WorldConfig) -> Iterable[tuple[str, bytes]]:
     """(path relative to the task folder, bytes) of every file of the task."""
     yield "family.txt", f"{task.family}\n".encode()
-    for split, count in (("train", config.n_train), ("test", config.n_test)):
+    for split, count in (("train", config.n_train), ("test", test_per_class(task, config))):
         for c, cls in enumerate(task.classes):
             for i in range(count):
                 yield f"{split}/{cls}/{i:04d}.png", _png(render_image(task, c, split, i, config))
@@ -498,7 +507,7 @@ def fingerprint(task: DemoTask, config: WorldConfig) -> str:
         "task": asdict(task),
         "image_size": config.image_size,
         "n_train": config.n_train,
-        "n_test": config.n_test,
+        "n_test": test_per_class(task, config),
         "seed": config.seed,
         "pillow": PIL.__version__,
         "fonts": _fonts_version() if from_fonts else None,

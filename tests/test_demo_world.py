@@ -61,7 +61,9 @@ def test_small_world_has_the_expected_families_and_classes(small_zoo):
         assert s.family == task.family
         assert set(s.classes) == set(task.classes)
         assert 2 <= s.n_classes <= cfg.max_classes
-        assert (s.n_train, s.n_test) == (s.n_classes * cfg.n_train, s.n_classes * cfg.n_test)
+        per_class = demo_world.test_per_class(task, cfg)
+        assert (s.n_train, s.n_test) == (s.n_classes * cfg.n_train, s.n_classes * per_class)
+        assert s.n_test >= cfg.min_test_per_task and per_class >= cfg.n_test
     images, labels = load_split(specs[0], "train", SIZE)
     assert images.shape[1:] == (3, SIZE, SIZE)
 
