@@ -318,7 +318,7 @@ def report(results: dict, data: dict, work: list[SizeWork], args: argparse.Names
         embedded = ("LIMITATION: full-data task embeddings at every size, so the selectors "
                     "see more of each task than its training did")
     header = (f"## Data efficiency: expert selection by training-set size "
-              f"({len(first.task_ids)} tasks × {len(first.expert_ids)} experts, {args.mode} "
+              f"({len(first.task_ids)} tasks × {len(first.expert_ids)} experts, {args.mode}-mode "
               f"matrix, probe {first.probe_id}, {first.method} Fisher, folds={args.folds}, "
               f"oracle errors floored at {args.error_floor:g})")
     sizes_line = (f"A column is a cap on training images per class (seeded subset, seed "
@@ -447,7 +447,10 @@ def main(argv: list[str] | None = None) -> int:
     print(out.markdown)
     log.info("wrote %s/%s.md and .json", root.join(out.base), REPORT_NAME)
     if args.tracking:
-        track(args, root, out)
+        try:
+            track(args, root, out)
+        except Exception as exc:  # the table is written; the MLflow record is a convenience
+            log.warning("could not log the table to MLflow: %s", exc)
     return 3 if out.left_out else 0
 
 

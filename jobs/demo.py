@@ -11,6 +11,7 @@ Stages, in order, each a call of a job's ``main(argv)`` (or, for the world, of t
     fill_matrix      the task × expert performance matrix
     train_model2vec  the MODEL2VEC recommender over the matrix
     evaluate         expert selection against the oracle (the paper's Table 1)
+    data_efficiency  the same comparison with a few training images per class and with all
 
 A stage whose job module is not installed is skipped with a log line; options a job does not
 accept are left out of its arguments, so each stage gets what it understands. Every stage is
@@ -42,6 +43,9 @@ from t2v_core.storage import StorageRoot, redact_uri
 log = logging.getLogger("jobs.demo")
 
 PROBE_ARCH = "efficientnet_lite0"
+# Training images per class for the data-efficiency table: a few, and all of them (the
+# default world has 32 per class, the small one 12).
+EFFICIENCY_SIZES = {"default": "5,all", "small": "4,all"}
 
 
 @dataclass(frozen=True)
@@ -232,6 +236,25 @@ def _evaluate(cfg: DemoConfig) -> str:
         "--no-tracking": not cfg.tracking})
 
 
+def data_efficiency_options(cfg: DemoConfig) -> dict[str, object]:
+    """The data-efficiency job's options: the demo's probe, matrix recipe and folds."""
+    return {
+        **_probe_options(cfg),
+        "--mode": "probe",
+        "--sizes": EFFICIENCY_SIZES[cfg.world.preset],
+        "--num-samples": 1,  # as the demo's matrix
+        # one evaluation per size: fewer and shorter MODEL2VEC refits than evaluate's
+        "--folds": 3,
+        "--model2vec-epochs": 40,
+        "--no-tracking": not cfg.tracking,
+    }
+
+
+def _data_efficiency(cfg: DemoConfig) -> str:
+    # exit status 3: the table is written, some tasks lack a size and were left out
+    return call_job("jobs.data_efficiency", data_efficiency_options(cfg), ok_codes=(0, 3))
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("world", _build_world, "generate the demo task folders"),
     Stage("register_zoo", _register, "register them in the zoo manifest"),
@@ -240,6 +263,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("fill_matrix", _fill_matrix, "task × expert performance matrix"),
     Stage("train_model2vec", _train_model2vec, "MODEL2VEC recommender"),
     Stage("evaluate", _evaluate, "expert selection against the oracle"),
+    Stage("data_efficiency", _data_efficiency, "expert selection with few training images"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 

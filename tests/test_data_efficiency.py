@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from mlflow.tracking import MlflowClient
 from test_matrix import REPO, SIZE, _env, register, zoo_files  # noqa: F401  (fixture)
 
 from jobs import data_efficiency
@@ -195,12 +196,22 @@ def test_job_fills_embeds_and_evaluates_each_size(zoo_files, ray_local, tmp_path
 
     # a re-run computes nothing: no matrix part and no embedding part is rewritten
     before = {**_mtimes(root, MATRIX_DIR), **_mtimes(root, "subsampled")}
-    assert data_efficiency.main(_job_args(root_uri)) == 0
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    tracked = [a for a in _job_args(root_uri) if a != "--no-tracking"]
+    assert data_efficiency.main([*tracked, "--tracking-uri", db]) == 0
     assert {**_mtimes(root, MATRIX_DIR), **_mtimes(root, "subsampled")} == before
     assert _report(root)[1]["work"]["4/class"] == {
         "matrix": {"planned": 0, "already_done": 18, "cells_ok": 18, "cells_failed": 0,
                    "cells_missing": 0, "trials_errored": 0},
         "embeddings": {"done": 0, "up_to_date": 6, "failed": 0}}
+    client = MlflowClient(db)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                filter_string="attributes.run_name = 'data_efficiency'")
+    metrics = run.data.metrics
+    assert metrics["data_efficiency/4_per_class/Oracle/relative_increase_pct"] == 0.0
+    assert metrics["cells_filled"] == 0 and metrics["tasks_embedded"] == 0
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
+        "data_efficiency.md", "data_efficiency.json"}
 
 
 def test_job_refuses_a_probe_other_than_the_embeddings_one(zoo_files, ray_local, tmp_path):  # noqa: F811
