@@ -126,6 +126,13 @@ def test_matrices_at_two_sizes_coexist_and_fill_once(zoo_files, ray_local, tmp_p
         assert small["n_train"] < by_size[None][key]["n_train"]
         assert json.loads(small["config"])["data"]["max_per_class"] == 3
 
+    # the feature cache keys on the cap: the capped training features are files of their own,
+    # while the uncapped test split's are shared by both sizes
+    cached = [p.rsplit("/", 1)[-1] for p in root.list("features", recursive=True)]
+    assert sum("-train-s16-m3-" in f for f in cached) == 6
+    assert sum("-train-s16-mall-" in f for f in cached) == 6
+    assert sum("-test-" in f for f in cached) == 6
+
     parts = _mtimes(root, MATRIX_DIR)
     again = [_fill(root_uri, "--max-per-class", "3"), _fill(root_uri)]
     assert [(s["planned"], s["trials_run"], s["cells_ok"]) for s in again] == [(0, 0, 6)] * 2
