@@ -28,6 +28,7 @@ from t2v_core import evaluate as ev
 from t2v_core.meta_dataset import MetaDataset, load_meta_dataset
 from t2v_core.selectors import (
     AsymTask2VecSelector,
+    BruteForceSelector,
     ChanceSelector,
     GenericSelector,
     LEEPSelector,
@@ -44,11 +45,14 @@ from t2v_core.storage import StorageRoot
 
 log = logging.getLogger("jobs.evaluate")
 
-# Per-expert transferability columns, each with the context key it reads (see t2v_core.selectors).
+# Columns that need per-task inputs beyond embeddings and errors, each with the context key
+# it reads (see t2v_core.selectors): the per-expert transferability scores, and the
+# brute-force search on each cell's validation split.
 TRANSFER_COLUMNS: dict[str, tuple[str, type[Selector]]] = {
     "LogME": ("features", LogMESelector),
     "LEEP": ("source_probs", LEEPSelector),
     "NCE": ("source_labels", NCESelector),
+    "Brute force (val)": ("val_errors", BruteForceSelector),
 }
 
 
@@ -153,6 +157,14 @@ def transfer_context(root: StorageRoot, data: MetaDataset, image_size: int,
     return context
 
 
+def with_validation_errors(data: MetaDataset, context: dict | None) -> dict | None:
+    """``context`` plus the matrix's validation errors, when every task has some."""
+    val = data.val_errors
+    if val is None or not np.isfinite(val).any(axis=1).all():
+        return context
+    return {**(context or {}), "val_errors": list(val)}
+
+
 def with_transfer_columns(selectors: dict[str, Selector], context: dict | None
                           ) -> dict[str, Selector]:
     """The transferability columns whose inputs ``context`` carries, placed before Oracle."""
@@ -183,7 +195,8 @@ def run(data: MetaDataset, folds: str | int, *, seed: int = 0, model2vec_epochs:
         error_floor: float = 0.02, context: dict | None = None) -> dict:
     """The whole evaluation of one meta-dataset, as plain data plus the markdown table.
     ``context`` (see :func:`transfer_context`) adds the LogME, LEEP and NCE columns it has
-    inputs for."""
+    inputs for; the matrix's validation errors add the brute-force column."""
+    context = with_validation_errors(data, context)
     selectors = with_transfer_columns(
         standard_selectors(data, seed=seed, model2vec_epochs=model2vec_epochs), context)
     result = ev.evaluate_selectors(

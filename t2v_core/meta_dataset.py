@@ -14,11 +14,13 @@ their own, :func:`subsample_root`, next to the root's full-data ``embeddings/``,
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from t2v_core.embeddings import read_embeddings
 from t2v_core.matrix import pivot, read_matrix
@@ -47,6 +49,9 @@ class MetaDataset:
     filter_names: tuple[str, ...] | None = None
     max_per_class: int | None = None  # training images per class of the matrix; None: all
     task_embeddings: str = "full"  # "subsample": tasks embedded on the matrix's image subset
+    # T × E validation errors of the same cells (the split each cell's configuration was
+    # picked on), NaN where a row does not record one: what a brute-force search would see.
+    val_errors: np.ndarray | None = None
 
     @property
     def generic_experts(self) -> tuple[str, ...]:
@@ -129,6 +134,8 @@ def load_meta_dataset(
     table = read_matrix(root, mode=mode, tasks=tasks, experts=experts, max_per_class=max_per_class)
     expert_ids = [e.expert_id for e in experts]
     errors, row_ids, _ = pivot(table, emb.task_ids, expert_ids, max_per_class=max_per_class)
+    val_errors, _, _ = pivot(_with_val_error(table), emb.task_ids, expert_ids, "val_error",
+                             max_per_class=max_per_class)
     keep = np.isfinite(errors).any(axis=1)
     size = "all images" if max_per_class is None else f"{max_per_class} images per class"
     if not keep.any():
@@ -158,4 +165,17 @@ def load_meta_dataset(
         filter_names=emb.filter_names,
         max_per_class=max_per_class,
         task_embeddings=task_embeddings,
+        val_errors=val_errors[keep],
     )
+
+
+def _with_val_error(table: pa.Table) -> pa.Table:
+    """The matrix rows with a ``val_error`` column taken from each row's recorded config."""
+    values = []
+    for config in table.column("config").to_pylist():
+        try:
+            value = json.loads(config).get("val_error") if config else None
+        except (ValueError, AttributeError):
+            value = None
+        values.append(float(value) if isinstance(value, (int, float)) else None)
+    return table.append_column("val_error", pa.array(values, pa.float64()))

@@ -17,6 +17,8 @@ embeddings. Keys used here:
 * ``source_labels``: per task, a length-E sequence of (N,) hard source predictions (NCE;
   derived from ``source_probs`` by argmax when absent);
 * ``labels``: per task, the (N,) target labels of those samples;
+* ``val_errors``: per task, a length-E row of validation errors from training every expert
+  on the task (the brute-force search the recommenders are meant to replace);
 * ``target_errors``: the true (n×E) errors of the tasks being ranked. Only selectors with
   ``requires_target_errors = True`` (the oracle, the reference of every metric) get it.
 
@@ -39,6 +41,7 @@ from t2v_core.transferability import leep, logme, nce
 
 __all__ = [
     "AsymTask2VecSelector",
+    "BruteForceSelector",
     "ChanceSelector",
     "GenericSelector",
     "LEEPSelector",
@@ -57,6 +60,7 @@ __all__ = [
 COST_NONE = "none (static prior)"
 COST_PROBE = "one probe pass per task"
 COST_EXPERTS = "one forward pass of every expert per task"
+COST_TRAIN_ALL = "training every expert on the task"
 
 
 def rank_by_score(scores: np.ndarray, *, higher_is_better: bool) -> np.ndarray:
@@ -365,6 +369,29 @@ class OracleSelector(Selector):
         if err.shape != (self._n_tasks(task_embeddings), self.n_experts_):
             raise ValueError(f"target_errors has shape {err.shape}")
         return rank_by_score(err, higher_is_better=False)
+
+
+class BruteForceSelector(Selector):
+    """Trains every expert on the task and keeps the best on a validation split.
+
+    The search that expert recommendation exists to avoid, and the practical ceiling for any
+    selector: it differs from the oracle only because a validation split is a noisy stand-in
+    for the test set. Where it is far from the oracle, the matrix is too noisy for any
+    selector to come close (context: ``val_errors``).
+    """
+
+    name = "brute_force"
+    paper_name = None
+    cost = COST_TRAIN_ALL
+
+    def rank(self, task_embeddings, *, val_errors=None, **context: Any) -> np.ndarray:
+        n = self._n_tasks(task_embeddings)
+        if val_errors is None:
+            raise ValueError("BruteForceSelector needs context 'val_errors' (per task, per expert)")
+        err = np.asarray([np.asarray(row, dtype=np.float64) for row in val_errors])
+        if err.shape != (n, self.n_experts_):
+            raise ValueError(f"val_errors has shape {err.shape}, expected {(n, self.n_experts_)}")
+        return rank_by_score(err, higher_is_better=False)  # a missing one ranks last
 
 
 class _PerExpertScoreSelector(Selector):

@@ -152,3 +152,35 @@ def test_logme_column_from_cached_expert_features(zoo_root):
     report = json.loads(root.read_bytes(f"evaluation/{root.read_bytes('evaluation/LATEST').decode()}"
                                         "/table1.json"))
     assert "LogME" not in report["table1"]["reports"]
+
+
+@pytest.mark.parametrize("validation", ["exact", "reversed"])
+def test_brute_force_column_follows_the_recorded_validation_errors(zoo_root, tmp_path, validation):
+    """Cells that record a validation error add the brute-force column; it picks by that
+    error alone (exact: the oracle's picks; reversed: each task's worst expert)."""
+    import shutil
+
+    from t2v_core.meta_dataset import load_meta_dataset
+
+    src, zoo, tasks = zoo_root
+    shutil.copytree(src.uri, tmp_path / "root")
+    root = StorageRoot(str(tmp_path / "root"))
+    for part in root.list("matrix"):
+        root.fs.rm(root.join(f"matrix/{part.rsplit('/', 1)[-1]}"))
+    experts = {e: f"w-{e}" for e in zoo.expert_ids}
+    rows = [MatrixRow(t.task_id, e, "probe", "ok", float(err), float(err) / 2, 10, 5, 1, 0.1,
+                      t.content_hash, experts[e],
+                      config={"val_error": float(err if validation == "exact" else 1 - err)})
+            for t, errs in zip(tasks, zoo.errors, strict=True)
+            for e, err in zip(zoo.expert_ids, errs, strict=True)]
+    write_rows(root, rows)
+    data = load_meta_dataset(root)
+    assert np.allclose(data.val_errors, zoo.errors if validation == "exact" else 1 - zoo.errors)
+
+    report = evaluate_job.run(data, 3, model2vec_epochs=5)
+    brute = report["result"].reports["Brute force (val)"]
+    assert list(report["result"].reports)[-2:] == ["Brute force (val)", "Oracle"]
+    picks = np.asarray(brute.rankings)[:, 0]
+    target = np.argmin if validation == "exact" else np.argmax
+    assert (picks == target(zoo.errors, axis=1)).all()
+    assert "training every expert on the task" in report["markdown"]

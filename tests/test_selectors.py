@@ -9,6 +9,7 @@ from t2v_core.distance import d_asym, d_sym
 from t2v_core.evaluate import synthetic_zoo
 from t2v_core.selectors import (
     AsymTask2VecSelector,
+    BruteForceSelector,
     ChanceSelector,
     GenericSelector,
     LEEPSelector,
@@ -200,6 +201,25 @@ def test_oracle_reads_only_target_errors(zoo) -> None:
         ).max()
         == 0.0
     )
+
+
+def test_brute_force_ranks_by_validation_errors_only(zoo) -> None:
+    brute = fit(BruteForceSelector(), zoo)
+    tasks = zoo.task_embeddings[:4]
+    with pytest.raises(ValueError, match="val_errors"):
+        brute.rank(tasks)
+    # A perfect validation split makes brute force the oracle.
+    exact = np.nan_to_num(zoo.errors[:4], nan=0.99)
+    oracle = fit(OracleSelector(), zoo).rank(tasks, target_errors=exact)
+    assert (brute.rank(tasks, val_errors=exact) == oracle).all()
+    # A noisy one is followed, not the test errors: reversed validation errors reverse the pick.
+    flipped = 1.0 - exact
+    ranks = brute.rank(tasks, val_errors=flipped, target_errors=exact)
+    assert (ranks[:, 0] == np.argmax(exact, axis=1)).all()
+    assert sorted(ranks[0].tolist()) == list(range(len(zoo.expert_ids)))
+    missing = exact.copy()
+    missing[:, 0] = np.nan
+    assert (brute.rank(tasks, val_errors=missing)[:, -1] == 0).all()
 
 
 def per_expert_context(quality: list[float], n: int = 60, seed: int = 0) -> dict:
