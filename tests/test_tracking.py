@@ -386,7 +386,8 @@ def test_small_demo_against_the_server(mlflow_server, moto_s3, ray_local, tmp_pa
     (pipeline,) = [r.info.run_id for r in runs if r.info.run_name == "demo"]
     by_name = {r.info.run_name: r for r in runs
                if r.data.tags.get("mlflow.parentRunId") == pipeline}
-    stages = ["train_experts", "embed_tasks", "fill_matrix", "train_model2vec", "evaluate"]
+    stages = ["train_experts", "embed_tasks", "fill_matrix", "train_model2vec", "evaluate",
+              "data_efficiency"]
     assert set(stages) <= set(by_name)
     assert by_name["embed_tasks"].data.metrics["tasks_done"] == 12
     assert by_name["fill_matrix"].data.metrics["cells_ok"] > 0
