@@ -44,6 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-epochs", type=int, default=500)
     p.add_argument("--alpha", type=float, default=0.15, help="weight of the source-complexity term")
+    p.add_argument("--gamma", type=float, default=1.0,
+                   help="sharpness of the per-filter comparison (start value; 1 = the paper's d_sym)")
+    p.add_argument("--fixed-gamma", dest="learn_gamma", action="store_false",
+                   help="keep --gamma fixed instead of learning it")
     p.add_argument("--register-name", default="task2vec-recommender",
                    help="MLflow registered model name")
     p.add_argument("--alias", default="champion", help="alias given to the new model version")
@@ -95,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     data = load_meta_dataset(root, args.probe_id, args.method, mode=args.mode)
     log.info("fitting MODEL2VEC on %d tasks × %d experts (%s/%s)", len(data.task_ids),
              len(data.expert_ids), data.probe_id, data.method)
-    model = Model2Vec(alpha=args.alpha, max_epochs=args.max_epochs, random_state=args.seed)
+    model = Model2Vec(alpha=args.alpha, gamma=args.gamma, learn_gamma=args.learn_gamma,
+                      max_epochs=args.max_epochs, random_state=args.seed)
     model.fit(data.embeddings, data.errors, data.expert_sources, expert_ids=list(data.expert_ids))
     metrics = {
         "n_tasks": len(data.task_ids),
@@ -104,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             np.nanmean(top1_relative_increase(data.errors, model.rank(data.embeddings),
                                               error_floor=args.error_floor))),
         "tau": float(model.tau_),
+        "gamma": float(model.gamma_),
     }
     version = save_model(root, model, data, metrics)
     log.info("saved MODEL2VEC version %s (in-sample error increase over oracle %.2f%%)",

@@ -20,6 +20,12 @@ Choices made here (the paper leaves them open):
   d_asym(m → t) = d_sym(m, t) − α · d_sym(m, t0) and t0 the flat trivial embedding at the
   training tasks' median Fisher value. τ is learned (in log space) by default; α is fixed at
   the paper's 0.15 by default and learnable with ``learn_alpha=True``.
+* **Sharpness.** d_sym compares two embeddings filter by filter through u = m/(m+t) =
+  sigmoid(log m − log t); on noisy Fisher estimates that spread over orders of magnitude most
+  u saturate at 0 or 1, and small filters count as much as large ones. The model compares
+  m^γ and t^γ instead, i.e. u = sigmoid(γ (log m − log t)), with γ learned (in log space,
+  from 1 = the paper's distance) together with τ; ``learn_gamma=False`` keeps γ fixed at
+  ``gamma``. One scalar, so it cannot overfit the way per-filter offsets can.
 * **Targets.** For task t, soft targets are softmax_i(−r_ti / ``target_temperature``) over the
   experts with an observed error, where r_ti = (err_ti − min_j err_tj) / max(min_j err_tj,
   ``error_floor``) is the relative error increase over the task's best expert — the quantity
@@ -28,7 +34,7 @@ Choices made here (the paper leaves them open):
 * **Training.** Cross-entropy, Adam (full batch unless ``batch_size`` is set; each batch is
   processed in memory-bounded blocks of tasks with accumulated gradients), early stopping on
   the validation loss of a held-out ``val_fraction`` of the training tasks (the best state is
-  kept). All randomness (the split, minibatch order) comes from ``random_state``, so a fit
+  kept). Two phases: the learnable scalars (τ, γ, α) alone first, then the offsets with them. All randomness (the split, minibatch order) comes from ``random_state``, so a fit
   is deterministic on a given device. τ starts at the median spread of the initial
   distances across experts unless ``tau`` is given. ``device`` (e.g. "cuda") moves the
   tasks × experts × filters computation to an accelerator.
@@ -84,6 +90,12 @@ def torch_d_asym(
 ) -> torch.Tensor:
     """Differentiable d_asym(source_i → target_j) = d_sym(s_i, t_j) − α d_sym(s_i, t0) -> E×n."""
     return torch_d_sym(sources, targets) - alpha * torch_d_sym(sources, t0.reshape(1, -1))
+
+
+def sharpen(x: torch.Tensor, gamma: torch.Tensor | float) -> torch.Tensor:
+    """x^γ for non-negative x, with 0 -> 0 and a finite gradient in γ where x = 0."""
+    positive = x > 0
+    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)) ** gamma, 0.0)
 
 
 def resolve_expert_sources(
@@ -167,6 +179,8 @@ class Model2Vec(BaseEstimator):
         learn_tau: bool = True,
         alpha: float = 0.15,
         learn_alpha: bool = False,
+        gamma: float = 1.0,
+        learn_gamma: bool = True,
         target_temperature: float = 0.1,
         error_floor: float = 1e-3,
         lr: float = 0.05,
@@ -184,6 +198,8 @@ class Model2Vec(BaseEstimator):
         self.learn_tau = learn_tau
         self.alpha = alpha
         self.learn_alpha = learn_alpha
+        self.gamma = gamma
+        self.learn_gamma = learn_gamma
         self.target_temperature = target_temperature
         self.error_floor = error_floor
         self.lr = lr
@@ -260,25 +276,33 @@ class Model2Vec(BaseEstimator):
         return max(1, _PAIR_ELEMENTS // max(1, n_experts * dim))
 
     def _distances(
-        self, m: torch.Tensor, tasks: torch.Tensor, alpha: torch.Tensor | float
+        self,
+        m: torch.Tensor,
+        tasks: torch.Tensor,
+        alpha: torch.Tensor | float,
+        gamma: torch.Tensor | float = 1.0,
     ) -> torch.Tensor:
-        """d_asym(m_i → t) for one block of tasks -> n×E (differentiable)."""
-        return torch_d_asym(m, tasks, self.t0_.to(m.device), alpha).T
+        """d_asym(m_i^γ → t^γ) for one block of tasks -> n×E (differentiable)."""
+        t0 = self.t0_.to(m.device)
+        return torch_d_asym(m**gamma, sharpen(tasks, gamma), t0**gamma, alpha).T
 
-    def _distance_matrix(self, m: torch.Tensor, tasks: torch.Tensor, alpha: float) -> torch.Tensor:
+    def _distance_matrix(
+        self, m: torch.Tensor, tasks: torch.Tensor, alpha: float, gamma: float = 1.0
+    ) -> torch.Tensor:
         """d_asym(m_i → t) for any number of tasks, block by block, without gradients -> n×E."""
         rows = self._chunk_rows(*m.shape)
         with torch.no_grad():
-            return torch.cat(
-                [self._distances(m, block.to(m.device), alpha).cpu() for block in tasks.split(rows)]
-            )
+            return torch.cat([
+                self._distances(m, block.to(m.device), alpha, gamma).cpu()
+                for block in tasks.split(rows)
+            ])
 
     def _initial_tau(self, tasks: torch.Tensor) -> float:
         """τ that gives the initial logits about unit spread across experts."""
         if self.tau is not None:
             return float(self.tau)
         m = torch.exp(self._init_log_m).to(self._device())
-        d = self._distance_matrix(m, tasks, float(self.alpha))
+        d = self._distance_matrix(m, tasks, float(self.alpha), float(self.gamma))
         spread = float(d.std(dim=1).median()) if d.shape[1] > 1 else 0.0
         return spread if spread > 1e-6 else 0.1
 
@@ -292,7 +316,8 @@ class Model2Vec(BaseEstimator):
         """Summed soft-target cross-entropy over a block of tasks (missing cells masked)."""
         m = torch.exp(params["init_log_m"] + params["delta"])
         alpha = params["alpha"] if "alpha" in params else float(self.alpha)
-        logits = -self._distances(m, tasks, alpha) / torch.exp(params["log_tau"])
+        gamma = torch.exp(params["log_gamma"])
+        logits = -self._distances(m, tasks, alpha, gamma) / torch.exp(params["log_tau"])
         logits = logits.masked_fill(~observed, -1e9)
         # x − logsumexp(x), not log_softmax: the latter's threaded kernel stalls on a busy CPU.
         logp = logits - torch.logsumexp(logits, dim=1, keepdim=True)
@@ -321,14 +346,16 @@ class Model2Vec(BaseEstimator):
             "init_log_m": self._init_log_m.to(device),
             "delta": torch.zeros_like(self._init_log_m, device=device, requires_grad=True),
             "log_tau": torch.tensor(math.log(tau0), device=device, requires_grad=True),
+            "log_gamma": torch.tensor(math.log(self.gamma), device=device, requires_grad=True),
         }
         trainable = [params["delta"]]
         if self.learn_tau:
             trainable.append(params["log_tau"])
+        if self.learn_gamma:
+            trainable.append(params["log_gamma"])
         if self.learn_alpha:
             params["alpha"] = torch.tensor(float(self.alpha), device=device, requires_grad=True)
             trainable.append(params["alpha"])
-        opt = torch.optim.Adam(trainable, lr=self.lr)
         gen = torch.Generator().manual_seed(int(self.random_state))
         batch = max(1, min(self.batch_size or tr.numel(), tr.numel()))
         rows = self._chunk_rows(n_experts, dim)
@@ -347,23 +374,45 @@ class Model2Vec(BaseEstimator):
         def snapshot() -> dict[str, torch.Tensor]:
             return {k: v.detach().cpu().clone() for k, v in params.items() if k != "init_log_m"}
 
-        best = (math.inf, 0, snapshot())
+        def run_phase(name: str, group: list[torch.Tensor], first_epoch: int) -> tuple:
+            """Adam on ``group`` until the validation loss stops improving; the best state."""
+            opt = torch.optim.Adam(group, lr=self.lr)
+            with_offsets = any(t is params["delta"] for t in group)
+            best = (math.inf, first_epoch, snapshot())
+            for epoch in range(first_epoch, first_epoch + int(self.max_epochs)):
+                perm = tr[torch.randperm(tr.numel(), generator=gen)]
+                running = 0.0
+                for minibatch in perm.split(batch):
+                    for t in trainable:
+                        t.grad = None
+                    running += block_losses(minibatch, True, 1.0 / minibatch.numel())
+                    if with_offsets:
+                        (self.l2 * params["delta"].pow(2).mean()).backward()
+                    opt.step()
+                train_loss = running / tr.numel()
+                monitor = block_losses(va, False, 1.0) / va.numel() if va.numel() else train_loss
+                self.history_.append({"epoch": epoch, "phase": name, "train_loss": train_loss,
+                                      "val_loss": monitor})
+                if monitor < best[0] - 1e-7:
+                    best = (monitor, epoch, snapshot())
+                elif epoch - best[1] >= self.patience:
+                    break
+            with torch.no_grad():  # continue from the best state, not the last
+                for key, value in best[2].items():
+                    params[key].copy_(value.to(device))
+            return best
+
+        # The global scalars (τ, γ, α) first: a handful of numbers cannot overfit the training
+        # tasks, whereas the per-filter offsets start to within a few epochs and early stopping
+        # would then freeze the scalars wherever they happened to be.
         self.history_: list[dict[str, float]] = []
-        for epoch in range(int(self.max_epochs)):
-            perm = tr[torch.randperm(tr.numel(), generator=gen)]
-            running = 0.0
-            for minibatch in perm.split(batch):
-                opt.zero_grad()
-                running += block_losses(minibatch, True, 1.0 / minibatch.numel())
-                (self.l2 * params["delta"].pow(2).mean()).backward()
-                opt.step()
-            train_loss = running / tr.numel()
-            monitor = block_losses(va, False, 1.0) / va.numel() if va.numel() else train_loss
-            self.history_.append({"epoch": epoch, "train_loss": train_loss, "val_loss": monitor})
-            if monitor < best[0] - 1e-7:
-                best = (monitor, epoch, snapshot())
-            elif epoch - best[1] >= self.patience:
-                break
+        scalars = [t for t in trainable if t is not params["delta"]]
+        phases = ([("scalars", scalars)] if scalars else []) + [("offsets", trainable)]
+        best = (math.inf, 0, snapshot())
+        next_epoch = 0
+        for name, group in phases:
+            best = run_phase(name, group, next_epoch)
+            next_epoch = len(self.history_)
         _, self.best_epoch_, state = best
         log.info(
             "model2vec fit: %d train / %d val tasks, %d experts, best epoch %d (loss %.4f)",
@@ -376,6 +425,7 @@ class Model2Vec(BaseEstimator):
         self.log_m_ = self._init_log_m + state["delta"]
         self.tau_ = float(torch.exp(state["log_tau"]))
         self.alpha_ = float(state["alpha"]) if "alpha" in state else float(self.alpha)
+        self.gamma_ = float(torch.exp(state["log_gamma"]))
 
     # ---------------------------------------------------------------- inference
 
@@ -403,7 +453,7 @@ class Model2Vec(BaseEstimator):
         if not torch.isfinite(tasks).all() or (tasks < 0).any():
             raise ValueError("task embeddings must be finite and non-negative")
         m = torch.exp(self.log_m_).to(self._device())
-        return self._distance_matrix(m, tasks, self.alpha_).numpy().astype(np.float64)
+        return self._distance_matrix(m, tasks, self.alpha_, self.gamma_).numpy().astype(np.float64)
 
     def scores(self, task_embeddings) -> np.ndarray:
         """p(expert i | task t) for every new task (n×E, rows sum to 1)."""
@@ -434,6 +484,7 @@ class Model2Vec(BaseEstimator):
             "t0": self.t0_.clone(),
             "tau": self.tau_,
             "alpha": self.alpha_,
+            "gamma": self.gamma_,
             "expert_ids": list(self.expert_ids_),
             "best_epoch": int(self.best_epoch_),
         }
@@ -469,6 +520,7 @@ class Model2Vec(BaseEstimator):
         model.t0_ = state["t0"]
         model.tau_ = float(state["tau"])
         model.alpha_ = float(state["alpha"])
+        model.gamma_ = float(state.get("gamma", 1.0))  # files from before γ: the plain distance
         model.expert_ids_ = list(state["expert_ids"])
         model.best_epoch_ = int(state["best_epoch"])
         model._init_log_m = torch.log(model.sources_ + model.floor * float(model.t0_[0]))

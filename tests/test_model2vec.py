@@ -66,11 +66,31 @@ def test_torch_d_sym_has_finite_gradients() -> None:
 
 def test_model_distances_are_library_d_asym(zoo, fitted) -> None:
     """The trained model ranks by exactly t2v_core.distance.d_asym of its expert embeddings."""
-    m = fitted.expert_embeddings_
-    assert (m > 0).all()
-    expected = d_asym(m, zoo.task_embeddings, t0=fitted.t0_.numpy(), alpha=fitted.alpha_).T
+    m, g = fitted.expert_embeddings_, fitted.gamma_
+    assert (m > 0).all() and g != 1.0  # γ was learned
+    expected = d_asym(m**g, zoo.task_embeddings**g, t0=fitted.t0_.numpy() ** g,
+                      alpha=fitted.alpha_).T
     np.testing.assert_allclose(fitted.distances(zoo.task_embeddings), expected, atol=1e-5)
     np.testing.assert_allclose(fitted.offsets_, m - fitted.sources_.numpy(), rtol=1e-6)
+
+
+def test_fixed_gamma_one_is_the_papers_distance(zoo) -> None:
+    model = Model2Vec(learn_gamma=False, **FAST).fit(
+        zoo.task_embeddings, zoo.errors, zoo.expert_source_embeddings)
+    assert model.gamma_ == 1.0
+    expected = d_asym(model.expert_embeddings_, zoo.task_embeddings, t0=model.t0_.numpy(),
+                      alpha=model.alpha_).T
+    np.testing.assert_allclose(model.distances(zoo.task_embeddings), expected, atol=1e-5)
+
+
+def test_learns_a_softer_comparison_for_sharpened_embeddings(zoo) -> None:
+    """Raising every embedding to the 4th power makes u = sigmoid(4 Δlog F): the same zoo,
+    compared four times too sharply. The fit undoes most of it by learning γ well below 1."""
+    plain = Model2Vec(**FAST).fit(zoo.task_embeddings, zoo.errors, zoo.expert_source_embeddings)
+    sharp = Model2Vec(**FAST).fit(
+        zoo.task_embeddings**4, zoo.errors,
+        [None if s is None else s**4 for s in zoo.expert_source_embeddings])
+    assert sharp.gamma_ < 0.6 * plain.gamma_
 
 
 def test_outputs_are_consistent(zoo, fitted) -> None:
@@ -110,9 +130,13 @@ def test_save_load_round_trip(tmp_path, zoo, fitted) -> None:
     np.testing.assert_array_equal(
         loaded.scores(zoo.task_embeddings), fitted.scores(zoo.task_embeddings)
     )
-    assert loaded.expert_ids_ == zoo.expert_ids
+    assert loaded.expert_ids_ == zoo.expert_ids and loaded.gamma_ == fitted.gamma_
     assert loaded.get_params() == fitted.get_params()
     assert list(tmp_path.joinpath("models").iterdir()) == [path]  # no temporary left behind
+    # A file written before γ existed ranks by the paper's distance (γ = 1).
+    del raw["gamma"]
+    torch.save(raw, path)
+    assert Model2Vec.load(path).gamma_ == 1.0
 
 
 def test_load_rejects_other_files(tmp_path) -> None:
@@ -187,12 +211,14 @@ def test_learns_to_correct_wrong_source_embeddings() -> None:
     start = top1_relative_increase(zoo.errors[test], untrained.rank(zoo.task_embeddings[test]))
     assert np.mean(start) > 0.3  # the swapped families are misrouted at initialisation
     assert np.mean(learned) < 0.05
-    # The swapped experts moved: each is now nearer (d_sym) to its own family's tasks.
+    # The swapped experts moved: each is now nearer (d_sym in the model's geometry, on
+    # embeddings raised to its learned γ) to its own family's tasks.
     fam = np.asarray(zoo.families)
-    m = model.expert_embeddings_
+    g = model.gamma_
+    m = model.expert_embeddings_**g
     for i in range(4):
         own = zoo.expert_families[i]
-        dist = d_sym(m[i], zoo.task_embeddings)
+        dist = d_sym(m[i], zoo.task_embeddings**g)
         assert dist[fam == own].mean() < min(
             dist[fam == f].mean() for f in set(zoo.families) - {own}
         )
