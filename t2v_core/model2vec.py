@@ -64,6 +64,8 @@ _FORMAT = "t2v-model2vec"
 _VERSION = 1
 # Float elements of one (tasks × experts × dim) temporary; bounds memory per step.
 _PAIR_ELEMENTS = 1 << 23
+# Epochs for the global scalars before the offsets train (Adam moves them 4·lr per step).
+_SCALAR_EPOCHS = 100
 
 
 def torch_d_sym(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -374,12 +376,13 @@ class Model2Vec(BaseEstimator):
         def snapshot() -> dict[str, torch.Tensor]:
             return {k: v.detach().cpu().clone() for k, v in params.items() if k != "init_log_m"}
 
-        def run_phase(name: str, group: list[torch.Tensor], first_epoch: int) -> tuple:
+        def run_phase(name: str, group: list[torch.Tensor], first_epoch: int, lr: float,
+                      min_delta: float, max_epochs: int) -> tuple:
             """Adam on ``group`` until the validation loss stops improving; the best state."""
-            opt = torch.optim.Adam(group, lr=self.lr)
+            opt = torch.optim.Adam(group, lr=lr)
             with_offsets = any(t is params["delta"] for t in group)
             best = (math.inf, first_epoch, snapshot())
-            for epoch in range(first_epoch, first_epoch + int(self.max_epochs)):
+            for epoch in range(first_epoch, first_epoch + max_epochs):
                 perm = tr[torch.randperm(tr.numel(), generator=gen)]
                 running = 0.0
                 for minibatch in perm.split(batch):
@@ -393,7 +396,7 @@ class Model2Vec(BaseEstimator):
                 monitor = block_losses(va, False, 1.0) / va.numel() if va.numel() else train_loss
                 self.history_.append({"epoch": epoch, "phase": name, "train_loss": train_loss,
                                       "val_loss": monitor})
-                if monitor < best[0] - 1e-7:
+                if monitor < best[0] - min_delta:
                     best = (monitor, epoch, snapshot())
                 elif epoch - best[1] >= self.patience:
                     break
@@ -404,15 +407,18 @@ class Model2Vec(BaseEstimator):
 
         # The global scalars (τ, γ, α) first: a handful of numbers cannot overfit the training
         # tasks, whereas the per-filter offsets start to within a few epochs and early stopping
-        # would then freeze the scalars wherever they happened to be.
+        # would then freeze the scalars wherever they happened to be. The scalars take larger
+        # steps, for at most _SCALAR_EPOCHS epochs, and stop once the loss gains less than 1e-4
+        # per ``patience`` epochs.
         self.history_: list[dict[str, float]] = []
         scalars = [t for t in trainable if t is not params["delta"]]
-        phases = ([("scalars", scalars)] if scalars else []) + [("offsets", trainable)]
+        epochs = int(self.max_epochs)
+        phases = [("offsets", trainable, self.lr, 1e-7, epochs)]
+        if scalars:
+            phases.insert(0, ("scalars", scalars, 4 * self.lr, 1e-4, min(epochs, _SCALAR_EPOCHS)))
         best = (math.inf, 0, snapshot())
-        next_epoch = 0
-        for name, group in phases:
-            best = run_phase(name, group, next_epoch)
-            next_epoch = len(self.history_)
+        for name, group, lr, min_delta, n_epochs in phases:
+            best = run_phase(name, group, len(self.history_), lr, min_delta, n_epochs)
         _, self.best_epoch_, state = best
         log.info(
             "model2vec fit: %d train / %d val tasks, %d experts, best epoch %d (loss %.4f)",
