@@ -431,7 +431,7 @@ class Model2Vec(BaseEstimator):
         self.log_m_ = self._init_log_m + state["delta"]
         self.tau_ = float(torch.exp(state["log_tau"]))
         self.alpha_ = float(state["alpha"]) if "alpha" in state else float(self.alpha)
-        self.gamma_ = float(torch.exp(state["log_gamma"]))
+        self.gamma_ = float(torch.exp(state["log_gamma"])) if self.learn_gamma else float(self.gamma)
 
     # ---------------------------------------------------------------- inference
 

@@ -81,6 +81,9 @@ def test_fixed_gamma_one_is_the_papers_distance(zoo) -> None:
     expected = d_asym(model.expert_embeddings_, zoo.task_embeddings, t0=model.t0_.numpy(),
                       alpha=model.alpha_).T
     np.testing.assert_allclose(model.distances(zoo.task_embeddings), expected, atol=1e-5)
+    half = Model2Vec(gamma=0.5, learn_gamma=False, max_epochs=5).fit(
+        zoo.task_embeddings, zoo.errors, zoo.expert_source_embeddings)
+    assert half.gamma_ == 0.5
 
 
 def test_learns_a_softer_comparison_for_sharpened_embeddings(zoo) -> None:
