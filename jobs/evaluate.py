@@ -48,7 +48,7 @@ log = logging.getLogger("jobs.evaluate")
 # Columns that need per-task inputs beyond embeddings and errors, each with the context key
 # it reads (see t2v_core.selectors): the per-expert transferability scores, and the
 # brute-force search on each cell's validation split.
-TRANSFER_COLUMNS: dict[str, tuple[str, type[Selector]]] = {
+CONTEXT_COLUMNS: dict[str, tuple[str, type[Selector]]] = {
     "LogME": ("features", LogMESelector),
     "LEEP": ("source_probs", LEEPSelector),
     "NCE": ("source_labels", NCESelector),
@@ -165,10 +165,10 @@ def with_validation_errors(data: MetaDataset, context: dict | None) -> dict | No
     return {**(context or {}), "val_errors": list(val)}
 
 
-def with_transfer_columns(selectors: dict[str, Selector], context: dict | None
-                          ) -> dict[str, Selector]:
-    """The transferability columns whose inputs ``context`` carries, placed before Oracle."""
-    extra = {name: cls() for name, (key, cls) in TRANSFER_COLUMNS.items()
+def with_context_columns(selectors: dict[str, Selector], context: dict | None
+                         ) -> dict[str, Selector]:
+    """The columns of :data:`CONTEXT_COLUMNS` whose inputs ``context`` carries, before Oracle."""
+    extra = {name: cls() for name, (key, cls) in CONTEXT_COLUMNS.items()
              if context and key in context}
     rest = {k: v for k, v in selectors.items() if k != "Oracle"}
     oracle = {"Oracle": selectors["Oracle"]} if "Oracle" in selectors else {}
@@ -197,7 +197,7 @@ def run(data: MetaDataset, folds: str | int, *, seed: int = 0, model2vec_epochs:
     ``context`` (see :func:`transfer_context`) adds the LogME, LEEP and NCE columns it has
     inputs for; the matrix's validation errors add the brute-force column."""
     context = with_validation_errors(data, context)
-    selectors = with_transfer_columns(
+    selectors = with_context_columns(
         standard_selectors(data, seed=seed, model2vec_epochs=model2vec_epochs), context)
     result = ev.evaluate_selectors(
         selectors, data.embeddings, data.errors, data.expert_sources, list(data.expert_ids),
