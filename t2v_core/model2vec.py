@@ -34,7 +34,9 @@ Choices made here (the paper leaves them open):
 * **Training.** Cross-entropy, Adam (full batch unless ``batch_size`` is set; each batch is
   processed in memory-bounded blocks of tasks with accumulated gradients), early stopping on
   the validation loss of a held-out ``val_fraction`` of the training tasks (the best state is
-  kept). Two phases: the learnable scalars (τ, γ, α) alone first, then the offsets with them. All randomness (the split, minibatch order) comes from ``random_state``, so a fit
+  kept). Two phases: the learnable scalars (τ, γ, α) alone first, then the offsets with
+  them, starting from the scalars' best state. All randomness (the split, minibatch order)
+  comes from ``random_state``, so a fit
   is deterministic on a given device. τ starts at the median spread of the initial
   distances across experts unless ``tau`` is given. ``device`` (e.g. "cuda") moves the
   tasks × experts × filters computation to an accelerator.
@@ -376,12 +378,14 @@ class Model2Vec(BaseEstimator):
         def snapshot() -> dict[str, torch.Tensor]:
             return {k: v.detach().cpu().clone() for k, v in params.items() if k != "init_log_m"}
 
-        def run_phase(name: str, group: list[torch.Tensor], first_epoch: int, lr: float,
-                      min_delta: float, max_epochs: int) -> tuple:
-            """Adam on ``group`` until the validation loss stops improving; the best state."""
+        def run_phase(name: str, group: list[torch.Tensor], lr: float, min_delta: float,
+                      max_epochs: int, best: tuple) -> tuple:
+            """Adam on ``group`` until the validation loss stops improving on ``best`` (loss,
+            epoch, state); returns the best state, which the parameters are left at."""
             opt = torch.optim.Adam(group, lr=lr)
             with_offsets = any(t is params["delta"] for t in group)
-            best = (math.inf, first_epoch, snapshot())
+            first_epoch = len(self.history_)
+            best = (best[0], first_epoch, best[2])
             for epoch in range(first_epoch, first_epoch + max_epochs):
                 perm = tr[torch.randperm(tr.numel(), generator=gen)]
                 running = 0.0
@@ -406,10 +410,11 @@ class Model2Vec(BaseEstimator):
             return best
 
         # The global scalars (τ, γ, α) first: a handful of numbers cannot overfit the training
-        # tasks, whereas the per-filter offsets start to within a few epochs and early stopping
-        # would then freeze the scalars wherever they happened to be. The scalars take larger
-        # steps, for at most _SCALAR_EPOCHS epochs, and stop once the loss gains less than 1e-4
-        # per ``patience`` epochs.
+        # tasks, whereas the per-filter offsets start to overfit within a few epochs and early
+        # stopping would then freeze the scalars wherever they happened to be. The scalars take
+        # larger steps, for at most _SCALAR_EPOCHS epochs, and stop once the loss gains less
+        # than 1e-4 per ``patience`` epochs; the offsets then start from the scalars' best
+        # state and keep it unless they improve on its validation loss.
         self.history_: list[dict[str, float]] = []
         scalars = [t for t in trainable if t is not params["delta"]]
         epochs = int(self.max_epochs)
@@ -418,7 +423,7 @@ class Model2Vec(BaseEstimator):
             phases.insert(0, ("scalars", scalars, 4 * self.lr, 1e-4, min(epochs, _SCALAR_EPOCHS)))
         best = (math.inf, 0, snapshot())
         for name, group, lr, min_delta, n_epochs in phases:
-            best = run_phase(name, group, len(self.history_), lr, min_delta, n_epochs)
+            best = run_phase(name, group, lr, min_delta, n_epochs, best)
         _, self.best_epoch_, state = best
         log.info(
             "model2vec fit: %d train / %d val tasks, %d experts, best epoch %d (loss %.4f)",

@@ -96,6 +96,21 @@ def test_learns_a_softer_comparison_for_sharpened_embeddings(zoo) -> None:
     assert sharp.gamma_ < 0.6 * plain.gamma_
 
 
+def test_keeps_the_best_validation_state_across_both_phases(zoo) -> None:
+    """The scalars train first, then the offsets; whichever epoch had the lowest validation
+    loss is the state kept, even when the offsets only ever make it worse (huge steps)."""
+    for lr in (0.05, 3.0):
+        model = Model2Vec(lr=lr, max_epochs=60, patience=5).fit(
+            zoo.task_embeddings, zoo.errors, zoo.expert_source_embeddings)
+        phases = {h["phase"] for h in model.history_}
+        assert phases == {"scalars", "offsets"}
+        losses = [h["val_loss"] for h in model.history_]
+        assert losses[model.best_epoch_] <= min(losses) + 1e-4
+        kept = model.history_[model.best_epoch_]["phase"]
+        offsets_moved = bool(np.abs(model.offsets_).max() > 0)
+        assert offsets_moved == (kept == "offsets")
+
+
 def test_outputs_are_consistent(zoo, fitted) -> None:
     ranks = fitted.rank(zoo.task_embeddings)
     n_experts = len(zoo.expert_ids)
