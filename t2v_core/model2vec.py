@@ -284,14 +284,14 @@ class Model2Vec(BaseEstimator):
         m: torch.Tensor,
         tasks: torch.Tensor,
         alpha: torch.Tensor | float,
-        gamma: torch.Tensor | float = 1.0,
+        gamma: torch.Tensor | float,
     ) -> torch.Tensor:
         """d_asym(m_i^γ → t^γ) for one block of tasks -> n×E (differentiable)."""
         t0 = self.t0_.to(m.device)
         return torch_d_asym(m**gamma, sharpen(tasks, gamma), t0**gamma, alpha).T
 
     def _distance_matrix(
-        self, m: torch.Tensor, tasks: torch.Tensor, alpha: float, gamma: float = 1.0
+        self, m: torch.Tensor, tasks: torch.Tensor, alpha: float, gamma: float
     ) -> torch.Tensor:
         """d_asym(m_i → t) for any number of tasks, block by block, without gradients -> n×E."""
         rows = self._chunk_rows(*m.shape)
