@@ -11,6 +11,7 @@ import pytest
 
 from t2v_core.evaluate import (
     EvaluationResult,
+    bootstrap_mean_ci,
     data_efficiency,
     data_efficiency_markdown,
     evaluate_selectors,
@@ -285,6 +286,31 @@ def test_reports(result) -> None:
     data = json.loads(to_json(result))
     assert data["reports"]["oracle"]["by_meta_task"]["Mixed"]["relative_increase_pct"] == 0.0
     assert len(data["reports"]["model2vec"]["rankings"]) == 40
+    low, high = data["reports"]["model2vec"]["by_meta_task"]["Mixed"]["relative_increase_ci95_pct"]
+    mixed = result.reports["model2vec"].by_meta_task["Mixed"]
+    assert low <= mixed.relative_increase_pct <= high
+    assert f"{_fmt_pct(low)} … {_fmt_pct(high)}" in text
+
+
+def _fmt_pct(value: float) -> str:
+    return f"+{value:.2f}%"
+
+
+def test_bootstrap_interval_of_a_mean() -> None:
+    rng = np.random.default_rng(1)
+    values = rng.normal(20.0, 10.0, size=400)
+    low, high = bootstrap_mean_ci(values)
+    # the normal-theory interval: mean ± 1.96 s/√n
+    half = 1.96 * values.std(ddof=1) / math.sqrt(values.size)
+    assert low == pytest.approx(values.mean() - half, abs=0.15 * half)
+    assert high == pytest.approx(values.mean() + half, abs=0.15 * half)
+    assert bootstrap_mean_ci(values) == (low, high)  # deterministic
+    # a quarter of the tasks: an interval about twice as wide
+    q_low, q_high = bootstrap_mean_ci(values[:100])
+    assert 1.6 < (q_high - q_low) / (high - low) < 2.5
+    # NaN tasks (no observed error) are dropped; constant values give a point
+    assert bootstrap_mean_ci([5.0, 5.0, math.nan]) == (5.0, 5.0)
+    assert all(math.isnan(v) for v in bootstrap_mean_ci([math.nan]))
 
 
 def test_data_efficiency(zoo) -> None:
