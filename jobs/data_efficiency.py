@@ -13,7 +13,9 @@ uses the same --seed); ``all`` is the full training split. For every size this j
    training images with ``jobs.embed_tasks`` into ``subsampled/max_per_class=N/`` under the
    root, a root of its own with a copy of the task manifest, so that the root's own
    ``embeddings/`` stay one set; tasks already embedded there are skipped;
-3. evaluates the selectors of ``jobs.evaluate`` with held-out tasks on that size's matrix.
+3. evaluates the selectors of ``jobs.evaluate`` with held-out tasks on that size's matrix:
+   Chance, ImageNet, the mean-error prior, Task2Vec, Asym Task2Vec, Model2Vec and the oracle,
+   and its per-expert transferability columns LogME, LEEP and NCE and Brute force (val).
 
 Which task embedding a size uses: a new task in the paper's setting has only its few images,
 so by default a task at size N is embedded from the N images per class its matrix cells were
@@ -21,6 +23,12 @@ trained on, and the selectors are fitted on tasks embedded the same way. Experts
 full-data embedding of their source task, since each expert was trained on all of it. With
 ``--embeddings full`` every size uses the full-data task embeddings instead (no probe needed,
 but optimistic: the selector sees more of a task than its training did), and the table says so.
+
+LogME, LEEP and NCE at a size score each expert's features of that size's training subset,
+which the matrix job cached while filling it: these columns need --image-size, under which
+the features are kept, and LEEP and NCE every expert's source head. Brute force (val) picks
+by the validation errors of that size's cells. A column whose inputs some size lacks is left
+out at every size, with a warning, so that every size has the same rows.
 
 Only tasks with an embedding and a matrix row at every size take part, so the columns compare
 the same tasks. A re-run computes no matrix cell or embedding that exists; the evaluation
@@ -122,7 +130,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--weights", default=None,
                    help="probe weights as given to embed_tasks: a path, s3:// URI or 'wheel'")
     e.add_argument("--image-size", type=int, default=None,
-                   help="input size in pixels of the probe and experts (default: their own)")
+                   help="input size in pixels of the probe and experts (default: their own); "
+                        "needed for the LogME, LEEP and NCE columns")
     m = p.add_argument_group("matrix at each size (jobs.fill_matrix)")
     m.add_argument("--num-samples", type=int, default=4, help="configurations per cell")
     m.add_argument("--epochs", type=int, default=None, help="training epochs or steps per cell")
@@ -266,26 +275,66 @@ def load_sizes(root: StorageRoot, args: argparse.Namespace, probe_id: str, metho
 
 
 def _subset(data: MetaDataset, task_ids: list[str]) -> MetaDataset:
+    """``data`` on ``task_ids`` alone, in that order, every per-task array alike (validation
+    errors too), so that a context built from it lines up with its rows."""
     index = [data.task_ids.index(t) for t in task_ids]
+    val = None if data.val_errors is None else data.val_errors[index]
     return dataclasses.replace(data, task_ids=tuple(task_ids),
                                families=tuple(data.families[i] for i in index),
-                               embeddings=data.embeddings[index], errors=data.errors[index])
+                               embeddings=data.embeddings[index], errors=data.errors[index],
+                               val_errors=val)
 
 
-def evaluate_sizes(data: dict, args: argparse.Namespace) -> dict:
-    """:func:`t2v_core.evaluate.data_efficiency` over the sizes, with the selectors of the
-    evaluation job."""
-    from jobs.evaluate import standard_selectors
+def size_contexts(root: StorageRoot, data: dict, args: argparse.Namespace) -> dict:
+    """Per size, what the context columns read at that size: every expert's features of that
+    size's training subset, as the matrix job cached them (LogME, LEEP, NCE; found through
+    --image-size), and the validation errors of that size's cells (brute force)."""
+    from jobs.evaluate import transfer_context, with_validation_errors
+
+    if not args.image_size:
+        log.info("LogME, LEEP and NCE left out: they need --image-size to find the features "
+                 "the matrix job cached")
+    contexts = {}
+    for size, d in data.items():
+        context = None
+        if args.image_size:
+            context = transfer_context(root, d, args.image_size,
+                                       max_per_class=size.max_per_class, seed=args.seed)
+        contexts[size] = with_validation_errors(d, context) or {}
+    return contexts
+
+
+def shared_contexts(contexts: dict) -> dict:
+    """Each size's context cut to the keys every size has: the table compares the same
+    selectors at every size, so a column some size cannot score is left out everywhere."""
+    from jobs.evaluate import CONTEXT_COLUMNS
+
+    keys = set.intersection(*(set(c) for c in contexts.values()))
+    for name, (key, _) in CONTEXT_COLUMNS.items():
+        lacking = [size.label for size, c in contexts.items() if key not in c]
+        if lacking and len(lacking) < len(contexts):
+            log.warning("%s left out at every size: its input %r is missing at %s", name, key,
+                        ", ".join(lacking))
+    return {size: {k: v for k, v in c.items() if k in keys} for size, c in contexts.items()}
+
+
+def evaluate_sizes(root: StorageRoot, data: dict, args: argparse.Namespace) -> dict:
+    """:func:`t2v_core.evaluate.data_efficiency` over the sizes, with the columns of the
+    evaluation job, each context column scored on its own size's data."""
+    from jobs.evaluate import standard_selectors, with_context_columns
 
     first = next(iter(data.values()))
     folds: str | int = args.folds if args.folds == "loo" else int(args.folds)
-    selectors = standard_selectors(first, seed=args.seed, model2vec_epochs=args.model2vec_epochs)
+    contexts = shared_contexts(size_contexts(root, data, args))
+    selectors = with_context_columns(
+        standard_selectors(first, seed=args.seed, model2vec_epochs=args.model2vec_epochs),
+        next(iter(contexts.values())))
     zoos = {size: (d.embeddings, d.errors, d.expert_sources) for size, d in data.items()}
     log.info("evaluating %d selectors at %d sizes on %d tasks × %d experts (folds=%s)",
              len(selectors), len(zoos), len(first.task_ids), len(first.expert_ids), folds)
     return ev.data_efficiency(selectors, zoos, first.expert_sources, list(first.expert_ids),
-                              list(first.families), folds=folds, random_state=args.seed,
-                              error_floor=args.error_floor)
+                              list(first.families), contexts=contexts, folds=folds,
+                              random_state=args.seed, error_floor=args.error_floor)
 
 
 def _oracle_error(errors: np.ndarray) -> float | None:
@@ -305,9 +354,21 @@ class Outcome:
     base: str = ""
 
 
+def _context_columns_line(columns: list[str]) -> str:
+    """Where the table's context columns read their inputs at a size."""
+    scores = [n for n in columns if n != "Brute force (val)"]
+    parts = [f"{', '.join(scores)}: each expert's features of the same images, as the matrix "
+             "job cached them at that size"] if scores else []
+    if "Brute force (val)" in columns:
+        parts.append("Brute force (val): the validation errors of that size's cells")
+    return "; ".join(parts) + "." if parts else ""
+
+
 def report(results: dict, data: dict, work: list[SizeWork], args: argparse.Namespace,
            left_out: bool) -> Outcome:
     """The markdown tables and their JSON."""
+    from jobs.evaluate import CONTEXT_COLUMNS
+
     first = next(iter(data.values()))
     by_label = {size.label: res for size, res in results.items()}
     oracle = {size.label: _oracle_error(d.errors) for size, d in data.items()}
@@ -324,10 +385,12 @@ def report(results: dict, data: dict, work: list[SizeWork], args: argparse.Names
     sizes_line = (f"A column is a cap on training images per class (seeded subset, seed "
                   f"{args.seed}; 'all' = the whole training split), for the matrix cells and "
                   f"the selectors alike; {embedded}.")
+    columns = [n for n in next(iter(results.values())).reports if n in CONTEXT_COLUMNS]
+    columns_line = _context_columns_line(columns)
     oracle_line = "Mean test error of the oracle expert: " + ", ".join(
         f"{k} {'–' if v is None else f'{v:.3f}'}" for k, v in oracle.items()) + "."
     markdown = "\n\n".join([
-        header, sizes_line,
+        header, sizes_line, *([columns_line] if columns_line else []),
         ev.data_efficiency_markdown(by_label).rstrip(),
         ev.data_efficiency_markdown(by_label, metric="top1_hit_rate").rstrip(),
         oracle_line,
@@ -339,6 +402,7 @@ def report(results: dict, data: dict, work: list[SizeWork], args: argparse.Names
         "method": first.method, "folds": args.folds, "error_floor": args.error_floor,
         "seed": args.seed, "task_ids": list(first.task_ids),
         "expert_ids": list(first.expert_ids), "mean_oracle_error": oracle,
+        "context_columns": columns,
         "work": {w.size.label: {"matrix": w.matrix, "embeddings": w.embeddings} for w in work},
         "by_size": {label: json.loads(ev.to_json(res)) for label, res in by_label.items()},
     }
@@ -425,7 +489,7 @@ def run(args: argparse.Namespace) -> Outcome:
 
             ray.shutdown()
     data, dropped = load_sizes(root, args, probe_id, method)
-    results = evaluate_sizes(data, args)
+    results = evaluate_sizes(root, data, args)
     left_out = bool(dropped) or any(w.incomplete for w in work)
     out = report(results, data, work, args, left_out)
     out.base = write_report(root, out)

@@ -364,19 +364,30 @@ def data_efficiency(
     expert_source_embeddings,
     expert_ids: Sequence[Any] | None = None,
     families: Sequence[str] | None = None,
+    *,
+    contexts: Mapping[Any, Mapping[str, Any] | None] | None = None,
     **kwargs: Any,
 ) -> dict[Any, EvaluationResult]:
     """One evaluation per training-set size.
 
     ``zoos`` maps a size (e.g. samples per task) to ``(task_embeddings, errors)`` or
     ``(task_embeddings, errors, expert_source_embeddings)`` measured at that size.
+    ``contexts`` maps every size to the ``context`` measured at that size (see
+    :func:`evaluate_selectors`), since a transferability score at a size must read that
+    size's images; ``context=`` instead gives every size the same one.
     """
+    if contexts is not None:
+        if "context" in kwargs:
+            raise ValueError("pass context (one for every size) or contexts (per size), not both")
+        if missing := [size for size in zoos if size not in contexts]:
+            raise ValueError(f"contexts has no context for size(s) {missing}")
     out = {}
     for size, zoo in zoos.items():
         embeddings, errors = zoo[0], zoo[1]
         sources = zoo[2] if len(zoo) > 2 else expert_source_embeddings
+        at_size = kwargs if contexts is None else {**kwargs, "context": contexts[size]}
         out[size] = evaluate_selectors(
-            selectors, embeddings, errors, sources, expert_ids, families, **kwargs
+            selectors, embeddings, errors, sources, expert_ids, families, **at_size
         )
     return out
 

@@ -3,18 +3,26 @@ embeds and evaluates them (real Ray, real Parquet, the tiny learnable zoo of tes
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from test_matrix import REPO, SIZE, _env, register, zoo_files  # noqa: F401  (fixture)
 
 from jobs import data_efficiency
+from jobs.evaluate import transfer_context, with_validation_errors
 from t2v_core.embeddings import read_embeddings
+from t2v_core.evaluate import evaluate_selectors
+from t2v_core.experts import SourceHead, head_uri
 from t2v_core.matrix import (
     ANY_SIZE,
     MATRIX_DIR,
@@ -29,11 +37,19 @@ from t2v_core.matrix import (
     write_rows,
     written,
 )
-from t2v_core.meta_dataset import load_meta_dataset, resolve_embedding_set, subsample_root
+from t2v_core.meta_dataset import (
+    MetaDataset,
+    load_meta_dataset,
+    resolve_embedding_set,
+    subsample_root,
+)
+from t2v_core.probes import build_probe
+from t2v_core.selectors import LEEPSelector, LogMESelector, NCESelector
 from t2v_core.storage import StorageRoot
 from t2v_core.zoo import ExpertSpec, TaskSpec
 
 PROBE_ID = "small_cnn-random0"
+SCORES = {"LogME": LogMESelector, "LEEP": LEEPSelector, "NCE": NCESelector}
 OLD_KEYS = ["task_id", "expert_id", "mode"]  # a matrix cell's key before the size joined it
 
 
@@ -160,19 +176,63 @@ def _relative(errors: np.ndarray, ranking: list[int], floor: float) -> float:
     return 100 * (pick - best) / max(best, floor)
 
 
-def test_job_fills_embeds_and_evaluates_each_size(zoo_files, ray_local, tmp_path):  # noqa: F811
+def _weights_with_heads(files: Path, tmp_path: Path) -> str:
+    """The zoo's expert weights, each with a seeded random source head beside it, so that
+    LEEP and NCE have inputs too."""
+    weights = tmp_path / "weights"
+    shutil.copytree(files / "weights", weights)
+    dim = build_probe("small_cnn", None, input_size=SIZE).feature_dim
+    for i, path in enumerate(sorted(weights.glob("*.pt"))):
+        g = torch.Generator().manual_seed(i)
+        head = SourceHead(torch.randn(5, dim, generator=g), torch.randn(5, generator=g))
+        with open(head_uri(str(path)), "wb") as f:
+            f.write(head.to_bytes())
+    return str(weights)
+
+
+def _check_context_columns(root: StorageRoot, report: dict) -> None:
+    """LogME, LEEP and NCE at every size, each ranked from that size's own cached features, as
+    the selectors rank them given those alone; no brute-force column, since 4 images per class
+    leave no validation split."""
+    assert report["context_columns"] == list(SCORES)
+    direct = {}
+    for label, cap in (("4/class", 4), ("all", None)):
+        reports = report["by_size"][label]["reports"]
+        assert list(reports)[-4:] == [*SCORES, "Oracle"]
+        data = data_efficiency._subset(load_meta_dataset(root, max_per_class=cap),
+                                       report["task_ids"])
+        assert np.isfinite(data.val_errors).all() == (cap is None)
+        context = transfer_context(root, data, SIZE, cap)
+        per_class = {len(y) / len(np.unique(y)) for y in context["labels"]}
+        assert per_class == {4 if cap else 12}
+        alone = evaluate_selectors({n: cls() for n, cls in SCORES.items()}, data.embeddings,
+                                   data.errors, data.expert_sources, list(data.expert_ids),
+                                   list(data.families), folds=3, context=context)
+        direct[label] = {n: alone.reports[n].rankings for n in SCORES}
+        assert {n: reports[n]["rankings"] for n in SCORES} == direct[label]
+    # the sizes' features rank differently, so the check above tells one size from the other
+    assert direct["4/class"] != direct["all"]
+
+
+def test_job_fills_embeds_and_evaluates_each_size(zoo_files, ray_local, tmp_path,  # noqa: F811
+                                                  caplog):
     from jobs import embed_tasks
 
     root_uri = str(tmp_path / "root")
-    register(root_uri, str(zoo_files / "tasks"), str(zoo_files / "weights"))
+    register(root_uri, str(zoo_files / "tasks"), _weights_with_heads(zoo_files, tmp_path))
     root = StorageRoot(root_uri)
     assert embed_tasks.main(["--root", root_uri, "--probe", "small_cnn", "--image-size",
                              str(SIZE), "--no-progress"]) == 0
 
+    caplog.set_level(logging.WARNING, logger="jobs.data_efficiency")
     assert data_efficiency.main(_job_args(root_uri)) == 0
+    assert ("Brute force (val) left out at every size: its input 'val_errors' is missing at "
+            "4/class") in caplog.text
     markdown, report = _report(root)
     assert report["sizes"] == ["4/class", "all"] and report["task_embeddings"] == "subsample"
     assert "| selector | 4/class | all |" in markdown and "Top-1 hit rate" in markdown
+    assert all(f"| {name} |" in markdown for name in SCORES)
+    _check_context_columns(root, report)
     tasks = report["task_ids"]
     assert len(tasks) == 6
     for label, cap in (("4/class", 4), ("all", None)):
@@ -219,6 +279,36 @@ def test_job_fills_embeds_and_evaluates_each_size(zoo_files, ray_local, tmp_path
     assert metrics["cells_filled"] == 0 and metrics["tasks_embedded"] == 0
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
         "data_efficiency.md", "data_efficiency.json"}
+
+
+def test_a_column_some_size_cannot_score_is_left_out_at_every_size(caplog):
+    small, full = data_efficiency.Size(4), data_efficiency.Size(None)
+    contexts = {small: {"features": [1], "labels": [2], "val_errors": [3]},
+                full: {"features": [4], "labels": [5], "source_probs": [6], "source_labels": [7],
+                       "val_errors": [8]}}
+    caplog.set_level(logging.WARNING, logger="jobs.data_efficiency")
+    assert data_efficiency.shared_contexts(contexts) == {
+        small: {"features": [1], "labels": [2], "val_errors": [3]},
+        full: {"features": [4], "labels": [5], "val_errors": [8]}}
+    assert "LEEP left out at every size: its input 'source_probs' is missing at 4/class" \
+        in caplog.text
+    assert "NCE left out at every size: its input 'source_labels' is missing at 4/class" \
+        in caplog.text
+    assert "LogME" not in caplog.text and "Brute force" not in caplog.text
+
+
+def test_tasks_in_common_keep_their_validation_errors():
+    data = MetaDataset("p", "m", ("a", "b", "c"), ("f", "g", "f"),
+                       np.arange(6.0).reshape(3, 2), np.arange(6.0).reshape(3, 2) / 10,
+                       ("e1", "e2"), np.ones((2, 2)),
+                       val_errors=np.array([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]]))
+    sub = data_efficiency._subset(data, ["c", "a"])
+    assert sub.task_ids == ("c", "a") and sub.families == ("f", "f")
+    np.testing.assert_array_equal(sub.errors, [[0.4, 0.5], [0.0, 0.1]])
+    np.testing.assert_array_equal(sub.val_errors, [[0.5, 0.6], [0.1, 0.2]])
+    assert with_validation_errors(sub, None)["val_errors"][0].tolist() == [0.5, 0.6]
+    assert data_efficiency._subset(dataclasses.replace(data, val_errors=None),
+                                   ["b"]).val_errors is None
 
 
 def test_job_refuses_a_probe_other_than_the_embeddings_one(zoo_files, ray_local, tmp_path):  # noqa: F811

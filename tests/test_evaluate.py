@@ -335,3 +335,33 @@ def test_data_efficiency(zoo) -> None:
     assert list(results) == [100, 1000]
     table = data_efficiency_markdown(results)
     assert "| selector | 100 | 1000 |" in table and "| task2vec |" in table
+
+
+def test_data_efficiency_scores_each_size_with_its_own_context() -> None:
+    # the same tasks and matrix at two sizes; the transferability inputs have 8 or 60 images
+    few, many = (synthetic_zoo(n_clusters=3, tasks_per_cluster=4, experts_per_cluster=2, dim=16,
+                               n_samples=n, random_state=0) for n in (8, 60))
+    np.testing.assert_array_equal(few.errors, many.errors)
+    zoos = {8: (few.task_embeddings, few.errors), 60: (many.task_embeddings, many.errors)}
+    contexts = {8: few.context, 60: many.context}
+    chosen = {"logme": LogMESelector(), "leep": LEEPSelector(), "oracle": OracleSelector()}
+    args = (zoos, few.expert_source_embeddings, few.expert_ids, few.families)
+    results = data_efficiency(chosen, *args, contexts=contexts, folds=3)
+
+    def rankings(result: EvaluationResult) -> dict[str, list[list[int]]]:
+        return {name: rep.rankings for name, rep in result.reports.items()}
+
+    for size, zoo in ((8, few), (60, many)):
+        alone = evaluate_selectors(chosen, zoo.task_embeddings, zoo.errors,
+                                   zoo.expert_source_embeddings, zoo.expert_ids, zoo.families,
+                                   folds=3, context=contexts[size])
+        assert rankings(results[size]) == rankings(alone)
+    assert rankings(results[8]) != rankings(results[60])  # so the check above can tell them apart
+
+    # one context for every size, as before
+    shared = data_efficiency(chosen, *args, context=many.context, folds=3)
+    assert rankings(shared[8]) == rankings(shared[60]) == rankings(results[60])
+    with pytest.raises(ValueError, match="not both"):
+        data_efficiency(chosen, *args, contexts=contexts, context=many.context)
+    with pytest.raises(ValueError, match=r"no context for size\(s\) \[60\]"):
+        data_efficiency(chosen, *args, contexts={8: few.context})
