@@ -43,7 +43,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_error_floor_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-epochs", type=int, default=500)
-    p.add_argument("--alpha", type=float, default=0.15, help="weight of the source-complexity term")
+    p.add_argument("--alpha", type=float, default=0.15,
+                   help="weight of the source-complexity term (start value; 0.15 = the paper's)")
+    p.add_argument("--fixed-alpha", dest="learn_alpha", action="store_false",
+                   help="keep --alpha fixed instead of learning it")
+    p.add_argument("--l2", type=float, default=1e-3,
+                   help="penalty on the mean square log-offset of the expert embeddings from "
+                        "their source tasks' (larger: experts stay nearer their source task)")
     p.add_argument("--gamma", type=float, default=1.0,
                    help="sharpness of the per-filter comparison (start value; 1 = the paper's d_sym)")
     p.add_argument("--fixed-gamma", dest="learn_gamma", action="store_false",
@@ -99,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     data = load_meta_dataset(root, args.probe_id, args.method, mode=args.mode)
     log.info("fitting MODEL2VEC on %d tasks × %d experts (%s/%s)", len(data.task_ids),
              len(data.expert_ids), data.probe_id, data.method)
-    model = Model2Vec(alpha=args.alpha, gamma=args.gamma, learn_gamma=args.learn_gamma,
-                      max_epochs=args.max_epochs, random_state=args.seed)
+    model = Model2Vec(alpha=args.alpha, learn_alpha=args.learn_alpha, gamma=args.gamma,
+                      learn_gamma=args.learn_gamma, l2=args.l2, max_epochs=args.max_epochs,
+                      random_state=args.seed)
     model.fit(data.embeddings, data.errors, data.expert_sources, expert_ids=list(data.expert_ids))
     metrics = {
         "n_tasks": len(data.task_ids),
@@ -110,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                                               error_floor=args.error_floor))),
         "tau": float(model.tau_),
         "gamma": float(model.gamma_),
+        "alpha": float(model.alpha_),
     }
     version = save_model(root, model, data, metrics)
     log.info("saved MODEL2VEC version %s (in-sample error increase over oracle %.2f%%)",
@@ -120,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
 
         tracking.configure(root, tracking_uri=args.tracking_uri)
         params = {"probe_id": data.probe_id, "method": data.method, "mode": args.mode,
-                  "alpha": args.alpha, "seed": args.seed, "version": version}
+                  "alpha": args.alpha, "learn_alpha": args.learn_alpha, "l2": args.l2,
+                  "seed": args.seed, "version": version}
         with tracking.stage_run("train_model2vec", params):
             tracking.log_metrics(metrics)
             registered = register_recommender(model, name=args.register_name, alias=args.alias)

@@ -18,8 +18,11 @@ Choices made here (the paper leaves them open):
   is moderately close to every task — or at the trivial embedding t0 (``"t0"``).
 * **Model.** p(i | t) = softmax_i(−d_asym(m_i → t) / τ), with
   d_asym(m → t) = d_sym(m, t) − α · d_sym(m, t0) and t0 the flat trivial embedding at the
-  training tasks' median Fisher value. τ is learned (in log space) by default; α is fixed at
-  the paper's 0.15 by default and learnable with ``learn_alpha=True``.
+  training tasks' median Fisher value. τ (in log space) and α (from the paper's 0.15) are
+  learned by default; ``learn_alpha=False`` keeps α fixed. How much a task's complexity
+  should discount an expert depends on the zoo: on the demo zoo, over three different 5-fold
+  splits of its tasks, learning α lowered the held-out error increase in every split (by 5 to
+  14 points; the learned α is about 0.35).
 * **Sharpness.** d_sym compares two embeddings filter by filter through u = m/(m+t) =
   sigmoid(log m − log t); on noisy Fisher estimates that spread over orders of magnitude most
   u saturate at 0 or 1, and small filters count as much as large ones. The model compares
@@ -182,7 +185,7 @@ class Model2Vec(BaseEstimator):
         tau: float | None = None,
         learn_tau: bool = True,
         alpha: float = 0.15,
-        learn_alpha: bool = False,
+        learn_alpha: bool = True,
         gamma: float = 1.0,
         learn_gamma: bool = True,
         target_temperature: float = 0.1,

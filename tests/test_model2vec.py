@@ -276,3 +276,20 @@ def test_cuda_matches_cpu(tmp_path, zoo, fitted) -> None:
     np.testing.assert_allclose(
         on_cpu.distances(zoo.task_embeddings), gpu.distances(zoo.task_embeddings), atol=1e-5
     )
+
+
+def test_learns_the_complexity_weight_of_a_zoo_ranked_by_d_asym() -> None:
+    """A matrix whose errors are an exact affine function of d_asym(source → task) with
+    α = 0.6 is reproduced exactly by α = 0.6 and a matching τ: the fit, starting from the
+    paper's 0.15, should find it; --fixed-alpha keeps 0.15."""
+    rng = np.random.default_rng(3)
+    tasks = np.exp(rng.normal(size=(40, 24))) * rng.uniform(0.2, 5.0, size=(40, 1))
+    sources = np.exp(rng.normal(size=(6, 24))) * rng.uniform(0.2, 5.0, size=(6, 1))
+    model = Model2Vec(learn_gamma=False, max_epochs=400, patience=40, val_fraction=0.0)
+    t0 = trivial_embedding(24, float(np.median(tasks)))
+    dist = d_asym(sources, tasks, t0=t0, alpha=0.6).T  # tasks × experts
+    errors = 0.05 + 0.01 * (dist - dist.min(axis=1, keepdims=True))
+    fitted = clone(model).set_params(l2=1e6).fit(tasks, errors, list(sources))
+    assert fitted.alpha_ == pytest.approx(0.6, abs=0.1)
+    fixed = clone(model).set_params(learn_alpha=False).fit(tasks, errors, list(sources))
+    assert fixed.alpha_ == 0.15
