@@ -77,6 +77,24 @@ def add_error_floor_arg(parser: argparse.ArgumentParser) -> None:
         "a task some expert solves perfectly would otherwise turn any miss into +1000s of %%")
 
 
+def add_repeats_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Repeated k-fold: one fold assignment moves the table by several points on a few dozen
+    tasks."""
+    parser.add_argument(
+        "--repeats", type=int, default=1, metavar="N",
+        help="repeated k-fold: average each task's metrics over N fold assignments (seeds "
+        "--seed .. --seed+N-1), since on a few dozen tasks which tasks share a fold moves the "
+        "table by several points; costs N times the fitting (default 1)")
+
+
+def check_repeats(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Leave-one-task-out has a single split, so only k-fold can be repeated."""
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.repeats > 1 and args.folds == "loo":
+        parser.error("--repeats needs --folds K: leave-one-task-out has no random split to repeat")
+
+
 def run_stamp() -> str:
     """UTC time to the second: the sortable name of a run's output folder under the root."""
     return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")

@@ -56,6 +56,8 @@ from jobs._cli import (
     add_common_args,
     add_embedding_args,
     add_error_floor_arg,
+    add_repeats_arg,
+    check_repeats,
     run_stamp,
     setup_logging,
 )
@@ -140,6 +142,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="'loo' (leave-one-task-out) or a number of folds over tasks")
     v.add_argument("--model2vec-epochs", type=int, default=300,
                    help="MODEL2VEC epochs per fold (refitted for every held-out fold and size)")
+    add_repeats_arg(v)
     x = p.add_argument_group("execution")
     x.add_argument("--address", default=None,
                    help="Ray address ('auto', host:port); default: $RAY_ADDRESS, else a new "
@@ -149,6 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.folds != "loo" and not args.folds.isdigit():
         p.error(f"--folds must be 'loo' or a number, got {args.folds!r}")
+    check_repeats(p, args)
     if args.embeddings == "subsample" and not args.probe and any(
             s.max_per_class for s in args.sizes):
         p.error("--embeddings subsample needs --probe (and --weights) to embed the subsets; "
@@ -334,7 +338,8 @@ def evaluate_sizes(root: StorageRoot, data: dict, args: argparse.Namespace) -> d
              len(selectors), len(zoos), len(first.task_ids), len(first.expert_ids), folds)
     return ev.data_efficiency(selectors, zoos, first.expert_sources, list(first.expert_ids),
                               list(first.families), contexts=contexts, folds=folds,
-                              random_state=args.seed, error_floor=args.error_floor)
+                              random_state=args.seed, error_floor=args.error_floor,
+                              repeats=args.repeats)
 
 
 def _oracle_error(errors: np.ndarray) -> float | None:
@@ -380,7 +385,8 @@ def report(results: dict, data: dict, work: list[SizeWork], args: argparse.Names
                     "see more of each task than its training did")
     header = (f"## Data efficiency: expert selection by training-set size "
               f"({len(first.task_ids)} tasks × {len(first.expert_ids)} experts, {args.mode}-mode "
-              f"matrix, probe {first.probe_id}, {first.method} Fisher, folds={args.folds}, "
+              f"matrix, probe {first.probe_id}, {first.method} Fisher, folds={args.folds}"
+              f"{f', {args.repeats} repeats' if args.repeats > 1 else ''}, "
               f"oracle errors floored at {args.error_floor:g})")
     sizes_line = (f"A column is a cap on training images per class (seeded subset, seed "
                   f"{args.seed}; 'all' = the whole training split), for the matrix cells and "
@@ -399,8 +405,8 @@ def report(results: dict, data: dict, work: list[SizeWork], args: argparse.Names
         "sizes": [s.label for s in results],
         "max_per_class": [s.max_per_class for s in results],
         "task_embeddings": args.embeddings, "mode": args.mode, "probe_id": first.probe_id,
-        "method": first.method, "folds": args.folds, "error_floor": args.error_floor,
-        "seed": args.seed, "task_ids": list(first.task_ids),
+        "method": first.method, "folds": args.folds, "repeats": args.repeats,
+        "error_floor": args.error_floor, "seed": args.seed, "task_ids": list(first.task_ids),
         "expert_ids": list(first.expert_ids), "mean_oracle_error": oracle,
         "context_columns": columns,
         "work": {w.size.label: {"matrix": w.matrix, "embeddings": w.embeddings} for w in work},
@@ -437,7 +443,8 @@ def track(args: argparse.Namespace, root: StorageRoot, out: Outcome) -> None:
 
     tracking.configure(root, tracking_uri=args.tracking_uri)
     params = {"sizes": ",".join(out.payload["sizes"]), "task_embeddings": args.embeddings,
-              "mode": args.mode, "folds": args.folds, "n_tasks": len(out.payload["task_ids"])}
+              "mode": args.mode, "folds": args.folds, "repeats": args.repeats,
+              "n_tasks": len(out.payload["task_ids"])}
     with tracking.stage_run(REPORT_NAME, params):
         tracking.log_metrics(efficiency_metrics(out.results))
         tracking.log_metrics({

@@ -1,11 +1,13 @@
 """Evaluate expert selectors on the zoo, in the form of the paper's Table 1.
 
-    python -m jobs.evaluate --root ./t2v-data [--folds loo|K] [--probe-id P --method M]
+    python -m jobs.evaluate --root ./t2v-data [--folds loo|K [--repeats N]]
+        [--probe-id P --method M]
 
-Every task is held out in turn (leave-one-task-out, or K folds over tasks); learned selectors
-are fitted on the other tasks only. Writes ``evaluation/<run>/table1.md`` and ``table1.json``
-under the storage root (``evaluation/LATEST`` names the newest run), prints the table next
-to the paper's numbers, and logs metrics and plots to MLflow.
+Every task is held out in turn (leave-one-task-out, or K folds over tasks, with --repeats N
+averaged over N fold assignments); learned selectors are fitted on the other tasks only.
+Writes ``evaluation/<run>/table1.md`` and ``table1.json`` under the storage root
+(``evaluation/LATEST`` names the newest run), prints the table next to the paper's numbers,
+and logs metrics and plots to MLflow.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from jobs._cli import (
     add_common_args,
     add_embedding_args,
     add_error_floor_arg,
+    add_repeats_arg,
+    check_repeats,
     run_stamp,
     setup_logging,
 )
@@ -63,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_error_floor_arg(p)
     p.add_argument("--folds", default="loo",
                    help="'loo' (leave-one-task-out) or a number of folds over tasks")
+    add_repeats_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model2vec-epochs", type=int, default=300,
                    help="MODEL2VEC epochs per fold (it is refitted for every held-out fold)")
@@ -74,7 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the LEEP and NCE columns when every expert has a source head")
     t.add_argument("--max-per-class", type=int, default=None)
     t.add_argument("--features-seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_repeats(p, args)
+    return args
 
 
 def _cached_features(root: StorageRoot, data: MetaDataset, experts: dict, image_size: int,
@@ -192,7 +199,7 @@ def standard_selectors(data: MetaDataset, *, seed: int = 0, model2vec_epochs: in
 
 
 def run(data: MetaDataset, folds: str | int, *, seed: int = 0, model2vec_epochs: int = 300,
-        error_floor: float = 0.02, context: dict | None = None) -> dict:
+        error_floor: float = 0.02, context: dict | None = None, repeats: int = 1) -> dict:
     """The whole evaluation of one meta-dataset, as plain data plus the markdown table.
     ``context`` (see :func:`transfer_context`) adds the LogME, LEEP and NCE columns it has
     inputs for; the matrix's validation errors add the brute-force column."""
@@ -202,13 +209,14 @@ def run(data: MetaDataset, folds: str | int, *, seed: int = 0, model2vec_epochs:
     result = ev.evaluate_selectors(
         selectors, data.embeddings, data.errors, data.expert_sources, list(data.expert_ids),
         list(data.families), folds=folds, random_state=seed, error_floor=error_floor,
-        context=context,
+        context=context, repeats=repeats,
     )
     recovery = ev.family_recovery(data.embeddings, list(data.families))
     difficulty = ev.norm_vs_difficulty(data.embeddings, data.errors)
     markdown = "\n\n".join([
         f"## Expert selection ({len(data.task_ids)} tasks × {len(data.expert_ids)} experts, "
-        f"probe {data.probe_id}, {data.method} Fisher, folds={folds}, "
+        f"probe {data.probe_id}, {data.method} Fisher, folds={folds}"
+        f"{f', {repeats} repeats' if repeats > 1 else ''}, "
         f"oracle errors floored at {error_floor:g})",
         ev.to_markdown(result, paper=True),
         f"Family recovery from embeddings alone (1-NN, d_sym): {recovery.accuracy:.1%} "
@@ -268,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         context = transfer_context(root, data, args.image_size, args.max_per_class,
                                    args.features_seed)
     report = run(data, folds, seed=args.seed, model2vec_epochs=args.model2vec_epochs,
-                 error_floor=args.error_floor, context=context)
+                 error_floor=args.error_floor, context=context, repeats=args.repeats)
     base = write_report(root, report)
     print(report["markdown"])
     log.info("wrote %s/table1.md and table1.json", root.join(base))
@@ -277,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
 
         tracking.configure(root, tracking_uri=args.tracking_uri)
         params = {"probe_id": data.probe_id, "method": data.method, "folds": folds,
-                  "n_tasks": len(data.task_ids), "n_experts": len(data.expert_ids)}
+                  "repeats": args.repeats, "n_tasks": len(data.task_ids),
+                  "n_experts": len(data.expert_ids)}
         with tracking.stage_run("evaluate", params):
             tracking.log_metrics(tracking.table1_metrics(report["result"]))
             import mlflow

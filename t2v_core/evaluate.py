@@ -1,6 +1,7 @@
 """Meta-task evaluation of expert selectors (the paper's Table 1), and embedding diagnostics.
 
-:func:`evaluate_selectors` holds tasks out (leave-one-task-out or k-fold over tasks), fits
+:func:`evaluate_selectors` holds tasks out (leave-one-task-out, or k-fold over tasks, optionally
+repeated with other fold assignments and each task's metrics averaged over the repeats), fits
 every selector on the other tasks only and ranks the experts for the held-out ones. The
 leakage guard is structural: ``fit`` receives copies of the training rows of the matrix,
 ``rank`` receives the held-out embeddings and context; the held-out matrix rows reach only
@@ -97,8 +98,10 @@ class SelectorReport:
     paper_name: str | None
     cost: str
     by_meta_task: dict[str, MetaTaskScores]
-    rankings: list[list[int]]  # T×E, best first, as the selector returned them
-    relative_increase_pct: list[float]  # per task; NaN where the task has no observed error
+    # T×E, best first, as the selector returned them; with repeated k-fold, the first
+    # repeat's (a ranking is not averaged), while the metrics average over the repeats.
+    rankings: list[list[int]]
+    relative_increase_pct: list[float]  # per task, mean over repeats; NaN: no observed error
 
     def picks(self) -> np.ndarray:
         """The top-ranked expert index per task."""
@@ -116,6 +119,7 @@ class EvaluationResult:
     reports: dict[str, SelectorReport]
     expected_chance_pct: dict[str, float]  # mean relative increase of a uniformly random pick
     ks: list[int] = field(default_factory=lambda: [1, 3, 5])
+    repeats: int = 1  # fold assignments each task's metrics are averaged over
 
     def table(self, metric: str = "relative_increase_pct") -> dict[str, dict[str, float]]:
         """selector -> meta-task -> metric value."""
@@ -195,22 +199,38 @@ def bootstrap_mean_ci(
     return (float(low), float(high))
 
 
+def _nanmean(values: Sequence[float]) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def _mean_over_repeats(runs: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """One task's metrics averaged over repeated fold assignments (NaN-aware; ``hit`` becomes
+    a rate). None when the task has no observed error, which holds for every repeat alike."""
+    rows = [r for r in runs if r is not None]
+    if not rows:
+        return None
+    mean = {key: _nanmean([float(r[key]) for r in rows])
+            for key in ("relative_increase_pct", "hit", "kendall_tau", "weighted_tau")}
+    mean["regret_at_k_pct"] = {
+        k: _nanmean([r["regret_at_k_pct"][k] for r in rows]) for k in rows[0]["regret_at_k_pct"]
+    }
+    return mean
+
+
 def _aggregate(
     per_task: list[dict[str, Any] | None], idx: Sequence[int], ks: Sequence[int]
 ) -> MetaTaskScores:
     rows = [per_task[i] for i in idx if per_task[i] is not None]
-
-    def mean(values: list[float]) -> float:
-        vals = [v for v in values if not math.isnan(v)]
-        return float(np.mean(vals)) if vals else math.nan
-
     return MetaTaskScores(
         n_tasks=len(rows),
-        relative_increase_pct=mean([r["relative_increase_pct"] for r in rows]),
-        top1_hit_rate=mean([float(r["hit"]) for r in rows]),
-        regret_at_k_pct={int(k): mean([r["regret_at_k_pct"][int(k)] for r in rows]) for k in ks},
-        kendall_tau=mean([r["kendall_tau"] for r in rows]),
-        weighted_tau=mean([r["weighted_tau"] for r in rows]),
+        relative_increase_pct=_nanmean([r["relative_increase_pct"] for r in rows]),
+        top1_hit_rate=_nanmean([float(r["hit"]) for r in rows]),
+        regret_at_k_pct={
+            int(k): _nanmean([r["regret_at_k_pct"][int(k)] for r in rows]) for k in ks
+        },
+        kendall_tau=_nanmean([r["kendall_tau"] for r in rows]),
+        weighted_tau=_nanmean([r["weighted_tau"] for r in rows]),
         relative_increase_ci95_pct=bootstrap_mean_ci([r["relative_increase_pct"] for r in rows]),
     )
 
@@ -259,6 +279,48 @@ def _check_ranking(name: str, ranking: np.ndarray, n: int, n_experts: int) -> np
     return r.astype(np.int64)
 
 
+def _rank_held_out(
+    selectors: Mapping[str, Selector],
+    tasks: np.ndarray,
+    err: np.ndarray,
+    sources: list,
+    ids: list,
+    ctx: dict[str, Any],
+    splits: list[np.ndarray],
+) -> dict[str, np.ndarray]:
+    """Every selector's T×E rankings, each task ranked by a fresh copy fitted without its fold."""
+    n_tasks, n_experts = err.shape
+    rankings = {name: np.full((n_tasks, n_experts), -1, dtype=np.int64) for name in selectors}
+    for fold, test_idx in enumerate(splits):
+        train_idx = np.setdiff1d(np.arange(n_tasks), test_idx)
+        train_ctx, test_ctx = _slice_context(ctx, train_idx), _slice_context(ctx, test_idx)
+        for name, template in selectors.items():
+            selector = copy.deepcopy(template)
+            # Copies: a selector can neither see nor alter the held-out rows.
+            selector.fit(tasks[train_idx].copy(), err[train_idx].copy(), sources, ids, **train_ctx)
+            kwargs = dict(test_ctx)
+            if getattr(selector, "requires_target_errors", False):
+                kwargs["target_errors"] = err[test_idx].copy()
+            ranked = selector.rank(tasks[test_idx].copy(), **kwargs)
+            rankings[name][test_idx] = _check_ranking(name, ranked, test_idx.size, n_experts)
+        log.debug("fold %d/%d done (%d held out)", fold + 1, len(splits), test_idx.size)
+    return rankings
+
+
+def _meta_task_groups(
+    fams: list[str], meta_tasks: Mapping[str, Sequence[str]] | None
+) -> dict[str, list[int]]:
+    """Meta-task -> task indices; "Mixed" (every task) is always there."""
+    if meta_tasks is None:
+        return default_meta_tasks(fams)
+    groups = {
+        mt: [t for t, fam in enumerate(fams) if fam in {str(f) for f in members}]
+        for mt, members in meta_tasks.items()
+    }
+    groups[MIXED] = list(range(len(fams)))
+    return groups
+
+
 def default_meta_tasks(families: Sequence[str]) -> dict[str, list[int]]:
     """One meta-task per family, plus "Mixed" with every task."""
     out: dict[str, list[int]] = {}
@@ -282,6 +344,7 @@ def evaluate_selectors(
     ks: Sequence[int] = (1, 3, 5),
     error_floor: float = 1e-3,
     random_state: int = 0,
+    repeats: int = 1,
 ) -> EvaluationResult:
     """Evaluate every selector with held-out tasks; see the module docstring for the metrics.
 
@@ -289,7 +352,15 @@ def evaluate_selectors(
     fold. ``context`` maps a key to a per-task sequence of length T (sliced per fold).
     ``meta_tasks`` maps a meta-task name to the families it contains (default: one per family;
     "Mixed" with all tasks is always added). ``folds`` is 'loo' or a number of folds.
+
+    ``repeats`` > 1 is repeated k-fold: repeat r splits with seed ``random_state + r`` and each
+    task's metrics are averaged over the repeats, since on a few dozen tasks which tasks share
+    a fold moves the table by several points. The cost is ``repeats`` times the fitting.
     """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    if folds == "loo" and repeats > 1:
+        raise ValueError("leave-one-task-out has no random split to repeat: use repeats=1")
     tasks = np.asarray(task_embeddings, dtype=np.float64)
     err = np.asarray(errors, dtype=np.float64)
     n_tasks, n_experts = err.shape
@@ -307,40 +378,25 @@ def evaluate_selectors(
         if len(value) != n_tasks:
             raise ValueError(f"context {key!r} has {len(value)} items for {n_tasks} tasks")
 
-    rankings = {name: np.full((n_tasks, n_experts), -1, dtype=np.int64) for name in selectors}
-    splits = _splits(n_tasks, folds, random_state)
-    for fold, test_idx in enumerate(splits):
-        train_idx = np.setdiff1d(np.arange(n_tasks), test_idx)
-        train_ctx, test_ctx = _slice_context(ctx, train_idx), _slice_context(ctx, test_idx)
-        for name, template in selectors.items():
-            selector = copy.deepcopy(template)
-            # Copies: a selector can neither see nor alter the held-out rows.
-            selector.fit(tasks[train_idx].copy(), err[train_idx].copy(), sources, ids, **train_ctx)
-            kwargs = dict(test_ctx)
-            if getattr(selector, "requires_target_errors", False):
-                kwargs["target_errors"] = err[test_idx].copy()
-            ranked = selector.rank(tasks[test_idx].copy(), **kwargs)
-            rankings[name][test_idx] = _check_ranking(name, ranked, test_idx.size, n_experts)
-        log.debug("fold %d/%d done (%d held out)", fold + 1, len(splits), test_idx.size)
-
-    groups = default_meta_tasks(fams)
-    if meta_tasks is not None:
-        groups = {
-            mt: [t for t in range(n_tasks) if fams[t] in {str(f) for f in members}]
-            for mt, members in meta_tasks.items()
-        }
-        groups[MIXED] = list(range(n_tasks))
+    runs = [
+        _rank_held_out(selectors, tasks, err, sources, ids, ctx,
+                       _splits(n_tasks, folds, random_state + r))
+        for r in range(repeats)
+    ]
+    groups = _meta_task_groups(fams, meta_tasks)
     reports = {}
     for name, selector in selectors.items():
         per_task = [
-            task_metrics(err[t], rankings[name][t], ks, error_floor) for t in range(n_tasks)
+            _mean_over_repeats([task_metrics(err[t], run[name][t], ks, error_floor)
+                                for run in runs])
+            for t in range(n_tasks)
         ]
         reports[name] = SelectorReport(
             name=name,
             paper_name=getattr(selector, "paper_name", None),
             cost=str(getattr(selector, "cost", "")),
             by_meta_task={mt: _aggregate(per_task, idx, ks) for mt, idx in groups.items()},
-            rankings=rankings[name].tolist(),
+            rankings=runs[0][name].tolist(),
             relative_increase_pct=[
                 math.nan if m is None else m["relative_increase_pct"] for m in per_task
             ],
@@ -355,6 +411,7 @@ def evaluate_selectors(
             mt: _expected_chance(err, idx, error_floor) for mt, idx in groups.items()
         },
         ks=[int(k) for k in ks],
+        repeats=repeats,
     )
 
 
@@ -470,9 +527,10 @@ def to_markdown(result: EvaluationResult, paper: bool = True) -> str:
     header = ["selector", "cost", *metas]
     paper_cols = list(next(iter(PAPER_TABLE1.values()))) if paper else []
     header += [f"paper {c}" for c in paper_cols]
+    repeated = f", {result.repeats} repeats" if result.repeats > 1 else ""
     lines = [
         "Relative error increase over the oracle expert (mean over held-out tasks, "
-        f"folds={result.folds}).",
+        f"folds={result.folds}{repeated}).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",

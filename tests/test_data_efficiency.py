@@ -327,7 +327,7 @@ def test_help_and_bad_sizes():
     out = subprocess.run([sys.executable, "-m", "jobs.data_efficiency", "--help"], cwd=REPO,
                          env=_env(), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    for flag in ("--sizes", "--embeddings", "--probe", "--folds", "--root"):
+    for flag in ("--sizes", "--embeddings", "--probe", "--folds", "--repeats", "--root"):
         assert flag in out.stdout
     assert data_efficiency.parse_sizes("all,10,5,10") == [
         data_efficiency.Size(5), data_efficiency.Size(10), data_efficiency.Size(None)]
@@ -336,6 +336,10 @@ def test_help_and_bad_sizes():
             data_efficiency.parse_args(["--sizes", bad, "--embeddings", "full"])
     with pytest.raises(SystemExit):  # subsets need a probe to embed them
         data_efficiency.parse_args(["--sizes", "5,all"])
+    with pytest.raises(SystemExit):  # leave-one-task-out has no split to repeat
+        data_efficiency.parse_args(["--embeddings", "full", "--repeats", "2"])
+    assert data_efficiency.parse_args(["--embeddings", "full", "--folds", "3",
+                                       "--repeats", "2"]).repeats == 2
 
 
 def test_the_demo_runs_the_job_after_evaluate():

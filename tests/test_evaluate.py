@@ -365,3 +365,67 @@ def test_data_efficiency_scores_each_size_with_its_own_context() -> None:
         data_efficiency(chosen, *args, contexts=contexts, context=many.context)
     with pytest.raises(ValueError, match=r"no context for size\(s\) \[60\]"):
         data_efficiency(chosen, *args, contexts={8: few.context})
+
+
+def _cheap_selectors() -> dict[str, Selector]:
+    """Selectors fitted on the training tasks (so the fold assignment matters), and cheap."""
+    return {"prior": MeanErrorPrior(), "asym": AsymTask2VecSelector(),
+            "chance": ChanceSelector(), "oracle": OracleSelector()}
+
+
+def _evaluate(zoo, **kwargs) -> EvaluationResult:
+    return evaluate_selectors(_cheap_selectors(), zoo.task_embeddings, zoo.errors,
+                              zoo.expert_source_embeddings, zoo.expert_ids, zoo.families,
+                              folds=4, **kwargs)
+
+
+def test_one_repeat_is_the_single_split(zoo) -> None:
+    plain, once = _evaluate(zoo), _evaluate(zoo, repeats=1)
+    assert to_json(plain) == to_json(once) and once.repeats == 1
+    assert "repeats" not in to_markdown(once).splitlines()[0]
+    # the per-task metrics are those of the one split's rankings
+    rep = once.reports["prior"]
+    per_task = [task_metrics(zoo.errors[t], r) for t, r in enumerate(rep.rankings)]
+    np.testing.assert_allclose(rep.relative_increase_pct,
+                               [m["relative_increase_pct"] for m in per_task])
+    assert rep.by_meta_task["Mixed"].top1_hit_rate == np.mean([m["hit"] for m in per_task])
+
+
+def test_repeats_average_each_task_over_fold_assignments(zoo) -> None:
+    singles = [_evaluate(zoo, random_state=seed) for seed in (0, 1, 2)]
+    repeated = _evaluate(zoo, repeats=3)
+    assert repeated.repeats == 3 and json.loads(to_json(repeated))["repeats"] == 3
+    assert "folds=4, 3 repeats" in to_markdown(repeated).splitlines()[0]
+    increases = {name: np.array([s.reports[name].relative_increase_pct for s in singles])
+                 for name in repeated.reports}
+    assert np.ptp(increases["prior"], axis=0).max() > 0  # the fold assignment moves a task
+    for name, rep in repeated.reports.items():
+        np.testing.assert_allclose(rep.relative_increase_pct, increases[name].mean(axis=0))
+        assert rep.rankings == singles[0].reports[name].rankings  # the first repeat's
+
+        per_run = [[task_metrics(zoo.errors[t], r) for t, r in enumerate(s.reports[name].rankings)]
+                   for s in singles]
+        hit_rate = np.mean([np.mean([run[t]["hit"] for run in per_run])
+                            for t in range(len(zoo.families))])
+        tau = np.array([[run[t]["kendall_tau"] for run in per_run]
+                        for t in range(len(zoo.families))])
+        with np.errstate(invalid="ignore"):
+            tau_per_task = np.nanmean(tau, axis=1)  # all-NaN tasks have no order to recover
+        mixed_scores = rep.by_meta_task["Mixed"]
+        assert mixed_scores.top1_hit_rate == pytest.approx(hit_rate)
+        assert mixed_scores.kendall_tau == pytest.approx(np.nanmean(tau_per_task))
+        assert mixed_scores.relative_increase_ci95_pct == bootstrap_mean_ci(
+            rep.relative_increase_pct)
+    # data_efficiency passes repeats through to every size
+    at_sizes = data_efficiency(_cheap_selectors(), {"all": (zoo.task_embeddings, zoo.errors)},
+                               zoo.expert_source_embeddings, zoo.expert_ids, zoo.families,
+                               folds=4, repeats=3)
+    assert to_json(at_sizes["all"]) == to_json(repeated)
+
+
+def test_repeats_need_a_random_split(zoo) -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        _evaluate(zoo, repeats=0)
+    with pytest.raises(ValueError, match="leave-one-task-out"):
+        evaluate_selectors({"prior": MeanErrorPrior()}, zoo.task_embeddings, zoo.errors,
+                           zoo.expert_source_embeddings, folds="loo", repeats=2)

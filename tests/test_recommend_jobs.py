@@ -65,7 +65,7 @@ def test_train_evaluate_recommend_end_to_end(zoo_root):
     assert meta["metrics"]["train_relative_increase_pct"] < 10
 
     assert evaluate_job.main(["--root", root.uri, "--no-tracking", "--folds", "3",
-                              "--model2vec-epochs", "150"]) == 0
+                              "--repeats", "2", "--model2vec-epochs", "150"]) == 0
     run = root.read_bytes("evaluation/LATEST").decode()
     report = json.loads(root.read_bytes(f"evaluation/{run}/table1.json"))
     mixed = {name: rep["by_meta_task"]["Mixed"]["relative_increase_pct"]
@@ -75,6 +75,7 @@ def test_train_evaluate_recommend_end_to_end(zoo_root):
     assert mixed["Asym Task2Vec"] < mixed["Chance"]
     markdown = root.read_bytes(f"evaluation/{run}/table1.md").decode()
     assert "+27.81%" in markdown  # the paper's Mixed Model2Vec number sits beside ours
+    assert report["table1"]["repeats"] == 2 and "folds=3, 2 repeats" in markdown
     assert report["family_recovery"]["accuracy"] > 0.9
 
     picked = [tasks[0].task_id, tasks[-1].task_id]
@@ -106,6 +107,13 @@ def test_help(job, capsys):
         job.main(["--help"])
     assert exit_info.value.code == 0
     assert "--root" in capsys.readouterr().out
+
+
+def test_repeats_need_k_folds():
+    for bad in (["--repeats", "2"], ["--folds", "3", "--repeats", "0"]):
+        with pytest.raises(SystemExit):
+            evaluate_job.parse_args(bad)
+    assert evaluate_job.parse_args(["--folds", "3", "--repeats", "2"]).repeats == 2
 
 
 def test_registered_model_in_local_mlflow_ranks_like_the_stored_one(zoo_root, monkeypatch):
