@@ -282,11 +282,14 @@ def _subset(data: MetaDataset, task_ids: list[str]) -> MetaDataset:
     """``data`` on ``task_ids`` alone, in that order, every per-task array alike (validation
     errors too), so that a context built from it lines up with its rows."""
     index = [data.task_ids.index(t) for t in task_ids]
-    val = None if data.val_errors is None else data.val_errors[index]
+
+    def rows(array: np.ndarray | None) -> np.ndarray | None:
+        return None if array is None else array[index]
+
     return dataclasses.replace(data, task_ids=tuple(task_ids),
                                families=tuple(data.families[i] for i in index),
                                embeddings=data.embeddings[index], errors=data.errors[index],
-                               val_errors=val)
+                               val_errors=rows(data.val_errors), test_sizes=rows(data.test_sizes))
 
 
 def size_contexts(root: StorageRoot, data: dict, args: argparse.Namespace) -> dict:

@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import asdict
 
 import numpy as np
 
@@ -30,6 +31,7 @@ from jobs._cli import (
 )
 from t2v_core import evaluate as ev
 from t2v_core.meta_dataset import MetaDataset, load_meta_dataset
+from t2v_core.noise_floor import NoiseFloor, oracle_noise_floor
 from t2v_core.selectors import (
     AsymTask2VecSelector,
     BruteForceSelector,
@@ -213,6 +215,7 @@ def run(data: MetaDataset, folds: str | int, *, seed: int = 0, model2vec_epochs:
     )
     recovery = ev.family_recovery(data.embeddings, list(data.families))
     difficulty = ev.norm_vs_difficulty(data.embeddings, data.errors)
+    floor = noise_floor(data, error_floor)
     markdown = "\n\n".join([
         f"## Expert selection ({len(data.task_ids)} tasks × {len(data.expert_ids)} experts, "
         f"probe {data.probe_id}, {data.method} Fisher, folds={folds}"
@@ -222,6 +225,7 @@ def run(data: MetaDataset, folds: str | int, *, seed: int = 0, model2vec_epochs:
         f"Family recovery from embeddings alone (1-NN, d_sym): {recovery.accuracy:.1%} "
         f"(chance {recovery.chance_accuracy:.1%}).",
         f"Embedding norm vs the task's best error: Spearman ρ = {difficulty.spearman:.2f}.",
+        *([] if floor is None else [noise_floor_sentence(floor)]),
     ])
     return {
         "result": result,
@@ -230,6 +234,7 @@ def run(data: MetaDataset, folds: str | int, *, seed: int = 0, model2vec_epochs:
             "table1": json.loads(ev.to_json(result)),
             "family_recovery": json.loads(ev.to_json(recovery)),
             "norm_vs_difficulty": json.loads(ev.to_json(difficulty)),
+            "oracle_noise_floor": None if floor is None else asdict(floor),
             "probe_id": data.probe_id,
             "method": data.method,
             "error_floor": error_floor,
@@ -237,6 +242,25 @@ def run(data: MetaDataset, folds: str | int, *, seed: int = 0, model2vec_epochs:
             "expert_ids": list(data.expert_ids),
         },
     }
+
+
+def noise_floor(data: MetaDataset, error_floor: float) -> NoiseFloor | None:
+    """The oracle's test-noise floor, when the matrix records every task's test-set size
+    (rows written before sizes were recorded: None)."""
+    sizes = data.task_test_sizes()
+    if sizes is None:
+        log.info("the matrix does not record test-set sizes: no noise floor in the report")
+        return None
+    return oracle_noise_floor(data.errors, sizes, error_floor=error_floor)
+
+
+def noise_floor_sentence(floor: NoiseFloor) -> str:
+    low, high = floor.ci95_pct
+    return (f"Test-noise floor: the truly best expert itself, re-measured on test sets of the "
+            f"same size, scores +{floor.mean_pct:.1f}% over the re-measured oracle "
+            f"(95% of re-measurements: +{low:.1f}% … +{high:.1f}%). The oracle is the luckiest "
+            "of the experts' noisy test errors, so no selector can be expected below this; "
+            "experts are re-measured independently, which makes it an upper bound.")
 
 
 def write_report(root: StorageRoot, report: dict) -> str:

@@ -171,6 +171,7 @@ def _outcome(task, expert, result, *, configs_tried: int, diverged: int, seconds
         "test_error": result.test_error, "train_error": result.train_error,
         "val_error": result.val_error, "val_loss": result.val_loss,
         "train_loss": result.train_loss, "n_train": result.n_train, "n_val": result.n_val,
+        "n_test": result.n_test,
         "epochs": result.epochs, "hp": best_hp or {}, "configs_tried": configs_tried,
         "diverged": diverged, "seconds": seconds, "device": device, "probe_id": probe_id,
     }
@@ -341,7 +342,8 @@ def combine(outcomes: list[dict], job: dict, layout: str) -> MatrixRow:
         error = f"all {tried} configurations diverged; first: {error}"
     config = {
         "mode": job["mode"], "hp": pick["hp"], "recipe": job["recipe_full"], "data": job["data"],
-        "val_error": pick["val_error"], "n_val": pick["n_val"], "configs_tried": tried,
+        "val_error": pick["val_error"], "n_val": pick["n_val"], "n_test": pick.get("n_test"),
+        "configs_tried": tried,
         "diverged": diverged, "device": pick["device"], "layout": layout,
         "probe_id": pick["probe_id"], "code_version": job["code_version"],
         "search": job["search"],

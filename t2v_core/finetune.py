@@ -29,7 +29,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -133,6 +133,7 @@ class TrainResult:
     n_val: int
     config: dict = field(default_factory=dict)
     error: str | None = None
+    n_test: int = 0  # images behind test_error: how precise it is (0: not measured)
 
     @property
     def ok(self) -> bool:
@@ -376,7 +377,7 @@ def fit_heads(
         n_val = len(prob.y_val) if has_val[i] else 0
         for k, cfg in enumerate(configs):
             common = dict(seconds=seconds, n_train=len(prob.y_train), n_val=n_val,
-                          config={**cfg.to_dict(), **recipe.to_dict()})
+                          n_test=len(prob.y_test), config={**cfg.to_dict(), **recipe.to_dict()})
             if first_bad[i, k] >= 0:
                 reason = (f"diverged: loss {bad_loss[i, k]:.4g} at step {first_bad[i, k]} "
                           f"(lr={cfg.lr:g}, weight_decay={cfg.weight_decay:g})")
@@ -571,6 +572,4 @@ def finetune_cell(
     if out.model is None:
         return out.result
     _, test_err = _evaluate(out.model, problem.x_test, problem.y_test, torch.device(device or "cpu"))
-    r = out.result
-    return TrainResult(r.status, test_err, r.train_error, r.val_error, r.train_loss, r.val_loss,
-                       r.epochs, r.seconds, r.n_train, r.n_val, r.config, r.error)
+    return replace(out.result, test_error=test_err, n_test=len(problem.y_test))

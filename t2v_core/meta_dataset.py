@@ -52,6 +52,20 @@ class MetaDataset:
     # T × E validation errors of the same cells (the split each cell's configuration was
     # picked on), NaN where a row does not record one: what a brute-force search would see.
     val_errors: np.ndarray | None = None
+    # T × E test-set sizes behind the errors, NaN where a row does not record one (older
+    # rows): how precise each error is, e.g. for the oracle's noise floor.
+    test_sizes: np.ndarray | None = None
+
+    def task_test_sizes(self) -> np.ndarray | None:
+        """One test-set size per task (its cells share one test split); None unless every
+        task records one."""
+        if self.test_sizes is None:
+            return None
+        sizes = np.asarray(self.test_sizes, dtype=np.float64)
+        recorded = np.isfinite(sizes).any(axis=1)
+        if sizes.size == 0 or not recorded.all():
+            return None
+        return np.nanmax(sizes, axis=1).astype(np.int64)
 
     @property
     def generic_experts(self) -> tuple[str, ...]:
@@ -134,7 +148,10 @@ def load_meta_dataset(
     table = read_matrix(root, mode=mode, tasks=tasks, experts=experts, max_per_class=max_per_class)
     expert_ids = [e.expert_id for e in experts]
     errors, row_ids, _ = pivot(table, emb.task_ids, expert_ids, max_per_class=max_per_class)
-    val_errors, _, _ = pivot(_with_val_error(table), emb.task_ids, expert_ids, "val_error",
+    recorded = _with_config_numbers(table, ("val_error", "n_test"))
+    val_errors, _, _ = pivot(recorded, emb.task_ids, expert_ids, "val_error",
+                             max_per_class=max_per_class)
+    test_sizes, _, _ = pivot(recorded, emb.task_ids, expert_ids, "n_test",
                              max_per_class=max_per_class)
     keep = np.isfinite(errors).any(axis=1)
     size = "all images" if max_per_class is None else f"{max_per_class} images per class"
@@ -166,16 +183,23 @@ def load_meta_dataset(
         max_per_class=max_per_class,
         task_embeddings=task_embeddings,
         val_errors=val_errors[keep],
+        test_sizes=test_sizes[keep],
     )
 
 
-def _with_val_error(table: pa.Table) -> pa.Table:
-    """The matrix rows with a ``val_error`` column taken from each row's recorded config."""
-    values = []
+def _with_config_numbers(table: pa.Table, keys: tuple[str, ...]) -> pa.Table:
+    """The matrix rows plus one float column per key, read from each row's recorded config
+    (null where a row's config lacks it or is unreadable)."""
+    values: dict[str, list] = {key: [] for key in keys}
     for config in table.column("config").to_pylist():
         try:
-            value = json.loads(config).get("val_error") if config else None
-        except (ValueError, AttributeError):
-            value = None
-        values.append(float(value) if isinstance(value, (int, float)) else None)
-    return table.append_column("val_error", pa.array(values, pa.float64()))
+            parsed = json.loads(config) if config else {}
+        except ValueError:
+            parsed = {}
+        for key in keys:
+            value = parsed.get(key) if isinstance(parsed, dict) else None
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            values[key].append(float(value) if ok else None)
+    for key in keys:
+        table = table.append_column(key, pa.array(values[key], pa.float64()))
+    return table

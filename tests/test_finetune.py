@@ -80,6 +80,7 @@ def test_batched_heads_match_torch_adam_and_one_by_one():
             assert b.test_error == pytest.approx(alone.test_error, abs=1e-6)
             assert b.train_loss == pytest.approx(torch_adam_reference(prob, cfg, recipe.epochs), abs=1e-5)
             assert 0 <= b.test_error <= 1 and b.n_val == len(prob.y_val)
+            assert b.n_test == len(prob.y_test) > 0
 
 
 def test_mlp_heads_batched_equal_alone_and_are_deterministic():
@@ -147,6 +148,7 @@ def test_finetune_cell_is_deterministic_and_learns():
     b = finetune_cell(backbone, _image_problem(), HeadConfig(0.02, 1e-4), recipe)
     assert a.ok and a.to_dict() | {"seconds": 0} == b.to_dict() | {"seconds": 0}
     assert a.test_error <= 0.1 and 0 <= a.train_error <= 1 and a.epochs == 4
+    assert a.n_test == len(_image_problem().y_test) > 0
     assert [e["epoch"] for e in epochs] == [1, 2, 3, 4] and "val_error" in epochs[-1]
     assert recipe.milestones() == [2, 3]
     for k, v in backbone.state_dict().items():  # the expert itself is not modified

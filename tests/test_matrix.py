@@ -237,6 +237,7 @@ def test_fill_on_s3_every_cell_once_and_the_trained_expert_wins(zoo_files, moto_
         assert 0.0 <= r["test_error"] <= 1.0 and 0.0 <= r["train_error"] <= 1.0
         assert r["trials"] == 3 and r["gpu_seconds"] > 0
         assert set(cfg["hp"]) == {"lr", "weight_decay"} and cfg["recipe"]["mode"] == "probe"
+        assert cfg["n_test"] == next(t.n_test for t in tasks if t.task_id == r["task_id"])
     table = read_matrix(root, mode="probe", tasks=tasks, experts=experts)
     arr, tids, eids = pivot(table, [t.task_id for t in tasks], [e.expert_id for e in experts])
     assert arr.shape == (6, 4) and np.isnan(arr[:, eids.index("nan")]).all()
@@ -343,6 +344,7 @@ def test_finetune_mode_through_tune_matches_a_direct_call(zoo_files, ray_local, 
     expert = next(e for e in experts if e.expert_id == "random1")
     x, y = load_split(task, "train", SIZE, None, 0)
     xt, yt = load_split(task, "test", SIZE, None, 0)
+    assert cfg["n_test"] == len(yt) == task.n_test
     problem = ImageProblem.with_validation(x, y, xt, yt, task.n_classes, 0.2, 0)
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the trial (one CPU per trial)

@@ -192,3 +192,33 @@ def test_brute_force_column_follows_the_recorded_validation_errors(zoo_root, tmp
     target = np.argmin if validation == "exact" else np.argmax
     assert (picks == target(zoo.errors, axis=1)).all()
     assert "training every expert on the task" in report["markdown"]
+
+
+def test_report_has_the_oracle_noise_floor_when_the_matrix_records_test_sizes(zoo_root, tmp_path):
+    """Rows recording their test-set size give the report a noise floor computed from those
+    sizes; the zoo's own rows (no sizes recorded) give none."""
+    import shutil
+    from dataclasses import asdict
+
+    from t2v_core.meta_dataset import load_meta_dataset
+    from t2v_core.noise_floor import oracle_noise_floor
+
+    src, zoo, tasks = zoo_root
+    assert evaluate_job.run(load_meta_dataset(src), 3, model2vec_epochs=5)["json"][
+        "oracle_noise_floor"] is None
+    shutil.copytree(src.uri, tmp_path / "root")
+    root = StorageRoot(str(tmp_path / "root"))
+    for part in root.list("matrix"):
+        root.fs.rm(root.join(f"matrix/{part.rsplit('/', 1)[-1]}"))
+    sizes = [40 + 10 * i for i in range(len(tasks))]
+    rows = [MatrixRow(t.task_id, e, "probe", "ok", float(err), float(err) / 2, 10, 5, 1, 0.1,
+                      t.content_hash, f"w-{e}", config={"n_test": n})
+            for t, errs, n in zip(tasks, zoo.errors, sizes, strict=True)
+            for e, err in zip(zoo.expert_ids, errs, strict=True)]
+    write_rows(root, rows)
+    data = load_meta_dataset(root)
+    assert data.task_test_sizes().tolist() == sizes
+    report = evaluate_job.run(data, 3, model2vec_epochs=5, error_floor=0.02)
+    expected = oracle_noise_floor(zoo.errors, sizes, error_floor=0.02)
+    assert report["json"]["oracle_noise_floor"] == asdict(expected)
+    assert f"+{expected.mean_pct:.1f}% over the re-measured oracle" in report["markdown"]
