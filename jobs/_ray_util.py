@@ -57,9 +57,12 @@ def _is_loopback(address: str) -> bool:
     return host in _LOOPBACK
 
 
-def init_ray(address: str | None = None, *, local_cpus: int | None = None) -> bool:
+def init_ray(address: str | None = None, *, local_cpus: int | None = None,
+             runtime_env: dict | None = None) -> bool:
     """Connect to (or start) Ray. Returns True when this call started it, so the caller knows
-    whether to shut it down; an already connected Ray is used as it is."""
+    whether to shut it down; an already connected Ray is used as it is. ``runtime_env`` (e.g.
+    :func:`worker_runtime_env`) applies to every worker of this driver, Tune's trials too,
+    which take no task-level one."""
     if ray.is_initialized():
         log.info("using the Ray this process is already connected to")
         return False
@@ -71,12 +74,13 @@ def init_ray(address: str | None = None, *, local_cpus: int | None = None) -> bo
             log.info("Ray on loopback: token auth disabled (RAY_AUTH_MODE=disabled)")
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    job_env = {"runtime_env": runtime_env} if runtime_env else {}
     if starts_local:
         ray.init(address="local", num_cpus=local_cpus, include_dashboard=False,
-                 configure_logging=False)
+                 configure_logging=False, **job_env)
         log.info("started a local Ray with %s CPU(s)", ray.cluster_resources().get("CPU"))
     else:
-        ray.init(address=address, configure_logging=False)
+        ray.init(address=address, configure_logging=False, **job_env)
         log.info("joined the Ray cluster (%s CPU, %s GPU)",
                  ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))
     return True

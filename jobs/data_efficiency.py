@@ -484,13 +484,14 @@ def compute(args: argparse.Namespace, root: StorageRoot) -> tuple[list[SizeWork]
 
 def run(args: argparse.Namespace) -> Outcome:
     """Compute what is missing, evaluate every size and write the report."""
-    from jobs._ray_util import init_ray
+    from jobs._ray_util import init_ray, worker_runtime_env
     from t2v_core.zoo import read_tasks
 
     root = StorageRoot(args.root)
     if not read_tasks(root):
         raise JobError(f"no tasks registered under {root!r}; run jobs.register_zoo first")
-    started = init_ray(args.address, local_cpus=args.local_cpus)
+    # The matrix job's Tune trials run under this driver's Ray and take its runtime_env.
+    started = init_ray(args.address, local_cpus=args.local_cpus, runtime_env=worker_runtime_env())
     try:
         work, probe_id, method = compute(args, root)
     finally:

@@ -63,15 +63,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("jobs.fill_matrix")
 
-_AWS_VARS = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-)
 _ACTIVE_DIR = "tune/_active"
 
 
@@ -498,25 +489,13 @@ def plan(cells, args, configs: list[dict]) -> tuple[list[dict], list[list[dict]]
 
 # -- Ray and Tune ---------------------------------------------------------------------------
 def init_ray(address: str | None, num_cpus: int | None) -> bool:
-    """Connect to (or start) Ray unless this process already did; forwards the AWS variables
-    to workers. Returns whether this call initialised Ray."""
-    import ray
+    """Connect to (or start) Ray unless this process already did, with the driver's AWS_* and
+    MLFLOW_* variables for every worker (Tune's trials reach an s3:// root with them).
+    Returns whether this call initialised Ray."""
+    from jobs._ray_util import init_ray as connect
+    from jobs._ray_util import worker_runtime_env
 
-    if ray.is_initialized():
-        log.info("using the Ray already initialised in this process")
-        return False
-    env = {k: os.environ[k] for k in _AWS_VARS if os.environ.get(k)}
-    kwargs: dict = {"runtime_env": {"env_vars": env}} if env else {}
-    if env:
-        log.info("forwarding %s to Ray workers", ", ".join(sorted(env)))
-    # Under `ray job submit` RAY_ADDRESS names the cluster; otherwise start a private local
-    # Ray ("local") rather than attach to whichever Ray happens to run on this machine.
-    address = address or os.environ.get("RAY_ADDRESS") or "local"
-    if address == "local":
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
-    else:
-        ray.init(address=address, **kwargs)
-    return True
+    return connect(address, local_cpus=num_cpus, runtime_env=worker_runtime_env())
 
 
 def tune_storage(root) -> tuple[str, object | None]:
