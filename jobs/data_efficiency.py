@@ -388,8 +388,8 @@ def report(results: dict, data: dict, work: list[SizeWork], args: argparse.Names
                     "see more of each task than its training did")
     header = (f"## Data efficiency: expert selection by training-set size "
               f"({len(first.task_ids)} tasks × {len(first.expert_ids)} experts, {args.mode}-mode "
-              f"matrix, probe {first.probe_id}, {first.method} Fisher, folds={args.folds}"
-              f"{f', {args.repeats} repeats' if args.repeats > 1 else ''}, "
+              f"matrix, probe {first.probe_id}, {first.method} Fisher, "
+              f"{ev.folds_label(args.folds, args.repeats)}, "
               f"oracle errors floored at {args.error_floor:g})")
     sizes_line = (f"A column is a cap on training images per class (seeded subset, seed "
                   f"{args.seed}; 'all' = the whole training split), for the matrix cells and "

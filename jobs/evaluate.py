@@ -218,8 +218,7 @@ def run(data: MetaDataset, folds: str | int, *, seed: int = 0, model2vec_epochs:
     floor = noise_floor(data, error_floor)
     markdown = "\n\n".join([
         f"## Expert selection ({len(data.task_ids)} tasks × {len(data.expert_ids)} experts, "
-        f"probe {data.probe_id}, {data.method} Fisher, folds={folds}"
-        f"{f', {repeats} repeats' if repeats > 1 else ''}, "
+        f"probe {data.probe_id}, {data.method} Fisher, {ev.folds_label(folds, repeats)}, "
         f"oracle errors floored at {error_floor:g})",
         ev.to_markdown(result, paper=True),
         f"Family recovery from embeddings alone (1-NN, d_sym): {recovery.accuracy:.1%} "

@@ -52,6 +52,7 @@ __all__ = [
     "data_efficiency_markdown",
     "evaluate_selectors",
     "family_recovery",
+    "folds_label",
     "norm_vs_difficulty",
     "synthetic_zoo",
     "task_metrics",
@@ -511,6 +512,11 @@ def family_recovery(
 # --------------------------------------------------------------------------- reporting
 
 
+def folds_label(folds: str | int, repeats: int = 1) -> str:
+    """How tasks were held out, as report headers state it: "folds=5" or "folds=5, 3 repeats"."""
+    return f"folds={folds}" + (f", {repeats} repeats" if repeats > 1 else "")
+
+
 def _fmt(value: float, pct: bool = True) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
@@ -527,10 +533,9 @@ def to_markdown(result: EvaluationResult, paper: bool = True) -> str:
     header = ["selector", "cost", *metas]
     paper_cols = list(next(iter(PAPER_TABLE1.values()))) if paper else []
     header += [f"paper {c}" for c in paper_cols]
-    repeated = f", {result.repeats} repeats" if result.repeats > 1 else ""
     lines = [
         "Relative error increase over the oracle expert (mean over held-out tasks, "
-        f"folds={result.folds}{repeated}).",
+        f"{folds_label(result.folds, result.repeats)}).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
