@@ -36,6 +36,7 @@ from t2v_core.selectors import (
     AsymTask2VecSelector,
     BruteForceSelector,
     ChanceSelector,
+    FamilyBestSelector,
     GenericSelector,
     LEEPSelector,
     LogMESelector,
@@ -177,11 +178,18 @@ def with_validation_errors(data: MetaDataset, context: dict | None) -> dict | No
 def with_context_columns(selectors: dict[str, Selector], context: dict | None
                          ) -> dict[str, Selector]:
     """The columns of :data:`CONTEXT_COLUMNS` whose inputs ``context`` carries, before Oracle."""
-    extra = {name: cls() for name, (key, cls) in CONTEXT_COLUMNS.items()
-             if context and key in context}
+    for name, (key, cls) in CONTEXT_COLUMNS.items():
+        if context and key in context:
+            selectors = before_oracle(selectors, name, cls())
+    return selectors
+
+
+def before_oracle(selectors: dict[str, Selector], name: str, selector: Selector
+                  ) -> dict[str, Selector]:
+    """``selectors`` with ``name`` added as the row just above the oracle's."""
     rest = {k: v for k, v in selectors.items() if k != "Oracle"}
     oracle = {"Oracle": selectors["Oracle"]} if "Oracle" in selectors else {}
-    return {**rest, **extra, **oracle}
+    return {**rest, name: selector, **oracle}
 
 
 def standard_selectors(data: MetaDataset, *, seed: int = 0, model2vec_epochs: int = 300
@@ -208,6 +216,9 @@ def run(data: MetaDataset, folds: str | int, *, seed: int = 0, model2vec_epochs:
     context = with_validation_errors(data, context)
     selectors = with_context_columns(
         standard_selectors(data, seed=seed, model2vec_epochs=model2vec_epochs), context)
+    if len(set(data.families)) > 1:
+        selectors = before_oracle(selectors, "Family best", FamilyBestSelector(error_floor))
+        context = {**(context or {}), "families": list(data.families)}
     result = ev.evaluate_selectors(
         selectors, data.embeddings, data.errors, data.expert_sources, list(data.expert_ids),
         list(data.families), folds=folds, random_state=seed, error_floor=error_floor,

@@ -17,6 +17,7 @@ embeddings. Keys used here:
 * ``source_labels``: per task, a length-E sequence of (N,) hard source predictions (NCE;
   derived from ``source_probs`` by argmax when absent);
 * ``labels``: per task, the (N,) target labels of those samples;
+* ``families``: per task, its family label (the family-best reference row);
 * ``val_errors``: per task, a length-E row of validation errors from training every expert
   on the task (the brute-force search the recommenders are meant to replace);
 * ``target_errors``: the true (n×E) errors of the tasks being ranked. Only selectors with
@@ -43,6 +44,7 @@ __all__ = [
     "AsymTask2VecSelector",
     "BruteForceSelector",
     "ChanceSelector",
+    "FamilyBestSelector",
     "GenericSelector",
     "LEEPSelector",
     "LogMESelector",
@@ -163,7 +165,7 @@ class ChanceSelector(Selector):
         return out
 
 
-def _mean_statistic(errors: np.ndarray, statistic: str) -> np.ndarray:
+def _mean_statistic(errors: np.ndarray, statistic: str, error_floor: float = 1e-3) -> np.ndarray:
     """Per-expert mean over training tasks of the raw error, its rank, or relative increase."""
     err = np.asarray(errors, dtype=np.float64)
     if statistic == "error":
@@ -174,7 +176,7 @@ def _mean_statistic(errors: np.ndarray, statistic: str) -> np.ndarray:
         values[~np.isfinite(err)] = np.nan
     elif statistic == "relative":
         best = np.nanmin(np.where(np.isfinite(err), err, np.nan), axis=1, keepdims=True)
-        values = (err - best) / np.maximum(best, 1e-3)
+        values = (err - best) / np.maximum(best, error_floor)
     else:
         raise ValueError(f"statistic must be 'error', 'rank' or 'relative', got {statistic!r}")
     counts = np.isfinite(values).sum(axis=0)
@@ -369,6 +371,55 @@ class OracleSelector(Selector):
         if err.shape != (self._n_tasks(task_embeddings), self.n_experts_):
             raise ValueError(f"target_errors has shape {err.shape}")
         return rank_by_score(err, higher_is_better=False)
+
+
+class FamilyBestSelector(Selector):
+    """Knows the task's family and picks what was best for that family: a reference row.
+
+    Experts are ranked by their mean relative error increase on the training tasks of the
+    new task's family (all training tasks for a family it has not seen). It is told the one
+    thing a task-embedding selector has to infer, so its distance from the oracle is what the
+    differences *between* tasks of one family are worth; a recommender near it has learned
+    the families and little inside them (context: ``families``, per task).
+    """
+
+    name = "family_best"
+    paper_name = None
+    cost = "the task's family label (unavailable for a truly new task)"
+
+    def __init__(self, error_floor: float = 1e-3) -> None:
+        self.error_floor = error_floor
+
+    def fit(
+        self,
+        train_task_embeddings,
+        train_errors,
+        expert_source_embeddings,
+        expert_ids=None,
+        **context: Any,
+    ) -> FamilyBestSelector:
+        super().fit(train_task_embeddings, train_errors, expert_source_embeddings, expert_ids)
+        err = np.asarray(train_errors, dtype=np.float64)
+        families = _families(context, err.shape[0])
+        mean = _mean_statistic(err, "relative", self.error_floor)
+        self.default_order_ = rank_by_score(mean, higher_is_better=False)
+        self.orders_ = {
+            fam: rank_by_score(_mean_statistic(err[families == fam], "relative",
+                                               self.error_floor), higher_is_better=False)
+            for fam in np.unique(families)
+        }
+        return self
+
+    def rank(self, task_embeddings, **context: Any) -> np.ndarray:
+        families = _families(context, self._n_tasks(task_embeddings))
+        return np.stack([self.orders_.get(fam, self.default_order_) for fam in families])
+
+
+def _families(context: dict[str, Any], n: int) -> np.ndarray:
+    families = context.get("families")
+    if families is None or len(families) != n:
+        raise ValueError(f"FamilyBestSelector needs context 'families' for {n} tasks")
+    return np.asarray([str(f) for f in families])
 
 
 class BruteForceSelector(Selector):

@@ -25,6 +25,7 @@ from t2v_core.evaluate import (
 from t2v_core.selectors import (
     AsymTask2VecSelector,
     ChanceSelector,
+    FamilyBestSelector,
     GenericSelector,
     LEEPSelector,
     LogMESelector,
@@ -429,3 +430,22 @@ def test_repeats_need_a_random_split(zoo) -> None:
     with pytest.raises(ValueError, match="leave-one-task-out"):
         evaluate_selectors({"prior": MeanErrorPrior()}, zoo.task_embeddings, zoo.errors,
                            zoo.expert_source_embeddings, folds="loo", repeats=2)
+
+
+def test_family_best_is_exact_when_each_family_has_one_best_expert() -> None:
+    """Held out by folds, the family-best reference finds a family's shared favourite from
+    the family's other tasks (zero increase), while the task-level spread is left to chance."""
+    rng = np.random.default_rng(0)
+    families = [f"f{t % 3}" for t in range(12)]
+    errors = rng.uniform(0.4, 0.6, size=(12, 4))
+    for t, fam in enumerate(families):
+        errors[t, int(fam[1])] = rng.uniform(0.1, 0.2)
+    result = evaluate_selectors(
+        {"Family best": FamilyBestSelector(), "Chance": ChanceSelector()},
+        rng.uniform(size=(12, 5)), errors, [None] * 4, families=families, folds=4,
+        context={"families": families},
+    )
+    mixed = result.table()
+    assert mixed["Family best"]["Mixed"] == 0.0
+    assert result.reports["Family best"].by_meta_task["Mixed"].top1_hit_rate == 1.0
+    assert mixed["Chance"]["Mixed"] > 50.0

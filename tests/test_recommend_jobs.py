@@ -187,7 +187,7 @@ def test_brute_force_column_follows_the_recorded_validation_errors(zoo_root, tmp
 
     report = evaluate_job.run(data, 3, model2vec_epochs=5)
     brute = report["result"].reports["Brute force (val)"]
-    assert list(report["result"].reports)[-2:] == ["Brute force (val)", "Oracle"]
+    assert list(report["result"].reports)[-3:] == ["Brute force (val)", "Family best", "Oracle"]
     picks = np.asarray(brute.rankings)[:, 0]
     target = np.argmin if validation == "exact" else np.argmax
     assert (picks == target(zoo.errors, axis=1)).all()

@@ -11,6 +11,7 @@ from t2v_core.selectors import (
     AsymTask2VecSelector,
     BruteForceSelector,
     ChanceSelector,
+    FamilyBestSelector,
     GenericSelector,
     LEEPSelector,
     LogMESelector,
@@ -282,3 +283,19 @@ def test_rank_by_score_puts_nan_last() -> None:
     np.testing.assert_array_equal(
         rank_by_score(np.array([[0.2, np.nan, 0.9, 0.2]]), higher_is_better=False), [[0, 3, 2, 1]]
     )
+
+
+def test_family_best_ranks_by_the_familys_mean_relative_increase() -> None:
+    """Worked by hand: family a's tasks are solved best by expert 1, family b's by expert 2;
+    a family it never saw gets the order of the mean over all training tasks."""
+    errors = np.array([[0.3, 0.1, 0.2], [0.4, 0.2, 0.3], [0.2, 0.3, 0.1], [0.5, 0.4, 0.2]])
+    embeddings, sources = np.ones((4, 3)), np.ones((3, 3))
+    selector = FamilyBestSelector(error_floor=0.02).fit(
+        embeddings, errors, sources, families=["a", "a", "b", "b"])
+    ranks = selector.rank(np.ones((3, 3)), families=["a", "b", "c"])
+    # mean relative increases — a: (1.5, 0, 0.75); b: (1.25, 1.5, 0); all: (1.375, 0.75, 0.375)
+    np.testing.assert_array_equal(ranks, [[1, 2, 0], [2, 0, 1], [2, 1, 0]])
+    with pytest.raises(ValueError, match="families"):
+        selector.rank(np.ones((1, 3)))
+    with pytest.raises(ValueError, match="families"):
+        FamilyBestSelector().fit(embeddings, errors, sources, families=["a"])
