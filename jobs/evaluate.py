@@ -5,6 +5,9 @@
 
 Every task is held out in turn (leave-one-task-out, or K folds over tasks, with --repeats N
 averaged over N fold assignments); learned selectors are fitted on the other tasks only.
+Beside the selectors, two reference rows: the oracle, and "Family best", which is told each
+task's family and picks the expert best on that family's training tasks (what knowing the
+family alone is worth).
 Writes ``evaluation/<run>/table1.md`` and ``table1.json`` under the storage root
 (``evaluation/LATEST`` names the newest run), prints the table next to the paper's numbers,
 and logs metrics and plots to MLflow.
