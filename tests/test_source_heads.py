@@ -224,7 +224,7 @@ def test_evaluate_job_writes_leep_and_nce_columns(zoo, capsys, caplog):
     assert evaluate_job.main(args) == 0
     reports = json.loads(_latest(root, "table1.json"))["table1"]["reports"]
     names = list(reports)
-    assert names[-4:] == ["LogME", "LEEP", "NCE", "Oracle"]
+    assert names[-5:] == ["LogME", "LEEP", "NCE", "Family best", "Oracle"]
     for name in ("LEEP", "NCE"):
         assert reports[name]["cost"] == "one forward pass of every expert per task"
         assert np.isfinite(reports[name]["by_meta_task"]["Mixed"]["relative_increase_pct"])
