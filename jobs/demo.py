@@ -13,9 +13,9 @@ Stages, in order, each a call of a job's ``main(argv)`` (or, for the world, of t
     evaluate         expert selection against the oracle (the paper's Table 1)
     data_efficiency  the same comparison with a few training images per class and with all
 
-A stage whose job module is not installed is skipped with a log line; options a job does not
-accept are left out of its arguments, so each stage gets what it understands. Every stage is
-idempotent, so re-running the demo only does what is missing. ``--small`` is a preset for
+A stage whose job cannot be imported, or that would pass an option its job does not accept,
+fails before it runs, with the reason: a broken install or a renamed option must not turn
+into a silently shorter pipeline. Every stage is idempotent, so re-running the demo only does what is missing. ``--small`` is a preset for
 tests: fewer tasks, fewer images, fewer epochs.
 """
 
@@ -75,7 +75,7 @@ class DemoConfig:
 @dataclass(frozen=True)
 class Stage:
     name: str
-    run: Callable[[DemoConfig], str]  # returns "done", "skipped" or raises StageFailed
+    run: Callable[[DemoConfig], str]  # returns "done" or raises StageFailed
     help: str = ""
 
 
@@ -102,42 +102,35 @@ class DemoReport:
 # --------------------------------------------------------------------------- calling jobs
 
 
-def _import_job(module_name: str) -> ModuleType | None:
-    """The job module, or None (logged) when it is not there yet."""
+def _import_job(module_name: str) -> ModuleType:
+    """The job module; a job that cannot be imported fails its stage with the reason."""
     try:
         return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            log.info("%s is not available; stage skipped", module_name)
-        else:
-            log.warning("%s cannot be imported (%s); stage skipped", module_name, exc)
-        return None
     except ImportError as exc:
-        log.warning("%s cannot be imported (%s); stage skipped", module_name, exc)
-        return None
+        raise StageFailed(f"{module_name} cannot be imported: {exc}") from exc
 
 
-def accepted_options(module: ModuleType) -> set[str] | None:
-    """The ``--options`` a job's command line accepts, read from its ``--help``; None when
-    the job has no ``parse_args`` to ask."""
+def accepted_options(module: ModuleType) -> set[str]:
+    """The ``--options`` a job's command line accepts, read from its ``--help``."""
     parse = getattr(module, "parse_args", None)
     if parse is None:
-        return None
+        raise StageFailed(f"{module.__name__} has no parse_args: not a job")
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
         parse(["--help"])
     return set(re.findall(r"(?<![\w-])(--[A-Za-z0-9][\w-]*)", out.getvalue()))
 
 
-def job_argv(options: dict[str, object], accepted: set[str] | None) -> list[str]:
-    """Command-line arguments from ``options`` (True: a flag; None/False: left out), keeping
-    only those the job accepts."""
+def job_argv(options: dict[str, object], accepted: set[str]) -> list[str]:
+    """Command-line arguments from ``options`` (True: a flag; None/False: left out). An option
+    the job does not accept is an error: dropping it would run the job with another recipe."""
+    unknown = sorted(opt for opt, value in options.items()
+                     if value is not None and value is not False and opt not in accepted)
+    if unknown:
+        raise StageFailed(f"the job does not accept {', '.join(unknown)}")
     argv: list[str] = []
     for opt, value in options.items():
         if value is None or value is False:
-            continue
-        if accepted is not None and opt not in accepted:
-            log.debug("option %s not accepted; left out", opt)
             continue
         argv.extend([opt] if value is True else [opt, str(value)])
     return argv
@@ -146,8 +139,6 @@ def job_argv(options: dict[str, object], accepted: set[str] | None) -> list[str]
 def call_job(module_name: str, options: dict[str, object], ok_codes: tuple[int, ...] = (0,)
              ) -> str:
     module = _import_job(module_name)
-    if module is None:
-        return "skipped"
     argv = job_argv(options, accepted_options(module))
     log.info("python -m %s %s", module_name, " ".join(argv))
     rc = module.main(argv)
