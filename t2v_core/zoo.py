@@ -92,16 +92,61 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-# -- generic keyed manifest ----------------------------------------------------------------
-def _read_rows(root: StorageRoot, rel: str, schema: pa.Schema) -> list[dict]:
-    if not root.exists(rel):
-        return []
-    return root.read_table(rel, schema=schema).to_pylist()
+# -- keyed manifests ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Manifest:
+    """A Parquet file of specs keyed by one id column: how a spec becomes a row and back."""
 
+    rel: str
+    schema: pa.Schema
+    key: str
+    to_row: Callable[[object], dict]
+    from_row: Callable[[dict], object]
 
-def _write_rows(root: StorageRoot, rel: str, schema: pa.Schema, key: str, rows: list[dict]) -> None:
-    rows = sorted(rows, key=lambda r: r[key])
-    root.write_table_atomic(rel, pa.Table.from_pylist(rows, schema=schema))
+    def rows(self, root: StorageRoot) -> list[dict]:
+        if not root.exists(self.rel):
+            return []
+        return root.read_table(self.rel, schema=self.schema).to_pylist()
+
+    def write_rows(self, root: StorageRoot, rows: list[dict]) -> None:
+        rows = sorted(rows, key=lambda r: r[self.key])
+        root.write_table_atomic(self.rel, pa.Table.from_pylist(rows, schema=self.schema))
+
+    def read(self, root: StorageRoot | str) -> list:
+        """Every spec, sorted by id; empty when there is no manifest yet."""
+        return [self.from_row(r) for r in sorted(self.rows(_root(root)), key=lambda r: r[self.key])]
+
+    def write(self, root: StorageRoot | str, specs: Iterable) -> None:
+        """Replace the manifest with exactly ``specs``."""
+        rows = [self.to_row(s) for s in specs]
+        _check_unique([r[self.key] for r in rows], self.key)
+        now = _now()
+        self.write_rows(_root(root), [{**r, "updated_at": now} for r in rows])
+
+    def upsert(self, root: StorageRoot | str, specs: Iterable) -> UpsertReport:
+        """Add new specs and replace changed ones; unchanged rows keep their bytes, and
+        nothing is written when nothing changed."""
+        root = _root(root)
+        new_rows = [self.to_row(s) for s in specs]
+        _check_unique([r[self.key] for r in new_rows], self.key)
+        existing = {r[self.key]: r for r in self.rows(root)}
+        added, updated, unchanged = [], [], []
+        now = _now()
+        for row in new_rows:
+            old = existing.get(row[self.key])
+            if old is None:
+                added.append(row[self.key])
+            elif {k: v for k, v in old.items() if k != "updated_at"} == row:
+                unchanged.append(row[self.key])
+                continue
+            else:
+                updated.append(row[self.key])
+            existing[row[self.key]] = {**row, "updated_at": now}
+        report = UpsertReport(tuple(sorted(added)), tuple(sorted(updated)),
+                              tuple(sorted(unchanged)))
+        if report.changed:
+            self.write_rows(root, list(existing.values()))
+        return report
 
 
 def _check_unique(ids: Sequence[str], what: str) -> None:
@@ -112,30 +157,6 @@ def _check_unique(ids: Sequence[str], what: str) -> None:
         raise ValueError(f"duplicate {what}: {sorted(dup)}")
 
 
-def _upsert(
-    root: StorageRoot, rel: str, schema: pa.Schema, key: str, new_rows: list[dict]
-) -> UpsertReport:
-    _check_unique([r[key] for r in new_rows], key)
-    existing = {r[key]: r for r in _read_rows(root, rel, schema)}
-    added, updated, unchanged = [], [], []
-    now = _now()
-    for row in new_rows:
-        old = existing.get(row[key])
-        if old is None:
-            added.append(row[key])
-        elif {k: v for k, v in old.items() if k != "updated_at"} == row:
-            unchanged.append(row[key])
-            continue
-        else:
-            updated.append(row[key])
-        existing[row[key]] = {**row, "updated_at": now}
-    report = UpsertReport(tuple(sorted(added)), tuple(sorted(updated)), tuple(sorted(unchanged)))
-    if report.changed:
-        _write_rows(root, rel, schema, key, list(existing.values()))
-    return report
-
-
-# -- tasks ---------------------------------------------------------------------------------
 def _task_row(spec: TaskSpec) -> dict:
     row = asdict(spec)
     row["classes"] = list(spec.classes)
@@ -156,39 +177,6 @@ def _task_from_row(row: dict) -> TaskSpec:
     )
 
 
-def read_tasks(root: StorageRoot | str) -> list[TaskSpec]:
-    """Registered tasks sorted by id; empty when there is no manifest yet."""
-    return [
-        _task_from_row(r)
-        for r in sorted(
-            _read_rows(_root(root), TASKS_MANIFEST, TASKS_SCHEMA), key=lambda r: r["task_id"]
-        )
-    ]
-
-
-def write_tasks(root: StorageRoot | str, specs: Iterable[TaskSpec]) -> None:
-    """Replace the task manifest with exactly ``specs``."""
-    specs = list(specs)
-    _check_unique([s.task_id for s in specs], "task_id")
-    now = _now()
-    _write_rows(
-        _root(root),
-        TASKS_MANIFEST,
-        TASKS_SCHEMA,
-        "task_id",
-        [{**_task_row(s), "updated_at": now} for s in specs],
-    )
-
-
-def upsert_tasks(root: StorageRoot | str, specs: Iterable[TaskSpec]) -> UpsertReport:
-    """Add new tasks and replace changed ones (keyed by task_id); unchanged rows keep their
-    bytes, and nothing is written when nothing changed."""
-    return _upsert(
-        _root(root), TASKS_MANIFEST, TASKS_SCHEMA, "task_id", [_task_row(s) for s in specs]
-    )
-
-
-# -- experts -------------------------------------------------------------------------------
 def _expert_from_row(row: dict) -> ExpertSpec:
     return ExpertSpec(
         expert_id=row["expert_id"],
@@ -199,32 +187,38 @@ def _expert_from_row(row: dict) -> ExpertSpec:
     )
 
 
+_TASKS = _Manifest(TASKS_MANIFEST, TASKS_SCHEMA, "task_id", _task_row, _task_from_row)
+_EXPERTS = _Manifest(EXPERTS_MANIFEST, EXPERTS_SCHEMA, "expert_id", asdict, _expert_from_row)
+
+
+def read_tasks(root: StorageRoot | str) -> list[TaskSpec]:
+    """Registered tasks sorted by id; empty when there is no manifest yet."""
+    return _TASKS.read(root)
+
+
+def write_tasks(root: StorageRoot | str, specs: Iterable[TaskSpec]) -> None:
+    """Replace the task manifest with exactly ``specs``."""
+    _TASKS.write(root, specs)
+
+
+def upsert_tasks(root: StorageRoot | str, specs: Iterable[TaskSpec]) -> UpsertReport:
+    """Add new tasks and replace changed ones (keyed by task_id)."""
+    return _TASKS.upsert(root, specs)
+
+
 def read_experts(root: StorageRoot | str) -> list[ExpertSpec]:
-    return [
-        _expert_from_row(r)
-        for r in sorted(
-            _read_rows(_root(root), EXPERTS_MANIFEST, EXPERTS_SCHEMA), key=lambda r: r["expert_id"]
-        )
-    ]
+    """Registered experts sorted by id; empty when there is no manifest yet."""
+    return _EXPERTS.read(root)
 
 
 def write_experts(root: StorageRoot | str, specs: Iterable[ExpertSpec]) -> None:
-    specs = list(specs)
-    _check_unique([s.expert_id for s in specs], "expert_id")
-    now = _now()
-    _write_rows(
-        _root(root),
-        EXPERTS_MANIFEST,
-        EXPERTS_SCHEMA,
-        "expert_id",
-        [{**asdict(s), "updated_at": now} for s in specs],
-    )
+    """Replace the expert manifest with exactly ``specs``."""
+    _EXPERTS.write(root, specs)
 
 
 def upsert_experts(root: StorageRoot | str, specs: Iterable[ExpertSpec]) -> UpsertReport:
-    return _upsert(
-        _root(root), EXPERTS_MANIFEST, EXPERTS_SCHEMA, "expert_id", [asdict(s) for s in specs]
-    )
+    """Add new experts and replace changed ones (keyed by expert_id)."""
+    return _EXPERTS.upsert(root, specs)
 
 
 # -- registration --------------------------------------------------------------------------
