@@ -14,7 +14,7 @@ import datetime as dt
 import logging
 import posixpath
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import pyarrow as pa
 
@@ -164,31 +164,16 @@ def _task_row(spec: TaskSpec) -> dict:
     return row
 
 
-def _task_from_row(row: dict) -> TaskSpec:
-    return TaskSpec(
-        task_id=row["task_id"],
-        family=row["family"],
-        data_uri=row["data_uri"],
-        format=row["format"],
-        classes=tuple(row["classes"]),
-        n_train=int(row["n_train"]),
-        n_test=int(row["n_test"]),
-        content_hash=row["content_hash"],
-    )
+def _spec_from_row(cls: type) -> Callable[[dict], object]:
+    """A row back into a spec: the spec's fields by name (extra columns like n_classes and
+    updated_at are derived or bookkeeping)."""
+    names = [f.name for f in fields(cls)]
+    return lambda row: cls(**{name: row[name] for name in names})
 
 
-def _expert_from_row(row: dict) -> ExpertSpec:
-    return ExpertSpec(
-        expert_id=row["expert_id"],
-        arch=row["arch"],
-        weights_uri=row["weights_uri"],
-        source_task_id=row["source_task_id"],
-        content_hash=row["content_hash"],
-    )
-
-
-_TASKS = _Manifest(TASKS_MANIFEST, TASKS_SCHEMA, "task_id", _task_row, _task_from_row)
-_EXPERTS = _Manifest(EXPERTS_MANIFEST, EXPERTS_SCHEMA, "expert_id", asdict, _expert_from_row)
+_TASKS = _Manifest(TASKS_MANIFEST, TASKS_SCHEMA, "task_id", _task_row, _spec_from_row(TaskSpec))
+_EXPERTS = _Manifest(EXPERTS_MANIFEST, EXPERTS_SCHEMA, "expert_id", asdict,
+                     _spec_from_row(ExpertSpec))
 
 
 def read_tasks(root: StorageRoot | str) -> list[TaskSpec]:
