@@ -15,8 +15,9 @@ Stages, in order, each a call of a job's ``main(argv)`` (or, for the world, of t
 
 A stage whose job cannot be imported, or that would pass an option its job does not accept,
 fails before it runs, with the reason: a broken install or a renamed option must not turn
-into a silently shorter pipeline. Every stage is idempotent, so re-running the demo only does what is missing. ``--small`` is a preset for
-tests: fewer tasks, fewer images, fewer epochs.
+into a silently shorter pipeline. Every stage is idempotent, so re-running the demo only
+does what is missing. ``--small`` is a preset for tests: fewer tasks, fewer images, fewer
+epochs.
 """
 
 from __future__ import annotations
@@ -121,13 +122,13 @@ def accepted_options(module: ModuleType) -> set[str]:
     return set(re.findall(r"(?<![\w-])(--[A-Za-z0-9][\w-]*)", out.getvalue()))
 
 
-def job_argv(options: dict[str, object], accepted: set[str]) -> list[str]:
+def job_argv(options: dict[str, object], accepted: set[str], job: str = "the job") -> list[str]:
     """Command-line arguments from ``options`` (True: a flag; None/False: left out). An option
     the job does not accept is an error: dropping it would run the job with another recipe."""
     unknown = sorted(opt for opt, value in options.items()
                      if value is not None and value is not False and opt not in accepted)
     if unknown:
-        raise StageFailed(f"the job does not accept {', '.join(unknown)}")
+        raise StageFailed(f"{job} does not accept {', '.join(unknown)}")
     argv: list[str] = []
     for opt, value in options.items():
         if value is None or value is False:
@@ -139,7 +140,7 @@ def job_argv(options: dict[str, object], accepted: set[str]) -> list[str]:
 def call_job(module_name: str, options: dict[str, object], ok_codes: tuple[int, ...] = (0,)
              ) -> str:
     module = _import_job(module_name)
-    argv = job_argv(options, accepted_options(module))
+    argv = job_argv(options, accepted_options(module), module_name)
     log.info("python -m %s %s", module_name, " ".join(argv))
     rc = module.main(argv)
     if rc not in ok_codes:

@@ -251,8 +251,8 @@ def test_demo_stage_fails_on_a_missing_job_or_an_option_it_does_not_accept():
     assert {"--folders", "--root"} <= accepted
     argv = demo.job_argv({"--root": "r", "--no-progress": True, "--verbose": False}, accepted)
     assert argv == ["--root", "r", "--no-progress"]
-    with pytest.raises(demo.StageFailed, match="does not accept --probe"):
-        demo.job_argv({"--root": "r", "--probe": "p"}, accepted)
+    with pytest.raises(demo.StageFailed, match="jobs.register_zoo does not accept --probe"):
+        demo.job_argv({"--root": "r", "--probe": "p"}, accepted, "jobs.register_zoo")
 
 
 @pytest.mark.parametrize("small", [True, False])
