@@ -125,14 +125,12 @@ def accepted_options(module: ModuleType) -> set[str]:
 def job_argv(options: dict[str, object], accepted: set[str], job: str = "the job") -> list[str]:
     """Command-line arguments from ``options`` (True: a flag; None/False: left out). An option
     the job does not accept is an error: dropping it would run the job with another recipe."""
-    unknown = sorted(opt for opt, value in options.items()
-                     if value is not None and value is not False and opt not in accepted)
+    given = {opt: value for opt, value in options.items() if value is not None and value is not False}
+    unknown = sorted(set(given) - accepted)
     if unknown:
         raise StageFailed(f"{job} does not accept {', '.join(unknown)}")
     argv: list[str] = []
-    for opt, value in options.items():
-        if value is None or value is False:
-            continue
+    for opt, value in given.items():
         argv.extend([opt] if value is True else [opt, str(value)])
     return argv
 
