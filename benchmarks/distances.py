@@ -13,7 +13,7 @@ import logging
 import numpy as np
 
 from benchmarks.common import report, timed
-from t2v_core.distance import cosine, d_asym, d_sym, normalized_cosine
+from t2v_core.embedding.distance import cosine, d_asym, d_sym, normalized_cosine
 
 
 def _loop_d_sym(emb: np.ndarray) -> np.ndarray:

@@ -28,11 +28,12 @@ from PIL import Image
 
 from benchmarks.common import report, timed
 from jobs import embed_tasks
-from t2v_core.embeddings import EmbedConfig, EmbeddingWriter, run_task
-from t2v_core.fisher import filter_names
-from t2v_core.probes import build_probe
+from t2v_core.embedding.fisher import filter_names
+from t2v_core.embedding.probes import build_probe
+from t2v_core.embedding.store import EmbedConfig, EmbeddingWriter, run_task
 from t2v_core.storage import StorageRoot
-from t2v_core.zoo import read_tasks, register_folders
+from t2v_core.zoo.manifest import read_tasks
+from t2v_core.zoo.register import register_folders
 
 log = logging.getLogger("benchmarks.embed_scaling")
 PAPER_TASKS = 1460
@@ -72,7 +73,7 @@ def loop_seconds(root: str, probe_name: str, size: int) -> float:
 
 def write_seconds_per_task(root: str, probe_name: str, n_tasks: int, batch: int) -> float:
     """Driver-side cost of writing one embedding (Parquet part per ``batch`` tasks)."""
-    from t2v_core.embeddings import TaskOutcome
+    from t2v_core.embedding.store import TaskOutcome
 
     probe = build_probe(probe_name, seed=0)
     names = filter_names(probe.backbone)

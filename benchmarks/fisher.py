@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from benchmarks.common import report, timed
-from t2v_core.fisher import fit_head, per_filter_fisher, per_filter_fisher_naive
-from t2v_core.probes import build_probe, extract_features
+from t2v_core.embedding.fisher import fit_head, per_filter_fisher, per_filter_fisher_naive
+from t2v_core.embedding.probes import build_probe, extract_features
 
 
 def main(argv: list[str] | None = None) -> None:

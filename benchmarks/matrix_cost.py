@@ -45,9 +45,9 @@ N_TASKS, N_EXPERTS = 1460, 156
 def write_zoo(base: Path, n_tasks: int, size: int, n_train: int, n_test: int, classes: int):
     """Tasks of coloured noise with a class-dependent mean colour (content is irrelevant to
     cost), registered with three experts: two small CNNs and a ResNet-18."""
-    from t2v_core.data import scan_task
-    from t2v_core.probes import build_probe, load_state_dict, save_weights, weights_digest
-    from t2v_core.zoo import ExpertSpec, upsert_experts, upsert_tasks
+    from t2v_core.embedding.probes import build_probe, load_state_dict, save_weights, weights_digest
+    from t2v_core.zoo.data import scan_task
+    from t2v_core.zoo.manifest import ExpertSpec, upsert_experts, upsert_tasks
 
     specs = []
     for t in range(n_tasks):
@@ -89,7 +89,7 @@ def job_args(root: Path, size: int, samples: int, extra: list[str]) -> list[str]
 
 
 def _configs(samples: int):
-    from t2v_core.finetune import SearchSpace
+    from t2v_core.matrix.finetune import SearchSpace
 
     return SearchSpace().sample(samples, 0)
 
@@ -97,7 +97,7 @@ def _configs(samples: int):
 def unit_job(root: Path, size: int) -> dict:
     """The job description :func:`jobs.fill_matrix.fill_unit` reads (as the job builds it)."""
     from t2v_core import __version__
-    from t2v_core.finetune import ProbeRecipe
+    from t2v_core.matrix.finetune import ProbeRecipe
 
     recipe = ProbeRecipe(epochs=200)
     return {"root": str(root), "mode": "probe",
@@ -143,7 +143,7 @@ def tune_vs_loop(root: Path, size: int, samples: int, tasks, expert, base: Path)
     import ray
 
     from jobs.fill_matrix import _spec_dict, combine, fill, fill_unit, parse_args
-    from t2v_core.matrix import write_rows
+    from t2v_core.matrix.rows import write_rows
     from t2v_core.storage import StorageRoot
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
@@ -196,7 +196,7 @@ def tune_vs_loop(root: Path, size: int, samples: int, tasks, expert, base: Path)
 
 def batched_vs_one_by_one(n_problems: int, n_configs: int, dim: int, n: int, classes: int,
                           epochs: int) -> dict:
-    from t2v_core.finetune import ProbeRecipe, SearchSpace, fit_head, fit_heads, make_problem
+    from t2v_core.matrix.finetune import ProbeRecipe, SearchSpace, fit_head, fit_heads, make_problem
 
     g = torch.Generator().manual_seed(0)
     problems = []
@@ -220,7 +220,7 @@ def batched_vs_one_by_one(n_problems: int, n_configs: int, dim: int, n: int, cla
 
 
 def resnet34_ms_per_image(batch: int, repeat: int) -> float:
-    from t2v_core.probes import build_probe, extract_features
+    from t2v_core.embedding.probes import build_probe, extract_features
 
     net = build_probe("resnet34", seed=0).backbone
     x = torch.randn(batch, 3, 224, 224)

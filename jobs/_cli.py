@@ -49,7 +49,7 @@ def record_stage(args: argparse.Namespace, name: str, params: dict, metrics: dic
                                  or mlflow.active_run()):
         return
     try:
-        from t2v_core import tracking
+        from t2v_core.review import tracking
 
         if mlflow.active_run() is None:
             tracking.configure(args.root, tracking_uri=args.tracking_uri)

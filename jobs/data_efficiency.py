@@ -61,8 +61,8 @@ from jobs._cli import (
     run_stamp,
     setup_logging,
 )
-from t2v_core import evaluate as ev
-from t2v_core.meta_dataset import MetaDataset
+from t2v_core.recommend import evaluate as ev
+from t2v_core.recommend.meta_dataset import MetaDataset
 from t2v_core.storage import StorageRoot
 
 log = logging.getLogger("jobs.data_efficiency")
@@ -207,7 +207,7 @@ def fill_size(args: argparse.Namespace, size: Size) -> dict:
 
 def check_probe(args: argparse.Namespace, probe_id: str) -> None:
     """The subsets must be embedded by the probe that made the full-data embeddings."""
-    from t2v_core.probes import build_probe
+    from t2v_core.embedding.probes import build_probe
 
     built = build_probe(args.probe, args.weights, seed=args.seed, input_size=args.image_size)
     if built.probe_id != probe_id:
@@ -217,7 +217,7 @@ def check_probe(args: argparse.Namespace, probe_id: str) -> None:
 
 def sync_manifest(root: StorageRoot, sub: StorageRoot) -> None:
     """The subset root's copy of the task manifest, rewritten only when the zoo changed."""
-    from t2v_core.zoo import read_tasks, write_tasks
+    from t2v_core.zoo.manifest import read_tasks, write_tasks
 
     tasks = read_tasks(root)
     if read_tasks(sub) != tasks:
@@ -227,9 +227,9 @@ def sync_manifest(root: StorageRoot, sub: StorageRoot) -> None:
 def embed_size(args: argparse.Namespace, root: StorageRoot, size: Size, method: str) -> dict:
     """Task embeddings on one size's image subsets, through the embedding job's run function."""
     from jobs import embed_tasks
-    from t2v_core.embeddings import EmbeddingStorageError
-    from t2v_core.meta_dataset import subsample_root
-    from t2v_core.probes import WeightsError
+    from t2v_core.embedding.probes import WeightsError
+    from t2v_core.embedding.store import EmbeddingStorageError
+    from t2v_core.recommend.meta_dataset import subsample_root
 
     sub = subsample_root(root, size.max_per_class)
     sync_manifest(root, sub)
@@ -256,7 +256,7 @@ def load_sizes(root: StorageRoot, args: argparse.Namespace, probe_id: str, metho
                ) -> tuple[dict, list[str]]:
     """One meta-dataset per size, restricted to the tasks every size has, in one order; and
     the tasks some size lacks."""
-    from t2v_core.meta_dataset import load_meta_dataset
+    from t2v_core.recommend.meta_dataset import load_meta_dataset
 
     data = {}
     for size in args.sizes:
@@ -326,7 +326,7 @@ def shared_contexts(contexts: dict) -> dict:
 
 
 def evaluate_sizes(root: StorageRoot, data: dict, args: argparse.Namespace) -> dict:
-    """:func:`t2v_core.evaluate.data_efficiency` over the sizes, with the columns of the
+    """:func:`t2v_core.recommend.evaluate.data_efficiency` over the sizes, with the columns of the
     evaluation job, each context column scored on its own size's data."""
     from jobs.evaluate import standard_selectors, with_context_columns
 
@@ -442,7 +442,7 @@ def track(args: argparse.Namespace, root: StorageRoot, out: Outcome) -> None:
     """One MLflow stage run with the table's numbers and files."""
     import mlflow
 
-    from t2v_core import tracking
+    from t2v_core.review import tracking
 
     tracking.configure(root, tracking_uri=args.tracking_uri)
     params = {"sizes": ",".join(out.payload["sizes"]), "task_embeddings": args.embeddings,
@@ -463,7 +463,7 @@ def track(args: argparse.Namespace, root: StorageRoot, out: Outcome) -> None:
 def compute(args: argparse.Namespace, root: StorageRoot) -> tuple[list[SizeWork], str, str]:
     """Fill and embed what is missing at every size; returns the work and the probe and
     method of the full-data embeddings."""
-    from t2v_core.meta_dataset import resolve_embedding_set
+    from t2v_core.recommend.meta_dataset import resolve_embedding_set
 
     try:
         probe_id, method = resolve_embedding_set(root, args.probe_id, args.method)
@@ -485,7 +485,7 @@ def compute(args: argparse.Namespace, root: StorageRoot) -> tuple[list[SizeWork]
 def run(args: argparse.Namespace) -> Outcome:
     """Compute what is missing, evaluate every size and write the report."""
     from jobs._ray_util import init_ray, worker_runtime_env
-    from t2v_core.zoo import read_tasks
+    from t2v_core.zoo.manifest import read_tasks
 
     root = StorageRoot(args.root)
     if not read_tasks(root):

@@ -38,8 +38,8 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from jobs._cli import setup_logging
-from t2v_core import demo_world
 from t2v_core.storage import StorageRoot, redact_uri
+from t2v_core.zoo import demo_world
 
 log = logging.getLogger("jobs.demo")
 
@@ -65,7 +65,7 @@ class DemoConfig:
     @classmethod
     def create(cls, root: str, small: bool, local_cpus: int | None = None,
                tracking: bool = True) -> DemoConfig:
-        from t2v_core.efficientnet_lite import pretrained_weights_path
+        from t2v_core.embedding.efficientnet_lite import pretrained_weights_path
 
         world = demo_world.PRESETS["small" if small else "default"]
         return cls(root=root, small=small, world=world, image_size=world.image_size,
@@ -274,7 +274,7 @@ def _tracking(cfg: DemoConfig) -> Iterator[Callable[[str, float], None]]:
     try:
         import mlflow
 
-        from t2v_core import tracking
+        from t2v_core.review import tracking
     except ImportError as exc:
         log.info("MLflow tracking not available (%s); not tracked", exc)
         yield nothing

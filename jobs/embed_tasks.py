@@ -39,7 +39,9 @@ from jobs._ray_util import (
     iter_ready,
     worker_runtime_env,
 )
-from t2v_core.embeddings import (
+from t2v_core.embedding.fisher import METHODS, filter_names
+from t2v_core.embedding.probes import Probe, WeightsError, available_archs, build_probe
+from t2v_core.embedding.store import (
     TRANSIENT_ERRORS,
     EmbedConfig,
     EmbeddingStorageError,
@@ -51,10 +53,8 @@ from t2v_core.embeddings import (
     probe_from_state,
     run_task,
 )
-from t2v_core.fisher import METHODS, filter_names
-from t2v_core.probes import Probe, WeightsError, available_archs, build_probe
 from t2v_core.storage import StorageRoot, redact_uri
-from t2v_core.zoo import TaskSpec, read_tasks
+from t2v_core.zoo.manifest import TaskSpec, read_tasks
 
 log = logging.getLogger("jobs.embed_tasks")
 

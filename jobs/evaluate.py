@@ -32,10 +32,10 @@ from jobs._cli import (
     run_stamp,
     setup_logging,
 )
-from t2v_core import evaluate as ev
-from t2v_core.meta_dataset import MetaDataset, load_meta_dataset
-from t2v_core.noise_floor import NoiseFloor, oracle_noise_floor
-from t2v_core.selectors import (
+from t2v_core.recommend import evaluate as ev
+from t2v_core.recommend.meta_dataset import MetaDataset, load_meta_dataset
+from t2v_core.recommend.noise_floor import NoiseFloor, oracle_noise_floor
+from t2v_core.recommend.selectors import (
     AsymTask2VecSelector,
     BruteForceSelector,
     ChanceSelector,
@@ -56,7 +56,7 @@ from t2v_core.storage import StorageRoot
 log = logging.getLogger("jobs.evaluate")
 
 # Columns that need per-task inputs beyond embeddings and errors, each with the context key
-# it reads (see t2v_core.selectors): the per-expert transferability scores, and the
+# it reads (see t2v_core.recommend.selectors): the per-expert transferability scores, and the
 # brute-force search on each cell's validation split.
 CONTEXT_COLUMNS: dict[str, tuple[str, type[Selector]]] = {
     "LogME": ("features", LogMESelector),
@@ -95,8 +95,8 @@ def _cached_features(root: StorageRoot, data: MetaDataset, experts: dict, image_
                      ) -> tuple[list[list[np.ndarray]], list[np.ndarray]] | None:
     """Per task, every expert's cached training-split features, and the task's labels; None
     when some are missing (the matrix job computes them, this job never runs an expert)."""
-    from t2v_core.features import FeatureCache, FeatureKey
-    from t2v_core.zoo import read_tasks
+    from t2v_core.matrix.features import FeatureCache, FeatureKey
+    from t2v_core.zoo.manifest import read_tasks
 
     cache = FeatureCache(root)
     tasks = {t.task_id: t for t in read_tasks(root)}
@@ -119,8 +119,8 @@ def _cached_features(root: StorageRoot, data: MetaDataset, experts: dict, image_
 
 def _source_heads(data: MetaDataset, experts: dict) -> list | None:
     """Every expert's source head, in ``data.expert_ids`` order; None if one has none."""
-    from t2v_core.experts import load_head
-    from t2v_core.probes import WeightsError
+    from t2v_core.embedding.probes import WeightsError
+    from t2v_core.matrix.experts import load_head
 
     heads = []
     for expert_id in data.expert_ids:
@@ -154,7 +154,7 @@ def transfer_context(root: StorageRoot, data: MetaDataset, image_size: int,
     ``features`` and ``labels`` (LogME); when every expert has a source head, also its
     ``source_probs`` (LEEP) and hard ``source_labels`` (NCE). None without the features:
     each of these baselines needs a forward pass of every expert over every task."""
-    from t2v_core.zoo import read_experts
+    from t2v_core.zoo.manifest import read_experts
 
     experts = {e.expert_id: e for e in read_experts(root)}
     cached = _cached_features(root, data, experts, image_size, max_per_class, seed)
@@ -287,7 +287,7 @@ def write_report(root: StorageRoot, report: dict) -> str:
 
 
 def _figures(data: MetaDataset) -> dict:
-    from t2v_core import plots
+    from t2v_core.review import plots
 
     task_map = plots.task_map(data.embeddings, list(data.families), list(data.task_ids))
     heatmap, _ = plots.distance_heatmap(families=list(data.families), distances=task_map.distances)
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report["markdown"])
     log.info("wrote %s/table1.md and table1.json", root.join(base))
     if args.tracking:
-        from t2v_core import tracking
+        from t2v_core.review import tracking
 
         tracking.configure(root, tracking_uri=args.tracking_uri)
         params = {"probe_id": data.probe_id, "method": data.method, "folds": folds,

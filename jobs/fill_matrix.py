@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING
 from jobs._cli import add_tracking_args, record_stage
 
 if TYPE_CHECKING:
-    from t2v_core.matrix import MatrixRow
+    from t2v_core.matrix.rows import MatrixRow
 
 log = logging.getLogger("jobs.fill_matrix")
 
@@ -169,7 +169,7 @@ def _outcome(task, expert, result, *, configs_tried: int, diverged: int, seconds
 
 
 def _input_failure(task, expert, exc: Exception, n_configs: int, device: str) -> dict:
-    from t2v_core.finetune import TrainResult
+    from t2v_core.matrix.finetune import TrainResult
 
     res = TrainResult("failed", None, None, None, None, None, 0, 0.0, 0, 0,
                       error=f"input error: {type(exc).__name__}: {exc}")
@@ -183,12 +183,12 @@ def fill_unit(job: dict, unit: dict, configs: list[dict], on_epoch=None) -> dict
     reads, weights that do not load) become failed cells; anything else raises."""
     import torch
 
-    from t2v_core.data import DataError, UnreadableURIError
-    from t2v_core.features import FeatureCache, cell_features
-    from t2v_core.finetune import FinetuneRecipe, HeadConfig, ProbeRecipe, select_best
-    from t2v_core.probes import WeightsError, build_probe
+    from t2v_core.embedding.probes import WeightsError, build_probe
+    from t2v_core.matrix.features import FeatureCache, cell_features
+    from t2v_core.matrix.finetune import FinetuneRecipe, HeadConfig, ProbeRecipe, select_best
     from t2v_core.storage import StorageRoot
-    from t2v_core.zoo import ExpertSpec, TaskSpec
+    from t2v_core.zoo.data import DataError, UnreadableURIError
+    from t2v_core.zoo.manifest import ExpertSpec, TaskSpec
 
     start = time.perf_counter()
     root = StorageRoot(job["root"])
@@ -209,7 +209,7 @@ def fill_unit(job: dict, unit: dict, configs: list[dict], on_epoch=None) -> dict
 
     cells: list[dict] = []
     if job["mode"] == "probe":
-        from t2v_core.finetune import fit_heads, make_problem
+        from t2v_core.matrix.finetune import fit_heads, make_problem
 
         recipe = ProbeRecipe(**job["recipe"])
         problems, ready, feat_seconds = [], [], []
@@ -243,8 +243,8 @@ def fill_unit(job: dict, unit: dict, configs: list[dict], on_epoch=None) -> dict
                     seconds=fs + sum(r.seconds for r in res), device=device, probe_id=probe_id,
                     best_hp=hps[best].to_dict() if best is not None else None))
     else:
-        from t2v_core.data import load_split
-        from t2v_core.finetune import ImageProblem, finetune_cell
+        from t2v_core.matrix.finetune import ImageProblem, finetune_cell
+        from t2v_core.zoo.data import load_split
 
         recipe = FinetuneRecipe(**job["recipe"])
         for task in tasks:
@@ -302,9 +302,9 @@ def run_trial(config: dict) -> None:
 
 
 def _already_written(job: dict, unit: dict) -> bool:
-    from t2v_core.matrix import written
+    from t2v_core.matrix.rows import written
     from t2v_core.storage import StorageRoot
-    from t2v_core.zoo import ExpertSpec, TaskSpec
+    from t2v_core.zoo.manifest import ExpertSpec, TaskSpec
 
     return written(StorageRoot(job["root"]), [TaskSpec(**t) for t in unit["tasks"]],
                    ExpertSpec(**unit["expert"]), job["mode"], job["data"]["max_per_class"])
@@ -317,7 +317,7 @@ def _trial_name(trial) -> str:
 # -- combining trials into matrix rows ------------------------------------------------------
 def combine(outcomes: list[dict], job: dict, layout: str) -> MatrixRow:
     """One matrix row from the outcomes of one cell (one per trial that trained it)."""
-    from t2v_core.matrix import MatrixRow
+    from t2v_core.matrix.rows import MatrixRow
 
     def key(o):
         if o["val_error"] is not None:
@@ -406,7 +406,7 @@ def _make_writer(root_uri: str, job: dict, layout: str, expected: dict[str, int]
                 self._bar = tqdm(total=len(self.expected), desc="matrix cells", unit="cell")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            from t2v_core.matrix import write_rows
+            from t2v_core.matrix.rows import write_rows
             from t2v_core.storage import StorageRoot
 
             outcomes = json.loads((trial.last_result or {}).get("cells_json") or "[]")
@@ -449,7 +449,7 @@ def _image_size(arch: str, override: int | None, cache: dict) -> int:
     if override:
         return override
     if arch not in cache:
-        from t2v_core.probes import build_probe
+        from t2v_core.embedding.probes import build_probe
 
         cache[arch] = build_probe(arch, None).input_size
     return cache[arch]
@@ -561,7 +561,7 @@ def _grid_outcomes(grid, since: float) -> tuple[list[dict], dict]:
 def _write_remaining(root, outcomes, planned: set[str], job, layout, tasks, experts) -> int:
     """Rows for the planned cells that have outcomes but no row yet (the writer callback of a
     restored experiment only sees the trials it ran itself)."""
-    from t2v_core.matrix import done_cells, write_rows
+    from t2v_core.matrix.rows import done_cells, write_rows
 
     done = {_cell_key(*c) for c in done_cells(root, tasks, experts, job["mode"],
                                               max_per_class=job["data"]["max_per_class"])}
@@ -601,10 +601,10 @@ def fill(args: argparse.Namespace) -> dict:
 
 def _fill(args: argparse.Namespace) -> dict:
     from t2v_core import __version__
-    from t2v_core.finetune import FinetuneRecipe, ProbeRecipe, SearchSpace
-    from t2v_core.matrix import done_cells, missing_cells
+    from t2v_core.matrix.finetune import FinetuneRecipe, ProbeRecipe, SearchSpace
+    from t2v_core.matrix.rows import done_cells, missing_cells
     from t2v_core.storage import StorageRoot, redact_uri
-    from t2v_core.zoo import read_experts, read_tasks
+    from t2v_core.zoo.manifest import read_experts, read_tasks
 
     started = time.time()
     root = StorageRoot(args.root)
@@ -705,7 +705,7 @@ def _fill(args: argparse.Namespace) -> dict:
 
 
 def _finish(summary, root, args, tasks, experts, requested, started) -> dict:
-    from t2v_core.matrix import read_matrix
+    from t2v_core.matrix.rows import read_matrix
 
     final = read_matrix(root, mode=args.mode, tasks=tasks, experts=experts,
                         max_per_class=args.max_per_class).to_pylist()

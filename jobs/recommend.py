@@ -21,12 +21,12 @@ import pyarrow as pa
 
 from jobs._cli import add_common_args, add_embedding_args, run_stamp, setup_logging
 from jobs.train_model2vec import load_model
-from t2v_core.embeddings import EmbedConfig, embed_task, read_embeddings
-from t2v_core.matrix import read_matrix
-from t2v_core.probes import build_probe
-from t2v_core.recommender_model import recommendations_frame
+from t2v_core.embedding.probes import build_probe
+from t2v_core.embedding.store import EmbedConfig, embed_task, read_embeddings
+from t2v_core.matrix.rows import read_matrix
+from t2v_core.review.recommender_model import recommendations_frame
 from t2v_core.storage import StorageRoot
-from t2v_core.zoo import read_tasks
+from t2v_core.zoo.manifest import read_tasks
 
 log = logging.getLogger("jobs.recommend")
 
@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _embed_new(args, meta: dict) -> tuple[list[str], np.ndarray]:
-    from t2v_core.data import scan_task
+    from t2v_core.zoo.data import scan_task
 
     if not args.probe:
         raise SystemExit("--data needs --probe (and --weights) to embed the new tasks")
@@ -89,7 +89,7 @@ def _zoo_embeddings(root: StorageRoot, task_ids: list[str], meta: dict) -> np.nd
 def recommend(args) -> pd.DataFrame:
     root = StorageRoot(args.root)
     if args.model:
-        from t2v_core.recommender_model import load_recommender
+        from t2v_core.review.recommender_model import load_recommender
 
         if args.tracking_uri:
             import mlflow
@@ -97,7 +97,7 @@ def recommend(args) -> pd.DataFrame:
             mlflow.set_tracking_uri(args.tracking_uri)
         pyfunc = load_recommender(args.model)
         model = pyfunc.unwrap_python_model().model
-        from t2v_core.meta_dataset import resolve_embedding_set
+        from t2v_core.recommend.meta_dataset import resolve_embedding_set
 
         probe_id, method = resolve_embedding_set(root, args.probe_id, args.method)
         meta = {"probe_id": probe_id, "method": method}
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     print(top.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     log.info("wrote %d ranked rows to %s", len(frame), root.join(f"recommendations/{run_id}"))
     if args.tracking:
-        from t2v_core import plots, tracking
+        from t2v_core.review import plots, tracking
 
         tracking.configure(root, tracking_uri=args.tracking_uri)
         with tracking.stage_run("recommend", {"tasks": ",".join(frame["task_id"].unique()),

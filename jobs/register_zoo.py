@@ -17,9 +17,9 @@ import sys
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from t2v_core.data import DataError
 from t2v_core.storage import redact_uri
-from t2v_core.zoo import register_folders
+from t2v_core.zoo.data import DataError
+from t2v_core.zoo.register import register_folders
 
 log = logging.getLogger("jobs.register_zoo")
 

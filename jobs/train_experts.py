@@ -32,7 +32,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from jobs._cli import add_common_args, setup_logging
 from jobs._ray_util import add_ray_args, get_or_error, init_ray, iter_ready, worker_runtime_env
-from t2v_core.experts import (
+from t2v_core.embedding.probes import available_archs, build_probe, resolve_weights
+from t2v_core.matrix.experts import (
     HEAD_SUFFIX,
     Recipe,
     SourceHead,
@@ -41,9 +42,8 @@ from t2v_core.experts import (
     finetune,
     state_digest,
 )
-from t2v_core.probes import available_archs, build_probe, resolve_weights
 from t2v_core.storage import StorageRoot, redact_uri
-from t2v_core.zoo import ExpertSpec, TaskSpec, read_experts, read_tasks, upsert_experts
+from t2v_core.zoo.manifest import ExpertSpec, TaskSpec, read_experts, read_tasks, upsert_experts
 
 log = logging.getLogger("jobs.train_experts")
 
@@ -77,7 +77,7 @@ def select_tasks(specs: list[TaskSpec], selector: str) -> list[TaskSpec]:
     if selector == "all":
         return specs
     if selector == "representative":
-        from t2v_core.demo_world import representative_tasks
+        from t2v_core.zoo.demo_world import representative_tasks
 
         wanted = set(representative_tasks(specs))
     else:
@@ -99,7 +99,7 @@ def weights_rel(expert_id: str) -> str:
 
 
 def head_rel(expert_id: str) -> str:
-    """The source head's file; :func:`t2v_core.experts.head_uri` finds it from the weights URI."""
+    """The source head's file; :func:`t2v_core.matrix.experts.head_uri` finds it from the weights URI."""
     return f"{EXPERTS_DIR}/{expert_id}{HEAD_SUFFIX}"
 
 
@@ -115,7 +115,7 @@ def write_expert(root: StorageRoot, expert_id: str, backbone: torch.nn.Module,
 def train_one(root_uri: str, arch: str, weights: str | None, task: TaskSpec, recipe: Recipe,
               expert_id: str) -> dict:
     """Fine-tune one expert and write its weights (runs inside a Ray worker)."""
-    from t2v_core.data import load_split
+    from t2v_core.zoo.data import load_split
 
     root = StorageRoot(root_uri)
     probe = build_probe(arch, weights, seed=recipe.seed, input_size=recipe.image_size)
@@ -250,7 +250,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _tracked(args: argparse.Namespace, recipe: Recipe):
     if not args.tracking:
         return contextlib.nullcontext(None)
-    from t2v_core import tracking
+    from t2v_core.review import tracking
 
     tracking.configure(args.root, tracking_uri=args.tracking_uri)
     params = {"arch": args.arch, "weights": args.weights, "tasks": args.tasks,
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                          address=args.address, local_cpus=args.local_cpus,
                          forward_env=args.forward_env, progress=not args.no_progress)
             if tracked is not None:
-                from t2v_core import tracking
+                from t2v_core.review import tracking
 
                 tracking.log_task_counts(len(report.trained), len(report.failed),
                                          len(report.skipped))

@@ -26,9 +26,9 @@ from jobs._cli import (
     run_stamp,
     setup_logging,
 )
-from t2v_core.meta_dataset import MetaDataset, load_meta_dataset
-from t2v_core.model2vec import Model2Vec
-from t2v_core.selectors import top1_relative_increase
+from t2v_core.recommend.meta_dataset import MetaDataset, load_meta_dataset
+from t2v_core.recommend.model2vec import Model2Vec
+from t2v_core.recommend.selectors import top1_relative_increase
 from t2v_core.storage import StorageRoot
 
 log = logging.getLogger("jobs.train_model2vec")
@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("saved MODEL2VEC version %s (in-sample error increase over oracle %.2f%%)",
              version, metrics["train_relative_increase_pct"])
     if args.tracking:
-        from t2v_core import tracking
-        from t2v_core.recommender_model import register_recommender
+        from t2v_core.review import tracking
+        from t2v_core.review.recommender_model import register_recommender
 
         tracking.configure(root, tracking_uri=args.tracking_uri)
         params = {"probe_id": data.probe_id, "method": data.method, "mode": args.mode,

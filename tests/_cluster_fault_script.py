@@ -26,9 +26,9 @@ import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from jobs import embed_tasks  # noqa: E402
-from t2v_core.embeddings import dataset_path, read_embedding_rows  # noqa: E402
+from t2v_core.embedding.store import dataset_path, read_embedding_rows  # noqa: E402
 from t2v_core.storage import StorageRoot  # noqa: E402
-from t2v_core.zoo import read_tasks  # noqa: E402
+from t2v_core.zoo.manifest import read_tasks  # noqa: E402
 
 log = logging.getLogger("cluster_fault")
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from t2v_core.data import (
+from t2v_core.zoo.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     CorruptImageError,

@@ -20,10 +20,10 @@ from test_matrix import REPO, SIZE, _env, register, zoo_files  # noqa: F401  (fi
 
 from jobs import data_efficiency
 from jobs.evaluate import transfer_context, with_validation_errors
-from t2v_core.embeddings import read_embeddings
-from t2v_core.evaluate import evaluate_selectors
-from t2v_core.experts import SourceHead, head_uri
-from t2v_core.matrix import (
+from t2v_core.embedding.probes import build_probe
+from t2v_core.embedding.store import read_embeddings
+from t2v_core.matrix.experts import SourceHead, head_uri
+from t2v_core.matrix.rows import (
     ANY_SIZE,
     MATRIX_DIR,
     MatrixRow,
@@ -37,16 +37,16 @@ from t2v_core.matrix import (
     write_rows,
     written,
 )
-from t2v_core.meta_dataset import (
+from t2v_core.recommend.evaluate import evaluate_selectors
+from t2v_core.recommend.meta_dataset import (
     MetaDataset,
     load_meta_dataset,
     resolve_embedding_set,
     subsample_root,
 )
-from t2v_core.probes import build_probe
-from t2v_core.selectors import LEEPSelector, LogMESelector, NCESelector
+from t2v_core.recommend.selectors import LEEPSelector, LogMESelector, NCESelector
 from t2v_core.storage import StorageRoot
-from t2v_core.zoo import ExpertSpec, TaskSpec
+from t2v_core.zoo.manifest import ExpertSpec, TaskSpec
 
 PROBE_ID = "small_cnn-random0"
 SCORES = {"LogME": LogMESelector, "LEEP": LEEPSelector, "NCE": NCESelector}

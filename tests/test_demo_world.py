@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from t2v_core import demo_world
-from t2v_core.data import load_split
-from t2v_core.distance import d_sym
-from t2v_core.efficientnet_lite import pretrained_weights_path
-from t2v_core.experts import Recipe, blocks, finetune, linear_probe_error, state_digest
-from t2v_core.fisher import fit_head, per_filter_fisher, per_filter_fisher_naive, task2vec
-from t2v_core.probes import build_probe, extract_features, load_state_dict
-from t2v_core.zoo import read_experts, read_tasks, register_folders
+from t2v_core.embedding.distance import d_sym
+from t2v_core.embedding.efficientnet_lite import pretrained_weights_path
+from t2v_core.embedding.fisher import fit_head, per_filter_fisher, per_filter_fisher_naive, task2vec
+from t2v_core.embedding.probes import build_probe, extract_features, load_state_dict
+from t2v_core.matrix.experts import Recipe, blocks, finetune, linear_probe_error, state_digest
+from t2v_core.zoo import demo_world
+from t2v_core.zoo.data import load_split
+from t2v_core.zoo.manifest import read_experts, read_tasks
+from t2v_core.zoo.register import register_folders
 
 SIZE = 32
 
@@ -132,7 +133,7 @@ def test_lite0_matches_the_package_network_and_classifies_imagenet_photos(lite0)
     from PIL import Image
     from skimage.data import chelsea, coffee
 
-    from t2v_core.data import IMAGENET_MEAN, IMAGENET_STD
+    from t2v_core.zoo.data import IMAGENET_MEAN, IMAGENET_STD
 
     state = load_state_dict(pretrained_weights_path())
     reference = EfficientNet.from_name("efficientnet-lite0")
@@ -165,7 +166,7 @@ def test_fisher_engine_is_exact_through_same_padding(lite0):
 
 
 def test_lite0_weights_round_trip(tmp_path, lite0):
-    from t2v_core.probes import save_weights
+    from t2v_core.embedding.probes import save_weights
 
     path = tmp_path / "lite0.pt"
     save_weights(lite0.backbone, str(path))

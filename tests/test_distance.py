@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from t2v_core.distance import (
+from t2v_core.embedding.distance import (
     cosine,
     d_asym,
     d_sym,

@@ -21,8 +21,9 @@ import pytest
 
 from jobs import embed_tasks
 from jobs._ray_util import worker_runtime_env
-from t2v_core.data import load_split
-from t2v_core.embeddings import (
+from t2v_core.embedding.fisher import task2vec
+from t2v_core.embedding.probes import build_probe
+from t2v_core.embedding.store import (
     EmbeddingWriter,
     TaskOutcome,
     clean_error,
@@ -35,10 +36,10 @@ from t2v_core.embeddings import (
     read_filter_names,
     write_filter_names,
 )
-from t2v_core.fisher import task2vec
-from t2v_core.probes import build_probe
 from t2v_core.storage import StorageRoot
-from t2v_core.zoo import TaskSpec, read_tasks, register_folders
+from t2v_core.zoo.data import load_split
+from t2v_core.zoo.manifest import TaskSpec, read_tasks
+from t2v_core.zoo.register import register_folders
 
 SIZE = 12
 PROBE_ID = "small_cnn-random0"

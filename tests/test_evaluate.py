@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from t2v_core.evaluate import (
+from t2v_core.recommend.evaluate import (
     EvaluationResult,
     bootstrap_mean_ci,
     data_efficiency,
@@ -22,7 +22,7 @@ from t2v_core.evaluate import (
     to_json,
     to_markdown,
 )
-from t2v_core.selectors import (
+from t2v_core.recommend.selectors import (
     AsymTask2VecSelector,
     ChanceSelector,
     FamilyBestSelector,

@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from t2v_core.features import FeatureCache, FeatureKey, Features, cell_features
-from t2v_core.finetune import (
+from t2v_core.embedding.probes import build_probe
+from t2v_core.matrix.features import FeatureCache, FeatureKey, Features, cell_features
+from t2v_core.matrix.finetune import (
     FinetuneRecipe,
     HeadConfig,
     ImageProblem,
@@ -25,9 +26,8 @@ from t2v_core.finetune import (
     select_best,
     split_validation,
 )
-from t2v_core.probes import build_probe
 from t2v_core.storage import StorageRoot
-from t2v_core.zoo import ExpertSpec, TaskSpec
+from t2v_core.zoo.manifest import ExpertSpec, TaskSpec
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from t2v_core.fisher import (
+from t2v_core.embedding.fisher import (
     FisherError,
     domain_embedding,
     fit_head,
@@ -14,7 +14,7 @@ from t2v_core.fisher import (
     task2vec,
     variational_fisher,
 )
-from t2v_core.probes import build_probe, extract_features
+from t2v_core.embedding.probes import build_probe, extract_features
 
 
 def _rel(a, b):

@@ -6,7 +6,7 @@ import mlflow
 import pytest
 
 from jobs._cli import add_tracking_args, record_stage
-from t2v_core import tracking
+from t2v_core.review import tracking
 
 
 def _args(root, *argv):

@@ -20,9 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
-from t2v_core.data import load_split, scan_task
-from t2v_core.finetune import FinetuneRecipe, HeadConfig, ImageProblem, fit_network
-from t2v_core.matrix import (
+from t2v_core.embedding.probes import build_probe, save_weights
+from t2v_core.matrix.finetune import FinetuneRecipe, HeadConfig, ImageProblem, fit_network
+from t2v_core.matrix.rows import (
     KEY_COLUMNS,
     MATRIX_DIR,
     MatrixRow,
@@ -35,9 +35,9 @@ from t2v_core.matrix import (
     write_rows,
     written,
 )
-from t2v_core.probes import build_probe, save_weights
 from t2v_core.storage import StorageRoot
-from t2v_core.zoo import ExpertSpec, TaskSpec, upsert_experts, upsert_tasks
+from t2v_core.zoo.data import load_split, scan_task
+from t2v_core.zoo.manifest import ExpertSpec, TaskSpec, upsert_experts, upsert_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 16
@@ -113,7 +113,7 @@ def zoo_files(tmp_path_factory):
 
 
 def register(root_uri: str, tasks_uri: str, weights_uri: str, nan_expert: bool = False):
-    from t2v_core.probes import load_state_dict, weights_digest
+    from t2v_core.embedding.probes import load_state_dict, weights_digest
 
     specs = [scan_task(f"{tasks_uri}/{name}")[0] for name, *_ in TASKS]
     upsert_tasks(root_uri, specs)
@@ -329,7 +329,7 @@ def test_pivot_rejects_duplicate_cells():
 
 def test_finetune_mode_through_tune_matches_a_direct_call(zoo_files, ray_local, tmp_path):
     from jobs.fill_matrix import main
-    from t2v_core.finetune import SearchSpace, finetune_cell
+    from t2v_core.matrix.finetune import SearchSpace, finetune_cell
 
     root_uri = str(tmp_path / "root")
     tasks, experts = register(root_uri, str(zoo_files / "tasks"), str(zoo_files / "weights"))

@@ -7,10 +7,15 @@ import pytest
 import torch
 from sklearn.base import clone
 
-from t2v_core.distance import d_asym, d_sym, trivial_embedding
-from t2v_core.evaluate import synthetic_zoo
-from t2v_core.model2vec import Model2Vec, resolve_expert_sources, torch_d_asym, torch_d_sym
-from t2v_core.selectors import top1_relative_increase
+from t2v_core.embedding.distance import d_asym, d_sym, trivial_embedding
+from t2v_core.recommend.evaluate import synthetic_zoo
+from t2v_core.recommend.model2vec import (
+    Model2Vec,
+    resolve_expert_sources,
+    torch_d_asym,
+    torch_d_sym,
+)
+from t2v_core.recommend.selectors import top1_relative_increase
 
 FAST = {"max_epochs": 150, "patience": 20}
 
@@ -65,7 +70,7 @@ def test_torch_d_sym_has_finite_gradients() -> None:
 
 
 def test_model_distances_are_library_d_asym(zoo, fitted) -> None:
-    """The trained model ranks by exactly t2v_core.distance.d_asym of its expert embeddings."""
+    """The trained model ranks by exactly t2v_core.embedding.distance.d_asym of its expert embeddings."""
     m, g = fitted.expert_embeddings_, fitted.gamma_
     assert (m > 0).all() and g != 1.0  # γ was learned
     expected = d_asym(m**g, zoo.task_embeddings**g, t0=fitted.t0_.numpy() ** g,
@@ -244,7 +249,7 @@ def test_learns_to_correct_wrong_source_embeddings() -> None:
 
 def test_memory_blocks_do_not_change_the_fit(zoo, fitted, monkeypatch) -> None:
     """Gradients accumulated over small blocks of tasks equal one full-batch gradient."""
-    import t2v_core.model2vec as module
+    import t2v_core.recommend.model2vec as module
 
     dim = zoo.task_embeddings.shape[1]
     monkeypatch.setattr(module, "_PAIR_ELEMENTS", 3 * len(zoo.expert_ids) * dim)  # 3 tasks

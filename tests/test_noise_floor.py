@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from t2v_core.noise_floor import oracle_noise_floor
+from t2v_core.recommend.noise_floor import oracle_noise_floor
 
 
 def test_two_equal_experts_match_the_closed_form() -> None:

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from t2v_core import plots
-from t2v_core.distance import d_sym
+from t2v_core.embedding.distance import d_sym
+from t2v_core.review import plots
 from t2v_core.storage import EMBEDDINGS_SCHEMA, StorageRoot, conform
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torchvision import models
 
-from t2v_core.fisher import task2vec
-from t2v_core.probes import (
+from t2v_core.embedding.fisher import task2vec
+from t2v_core.embedding.probes import (
     WeightsError,
     available_archs,
     build_probe,
@@ -85,7 +85,7 @@ def test_pickles_that_are_not_plain_tensors_are_refused(tmp_path):
 
 
 def test_weights_by_name_resolve_to_files_or_random():
-    from t2v_core.probes import resolve_weights
+    from t2v_core.embedding.probes import resolve_weights
 
     assert resolve_weights("resnet18", None) is None
     assert resolve_weights("resnet18", "none") is None

@@ -1,6 +1,6 @@
 """train_model2vec → evaluate → recommend on a storage root holding a synthetic zoo.
 
-The zoo's embeddings and matrix come from :func:`t2v_core.evaluate.synthetic_zoo`, where each
+The zoo's embeddings and matrix come from :func:`t2v_core.recommend.evaluate.synthetic_zoo`, where each
 expert is built to be best on its own family, and are written with the same storage code the
 embedding and matrix jobs use; the jobs then only see Parquet.
 """
@@ -14,11 +14,11 @@ import pytest
 from jobs import evaluate as evaluate_job
 from jobs import recommend as recommend_job
 from jobs import train_model2vec
-from t2v_core.embeddings import TaskOutcome, dataset_path, embeddings_table, write_filter_names
-from t2v_core.evaluate import synthetic_zoo
-from t2v_core.matrix import MatrixRow, write_rows
+from t2v_core.embedding.store import TaskOutcome, dataset_path, embeddings_table, write_filter_names
+from t2v_core.matrix.rows import MatrixRow, write_rows
+from t2v_core.recommend.evaluate import synthetic_zoo
 from t2v_core.storage import StorageRoot
-from t2v_core.zoo import ExpertSpec, TaskSpec, write_experts, write_tasks
+from t2v_core.zoo.manifest import ExpertSpec, TaskSpec, write_experts, write_tasks
 
 PROBE, METHOD = "small_cnn-random0", "montecarlo"
 
@@ -132,8 +132,8 @@ def test_registered_model_in_local_mlflow_ranks_like_the_stored_one(zoo_root, mo
 
 
 def test_logme_column_from_cached_expert_features(zoo_root):
-    from t2v_core.features import FeatureCache, FeatureKey, Features
-    from t2v_core.zoo import read_experts
+    from t2v_core.matrix.features import FeatureCache, FeatureKey, Features
+    from t2v_core.zoo.manifest import read_experts
 
     root, zoo, tasks = zoo_root
     experts = read_experts(root)
@@ -168,7 +168,7 @@ def test_brute_force_column_follows_the_recorded_validation_errors(zoo_root, tmp
     error alone (exact: the oracle's picks; reversed: each task's worst expert)."""
     import shutil
 
-    from t2v_core.meta_dataset import load_meta_dataset
+    from t2v_core.recommend.meta_dataset import load_meta_dataset
 
     src, zoo, tasks = zoo_root
     shutil.copytree(src.uri, tmp_path / "root")
@@ -200,8 +200,8 @@ def test_report_has_the_oracle_noise_floor_when_the_matrix_records_test_sizes(zo
     import shutil
     from dataclasses import asdict
 
-    from t2v_core.meta_dataset import load_meta_dataset
-    from t2v_core.noise_floor import oracle_noise_floor
+    from t2v_core.recommend.meta_dataset import load_meta_dataset
+    from t2v_core.recommend.noise_floor import oracle_noise_floor
 
     src, zoo, tasks = zoo_root
     assert evaluate_job.run(load_meta_dataset(src), 3, model2vec_epochs=5)["json"][

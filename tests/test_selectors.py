@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from t2v_core.distance import d_asym, d_sym
-from t2v_core.evaluate import synthetic_zoo
-from t2v_core.selectors import (
+from t2v_core.embedding.distance import d_asym, d_sym
+from t2v_core.recommend.evaluate import synthetic_zoo
+from t2v_core.recommend.selectors import (
     AsymTask2VecSelector,
     BruteForceSelector,
     ChanceSelector,

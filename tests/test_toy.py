@@ -4,9 +4,9 @@ import itertools
 
 import numpy as np
 
-from t2v_core.distance import d_sym
-from t2v_core.fisher import task2vec
-from t2v_core.toy import tile_task, unit_square_probe
+from t2v_core.embedding.distance import d_sym
+from t2v_core.embedding.fisher import task2vec
+from t2v_core.embedding.toy import tile_task, unit_square_probe
 
 
 def test_tasks_sharing_tiles_are_closer():

@@ -20,10 +20,11 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from t2v_core import __version__, plots, tracking
-from t2v_core.evaluate import synthetic_zoo
-from t2v_core.model2vec import Model2Vec
-from t2v_core.recommender_model import (
+from t2v_core import __version__
+from t2v_core.recommend.evaluate import synthetic_zoo
+from t2v_core.recommend.model2vec import Model2Vec
+from t2v_core.review import plots, tracking
+from t2v_core.review.recommender_model import (
     DEFAULT_NAME,
     load_recommender,
     recommendations_frame,
@@ -334,7 +335,7 @@ def test_metric_names_are_sanitised():
 
 
 def test_table1_metrics_flattens_an_evaluation_result():
-    from t2v_core.evaluate import EvaluationResult, MetaTaskScores, SelectorReport
+    from t2v_core.recommend.evaluate import EvaluationResult, MetaTaskScores, SelectorReport
 
     scores = MetaTaskScores(n_tasks=4, relative_increase_pct=6.81, top1_hit_rate=0.5,
                             regret_at_k_pct={1: 6.81, 3: 1.0}, kendall_tau=0.4,
@@ -373,7 +374,7 @@ def test_small_demo_against_the_server(mlflow_server, moto_s3, ray_local, tmp_pa
     and a registered recommender that ranks like the one stored under the root."""
     from jobs import demo
     from jobs.train_model2vec import load_model
-    from t2v_core.meta_dataset import load_meta_dataset
+    from t2v_core.recommend.meta_dataset import load_meta_dataset
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     root = tmp_path / "root"

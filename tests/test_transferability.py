@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import BayesianRidge
 
-from t2v_core.transferability import leep, logme, nce
+from t2v_core.recommend.transferability import leep, logme, nce
 
 TINY = 1e-300  # gamma hyper-priors this flat make BayesianRidge's evidence LogME's exactly
 

@@ -8,19 +8,19 @@ import pytest
 import torch
 
 from jobs import register_zoo
-from t2v_core.data import load_split
 from t2v_core.storage import StorageRoot
-from t2v_core.zoo import (
+from t2v_core.zoo.data import load_split
+from t2v_core.zoo.manifest import (
     TASKS_MANIFEST,
     ExpertSpec,
     TaskSpec,
     read_experts,
     read_tasks,
-    register_folders,
     upsert_experts,
     upsert_tasks,
     write_tasks,
 )
+from t2v_core.zoo.register import register_folders
 
 
 @pytest.fixture
@@ -159,7 +159,7 @@ def test_s3_registration_matches_local(tmp_path, tree, moto_s3):
 
 
 def test_s3_unreadable_folder(moto_s3):
-    from t2v_core.data import UnreadableURIError
+    from t2v_core.zoo.data import UnreadableURIError
 
     with pytest.raises(UnreadableURIError, match="no-such-bucket"):
         register_folders("s3://no-such-bucket/tasks", f"s3://{moto_s3.bucket}/r")

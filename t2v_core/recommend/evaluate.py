@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import stats
 
-from t2v_core import distance as _distance
+from t2v_core.embedding import distance as _distance
 
 if TYPE_CHECKING:
-    from t2v_core.selectors import Selector
+    from t2v_core.recommend.selectors import Selector
 
 __all__ = [
     "PAPER_TABLE1",

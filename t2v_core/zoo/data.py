@@ -6,7 +6,7 @@ Two on-disk formats are understood:
 * ``parquet``: ``<task>/train.parquet`` and ``<task>/test.parquet`` with columns ``image``
   (encoded image bytes) and ``label`` (class name).
 
-:func:`scan_task` validates a task and describes it as a :class:`~t2v_core.zoo.TaskSpec`.
+:func:`scan_task` validates a task and describes it as a :class:`~t2v_core.zoo.manifest.TaskSpec`.
 It decodes every image, so a bad file is found at registration rather than half-way through
 a cluster job, and it *reports* what it leaves out (:class:`Problem`) instead of dropping it
 silently:
@@ -46,7 +46,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from t2v_core.storage import filesystem_for, is_local, redact_uri
-from t2v_core.zoo import TaskSpec
+from t2v_core.zoo.manifest import TaskSpec
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from t2v_core.probes import Probe
+from t2v_core.embedding.probes import Probe
 
 
 def unit_square_probe(n_features: int = 10, seed: int = 0) -> Probe:

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from t2v_core.embeddings import read_embeddings
-from t2v_core.matrix import pivot, read_matrix
+from t2v_core.embedding.store import read_embeddings
+from t2v_core.matrix.rows import pivot, read_matrix
 from t2v_core.storage import StorageRoot
-from t2v_core.zoo import read_experts, read_tasks
+from t2v_core.zoo.manifest import read_experts, read_tasks
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from t2v_core.probes import Probe, extract_features
+from t2v_core.embedding.probes import Probe, extract_features
 
 log = logging.getLogger(__name__)
 

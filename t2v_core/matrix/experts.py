@@ -3,7 +3,7 @@
 MODEL2VEC needs a library of feature extractors that are good on different parts of the zoo.
 An expert is made by training a copy of the (pretrained) probe, with a fresh linear head, on
 its source task. The feature extractor is saved as a plain state dict that
-:func:`t2v_core.probes.build_probe` loads like any other weights; the head (the expert's
+:func:`t2v_core.embedding.probes.build_probe` loads like any other weights; the head (the expert's
 *source head*) is saved beside it (:func:`head_uri`), because LEEP and NCE score an expert
 by what its source classifier predicts on a new task.
 
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from t2v_core.fisher import fit_head
-from t2v_core.probes import (
+from t2v_core.embedding.fisher import fit_head
+from t2v_core.embedding.probes import (
     _HEAD_PREFIXES,
     Probe,
     WeightsError,
@@ -140,7 +140,7 @@ def finetune(
     (eval mode) while their affine parameters train: with a few hundred images and small
     batches, re-estimated statistics would be noisy, and pretrained BN momenta are too slow
     to follow them, so train- and eval-mode features would disagree. Returns the trained backbone
-    and head in eval mode with gradients off, ready for :func:`t2v_core.probes.save_weights`
+    and head in eval mode with gradients off, ready for :func:`t2v_core.embedding.probes.save_weights`
     and :class:`SourceHead`.
     """
     started = time.perf_counter()
@@ -323,7 +323,7 @@ def checkpoint_head(state_dict: Mapping[str, torch.Tensor], feature_dim: int
                     ) -> SourceHead | None:
     """The classifier a checkpoint carries beside its feature extractor (e.g. ImageNet's).
 
-    It is the part :func:`t2v_core.probes.apply_weights` leaves out; it counts as a source
+    It is the part :func:`t2v_core.embedding.probes.apply_weights` leaves out; it counts as a source
     head only when it is one linear layer on the backbone's output (Z×feature_dim weight).
     """
     state = {k.removeprefix("module."): v for k, v in state_dict.items()}

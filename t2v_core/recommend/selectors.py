@@ -36,9 +36,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from t2v_core.distance import d_asym, d_sym, trivial_embedding, trivial_level
-from t2v_core.model2vec import Model2Vec, resolve_expert_sources
-from t2v_core.transferability import leep, logme, nce
+from t2v_core.embedding.distance import d_asym, d_sym, trivial_embedding, trivial_level
+from t2v_core.recommend.model2vec import Model2Vec, resolve_expert_sources
+from t2v_core.recommend.transferability import leep, logme, nce
 
 __all__ = [
     "AsymTask2VecSelector",

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from t2v_core.storage import StorageRoot
-from t2v_core.zoo import ExpertSpec, TaskSpec
+from t2v_core.zoo.manifest import ExpertSpec, TaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,8 @@ def compute_features(
     probe_id: str = "",
 ) -> Features:
     """Read ``split`` of ``task`` and run the (frozen, eval-mode) backbone over it."""
-    from t2v_core.data import load_split
-    from t2v_core.probes import extract_features
+    from t2v_core.embedding.probes import extract_features
+    from t2v_core.zoo.data import load_split
 
     images, labels = load_split(task, split, image_size, max_per_class, seed)
     device = torch.device(device or "cpu")

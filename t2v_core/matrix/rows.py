@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from t2v_core.storage import MATRIX_SCHEMA, StorageRoot, conform, key_hash
-from t2v_core.zoo import ExpertSpec, TaskSpec
+from t2v_core.zoo.manifest import ExpertSpec, TaskSpec
 
 log = logging.getLogger(__name__)
 

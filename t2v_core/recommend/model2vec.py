@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator
 
-from t2v_core.distance import trivial_embedding, trivial_level
+from t2v_core.embedding.distance import trivial_embedding, trivial_level
 
 __all__ = ["Model2Vec", "resolve_expert_sources", "torch_d_asym", "torch_d_sym"]
 
@@ -76,7 +76,7 @@ _SCALAR_EPOCHS = 100
 def torch_d_sym(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Differentiable d_sym for all row pairs of a (n×d) and b (m×d) -> n×m.
 
-    The same convention as :func:`t2v_core.distance.d_sym` (so the trained model ranks exactly
+    The same convention as :func:`t2v_core.embedding.distance.d_sym` (so the trained model ranks exactly
     as the library distance would): u = a/(a+b), with u = 1/2 on a filter where both are 0,
     v = 1 − u, and distance 0 when a norm vanishes. Written with broadcasting so autograd
     sees one graph; divisions and square roots are guarded so gradients stay finite.
@@ -449,7 +449,7 @@ class Model2Vec(BaseEstimator):
 
     @property
     def expert_embeddings_(self) -> np.ndarray:
-        """The learned m_i (E×d), non-negative; usable with t2v_core.distance directly."""
+        """The learned m_i (E×d), non-negative; usable with t2v_core.embedding.distance directly."""
         self._check_fitted()
         return torch.exp(self.log_m_).numpy().astype(np.float64)
 

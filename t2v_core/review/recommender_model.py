@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import DataType
 from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
-from t2v_core.model2vec import Model2Vec
+from t2v_core.recommend.model2vec import Model2Vec
 
 __all__ = [
     "DEFAULT_ALIAS",
@@ -53,7 +53,7 @@ _COLUMNS = ["task_id", "rank", "expert_id", "score", "distance"]
 _MODEL_CODE = """\
 import mlflow
 
-from t2v_core.recommender_model import RecommenderModel
+from t2v_core.review.recommender_model import RecommenderModel
 
 mlflow.models.set_model(RecommenderModel())
 """
@@ -192,7 +192,7 @@ def register_recommender(
     provides it (jobs, notebooks).
     """
     example = _default_example(model) if input_example is None else input_example
-    code_paths = [str(Path(__file__).resolve().parent)] if bundle_code else None
+    code_paths = [str(Path(__file__).resolve().parents[1])] if bundle_code else None
     with tempfile.TemporaryDirectory(prefix="t2v-recommender-") as tmp, ExitStack() as stack:
         path = Path(tmp) / "model2vec.pt"
         model.save(path)

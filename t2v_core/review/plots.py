@@ -23,7 +23,7 @@ from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from sklearn.manifold import TSNE
 
-from t2v_core.distance import d_sym
+from t2v_core.embedding.distance import d_sym
 from t2v_core.storage import StorageRoot
 
 __all__ = [
@@ -303,7 +303,7 @@ def topk_bars(
 ) -> Figure:
     """One panel per task: the true test error of each of its top-k recommended experts
     (``recommendations``: task_id, rank, expert_id, score, true_error — the table
-    :func:`t2v_core.recommender_model.recommendations_frame` makes), with the task's best
+    :func:`t2v_core.review.recommender_model.recommendations_frame` makes), with the task's best
     achievable error as a dashed line when ``oracle_errors`` gives it. Unknown errors are
     marked "n/a"."""
     needed = {"task_id", "rank", "expert_id"}

@@ -10,7 +10,7 @@ Two recipes, following the paper where it applies:
   is trained with SGD (momentum, step decay). For a chosen subset of cells.
 
 The estimators here take tensors and return typed results; reading tasks, caching features
-and writing matrix rows live elsewhere (:mod:`t2v_core.features`, :mod:`t2v_core.matrix`).
+and writing matrix rows live elsewhere (:mod:`t2v_core.matrix.features`, :mod:`t2v_core.matrix.rows`).
 
 Many small cells would drown in per-call overhead, so :func:`fit_heads` trains many heads as
 one batched tensor program: every hyper-parameter configuration of a cell, and several cells
