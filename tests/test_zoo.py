@@ -171,3 +171,17 @@ def test_copied_tree_has_same_hashes(tmp_path, tree):
     a = _register(tree, tmp_path / "r1")
     b = _register(copy, tmp_path / "r2")
     assert {k: v.content_hash for k, v in a.items()} == {k: v.content_hash for k, v in b.items()}
+
+
+def test_select_specs_takes_ids_and_globs_and_refuses_a_pattern_matching_nothing():
+    from t2v_core.zoo.manifest import TaskSpec, select_specs
+
+    specs = [TaskSpec(task_id=t, family=t.split("__")[0], data_uri=f"/x/{t}", format="imagefolder",
+                      classes=("a", "b"), n_train=4, n_test=2, content_hash="h")
+             for t in ("digits__3v8", "digits__all", "photo__cat-dog")]
+    picked = select_specs(specs, "digits__*,photo__cat-dog")
+    assert [s.task_id for s in picked] == ["digits__3v8", "digits__all", "photo__cat-dog"]
+    assert [s.task_id for s in select_specs(specs, ["digits__all"])] == ["digits__all"]
+    assert select_specs(specs, None) == specs
+    with pytest.raises(ValueError, match="'digits__3v9'"):
+        select_specs(specs, "digits__3v9,digits__all")

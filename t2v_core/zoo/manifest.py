@@ -190,3 +190,28 @@ def write_experts(root: StorageRoot | str, specs: Iterable[ExpertSpec]) -> None:
 def upsert_experts(root: StorageRoot | str, specs: Iterable[ExpertSpec]) -> UpsertReport:
     """Add new experts and replace changed ones (keyed by expert_id)."""
     return _EXPERTS.upsert(root, specs)
+
+
+# -- selection -----------------------------------------------------------------------------
+def select_specs(specs: Sequence, patterns: str | Sequence[str] | None, *, what: str = "task"):
+    """The specs whose id matches one of ``patterns`` (comma-separated text or a list of exact
+    ids or shell globs), in manifest order; every job's ``--tasks``/``--experts`` follows this
+    one rule. ``None`` or empty selects all. A pattern that matches nothing is an error, since
+    a typo would otherwise silently shrink the job."""
+    import fnmatch
+
+    if not patterns:
+        return list(specs)
+    if isinstance(patterns, str):
+        patterns = patterns.split(",")
+    pats = [p.strip() for p in patterns if p.strip()]
+    ids = [_spec_id(s) for s in specs]
+    unmatched = [p for p in pats if not any(fnmatch.fnmatchcase(i, p) for i in ids)]
+    if unmatched:
+        raise ValueError(f"no registered {what} matches {', '.join(map(repr, unmatched))}")
+    return [s for s, i in zip(specs, ids, strict=True)
+            if any(fnmatch.fnmatchcase(i, p) for p in pats)]
+
+
+def _spec_id(spec) -> str:
+    return spec.expert_id if isinstance(spec, ExpertSpec) else spec.task_id
