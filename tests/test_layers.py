@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 CORE = Path(__file__).resolve().parents[1] / "t2v_core"
-STACK = ["storage", "zoo", "embedding", "matrix", "recommend", "review"]
+STACK = ["storage", "lease", "zoo", "embedding", "matrix", "recommend", "review"]
 FORBIDDEN = ("ray", "jobs", "benchmarks")
 
 
