@@ -61,8 +61,16 @@ from jobs._cli import (
     run_stamp,
     setup_logging,
 )
-from t2v_core.recommend import evaluate as ev
+from t2v_core.recommend import protocol
 from t2v_core.recommend.meta_dataset import MetaDataset
+from t2v_core.recommend.report import data_efficiency_markdown, folds_label, to_json
+from t2v_core.recommend.table1 import (
+    CONTEXT_COLUMNS,
+    standard_selectors,
+    transfer_context,
+    with_context_columns,
+    with_validation_errors,
+)
 from t2v_core.storage import StorageRoot
 
 log = logging.getLogger("jobs.data_efficiency")
@@ -296,8 +304,6 @@ def size_contexts(root: StorageRoot, data: dict, args: argparse.Namespace) -> di
     """Per size, what the context columns read at that size: every expert's features of that
     size's training subset, as the matrix job cached them (LogME, LEEP, NCE; found through
     --image-size), and the validation errors of that size's cells (brute force)."""
-    from jobs.evaluate import transfer_context, with_validation_errors
-
     if not args.image_size:
         log.info("LogME, LEEP and NCE left out: they need --image-size to find the features "
                  "the matrix job cached")
@@ -314,8 +320,6 @@ def size_contexts(root: StorageRoot, data: dict, args: argparse.Namespace) -> di
 def shared_contexts(contexts: dict) -> dict:
     """Each size's context cut to the keys every size has: the table compares the same
     selectors at every size, so a column some size cannot score is left out everywhere."""
-    from jobs.evaluate import CONTEXT_COLUMNS
-
     keys = set.intersection(*(set(c) for c in contexts.values()))
     for name, (key, _) in CONTEXT_COLUMNS.items():
         lacking = [size.label for size, c in contexts.items() if key not in c]
@@ -326,10 +330,8 @@ def shared_contexts(contexts: dict) -> dict:
 
 
 def evaluate_sizes(root: StorageRoot, data: dict, args: argparse.Namespace) -> dict:
-    """:func:`t2v_core.recommend.evaluate.data_efficiency` over the sizes, with the columns of the
+    """:func:`t2v_core.recommend.protocol.data_efficiency` over the sizes, with the columns of the
     evaluation job, each context column scored on its own size's data."""
-    from jobs.evaluate import standard_selectors, with_context_columns
-
     first = next(iter(data.values()))
     folds: str | int = args.folds if args.folds == "loo" else int(args.folds)
     contexts = shared_contexts(size_contexts(root, data, args))
@@ -339,7 +341,7 @@ def evaluate_sizes(root: StorageRoot, data: dict, args: argparse.Namespace) -> d
     zoos = {size: (d.embeddings, d.errors, d.expert_sources) for size, d in data.items()}
     log.info("evaluating %d selectors at %d sizes on %d tasks × %d experts (folds=%s)",
              len(selectors), len(zoos), len(first.task_ids), len(first.expert_ids), folds)
-    return ev.data_efficiency(selectors, zoos, first.expert_sources, list(first.expert_ids),
+    return protocol.data_efficiency(selectors, zoos, first.expert_sources, list(first.expert_ids),
                               list(first.families), contexts=contexts, folds=folds,
                               random_state=args.seed, error_floor=args.error_floor,
                               repeats=args.repeats)
@@ -375,8 +377,6 @@ def _context_columns_line(columns: list[str]) -> str:
 def report(results: dict, data: dict, work: list[SizeWork], args: argparse.Namespace,
            left_out: bool) -> Outcome:
     """The markdown tables and their JSON."""
-    from jobs.evaluate import CONTEXT_COLUMNS
-
     first = next(iter(data.values()))
     by_label = {size.label: res for size, res in results.items()}
     oracle = {size.label: _oracle_error(d.errors) for size, d in data.items()}
@@ -389,7 +389,7 @@ def report(results: dict, data: dict, work: list[SizeWork], args: argparse.Names
     header = (f"## Data efficiency: expert selection by training-set size "
               f"({len(first.task_ids)} tasks × {len(first.expert_ids)} experts, {args.mode}-mode "
               f"matrix, probe {first.probe_id}, {first.method} Fisher, "
-              f"{ev.folds_label(args.folds, args.repeats)}, "
+              f"{folds_label(args.folds, args.repeats)}, "
               f"oracle errors floored at {args.error_floor:g})")
     sizes_line = (f"A column is a cap on training images per class (seeded subset, seed "
                   f"{args.seed}; 'all' = the whole training split), for the matrix cells and "
@@ -400,8 +400,8 @@ def report(results: dict, data: dict, work: list[SizeWork], args: argparse.Names
         f"{k} {'–' if v is None else f'{v:.3f}'}" for k, v in oracle.items()) + "."
     markdown = "\n\n".join([
         header, sizes_line, *([columns_line] if columns_line else []),
-        ev.data_efficiency_markdown(by_label).rstrip(),
-        ev.data_efficiency_markdown(by_label, metric="top1_hit_rate").rstrip(),
+        data_efficiency_markdown(by_label).rstrip(),
+        data_efficiency_markdown(by_label, metric="top1_hit_rate").rstrip(),
         oracle_line,
     ]) + "\n"
     payload = {
@@ -413,7 +413,7 @@ def report(results: dict, data: dict, work: list[SizeWork], args: argparse.Names
         "expert_ids": list(first.expert_ids), "mean_oracle_error": oracle,
         "context_columns": columns,
         "work": {w.size.label: {"matrix": w.matrix, "embeddings": w.embeddings} for w in work},
-        "by_size": {label: json.loads(ev.to_json(res)) for label, res in by_label.items()},
+        "by_size": {label: json.loads(to_json(res)) for label, res in by_label.items()},
     }
     return Outcome(markdown, payload, results, work, left_out)
 
@@ -432,7 +432,7 @@ def efficiency_metrics(results: dict) -> dict[str, float]:
     out = {}
     for size, res in results.items():
         for name, rep in res.reports.items():
-            scores = rep.by_meta_task[ev.MIXED]
+            scores = rep.by_meta_task[protocol.MIXED]
             for metric in ("relative_increase_pct", "top1_hit_rate", "weighted_tau"):
                 out[f"data_efficiency/{size.metric_key}/{name}/{metric}"] = getattr(scores, metric)
     return out

@@ -19,7 +19,6 @@ from mlflow.tracking import MlflowClient
 from test_matrix import REPO, SIZE, _env, register, zoo_files  # noqa: F401  (fixture)
 
 from jobs import data_efficiency
-from jobs.evaluate import transfer_context, with_validation_errors
 from t2v_core.embedding.probes import build_probe
 from t2v_core.embedding.store import read_embeddings
 from t2v_core.matrix.experts import SourceHead, head_uri
@@ -37,14 +36,15 @@ from t2v_core.matrix.rows import (
     write_rows,
     written,
 )
-from t2v_core.recommend.evaluate import evaluate_selectors
 from t2v_core.recommend.meta_dataset import (
     MetaDataset,
     load_meta_dataset,
     resolve_embedding_set,
     subsample_root,
 )
+from t2v_core.recommend.protocol import evaluate_selectors
 from t2v_core.recommend.selectors import LEEPSelector, LogMESelector, NCESelector
+from t2v_core.recommend.table1 import transfer_context, with_validation_errors
 from t2v_core.storage import StorageRoot
 from t2v_core.zoo.manifest import ExpertSpec, TaskSpec
 

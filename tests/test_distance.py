@@ -86,6 +86,13 @@ def test_rectangular_and_symmetric_paths_agree(emb):
 
 
 def test_zero_filters_share_equally():
+    """A filter where both tasks are 0 counts as an even split, u = v = 1/2, by hand:
+    u = (1/4, 1/2, 2/3), v = (3/4, 1/2, 1/3)."""
     a = np.array([1.0, 0.0, 2.0], dtype=np.float32)
-    b = np.array([1.0, 0.0, 2.0], dtype=np.float32)
-    assert d_sym(a, b) == pytest.approx(0.0, abs=1e-6)
+    b = np.array([3.0, 0.0, 1.0], dtype=np.float32)
+    u = np.array([1 / 4, 1 / 2, 2 / 3])
+    v = 1 - u
+    expected = 1 - u @ v / (np.linalg.norm(u) * np.linalg.norm(v))
+    assert d_sym(a, b) == pytest.approx(expected, abs=1e-6)
+    # the zero filter is not dropped: without it the distance differs
+    assert abs(d_sym(a[[0, 2]], b[[0, 2]]) - expected) > 0.05

@@ -1,4 +1,5 @@
-"""Meta-task evaluation: metrics, the leakage guard, diagnostics and reports."""
+"""Meta-task evaluation: metrics, the cross-validation protocol and its leakage guard,
+diagnostics and reports."""
 
 from __future__ import annotations
 
@@ -9,19 +10,22 @@ import math
 import numpy as np
 import pytest
 
-from t2v_core.recommend.evaluate import (
-    EvaluationResult,
+from t2v_core.embedding.synthetic_zoo import synthetic_zoo
+from t2v_core.recommend.diagnostics import family_recovery, norm_vs_difficulty
+from t2v_core.recommend.metrics import (
     bootstrap_mean_ci,
-    data_efficiency,
-    data_efficiency_markdown,
-    evaluate_selectors,
-    family_recovery,
-    norm_vs_difficulty,
-    synthetic_zoo,
+    expected_chance,
+    relative_increase,
     task_metrics,
-    to_json,
-    to_markdown,
 )
+from t2v_core.recommend.protocol import (
+    EvaluationResult,
+    check_ranking,
+    data_efficiency,
+    evaluate_selectors,
+    task_splits,
+)
+from t2v_core.recommend.report import data_efficiency_markdown, to_json, to_markdown
 from t2v_core.recommend.selectors import (
     AsymTask2VecSelector,
     ChanceSelector,
@@ -105,11 +109,22 @@ def test_synthetic_zoo_recommendation(result) -> None:
     assert set(result.meta_tasks) == {"family0", "family1", "family2", "family3", "Mixed"}
 
 
-def test_every_ranking_is_a_permutation(result, zoo) -> None:
-    n_experts = len(zoo.expert_ids)
-    for report in result.reports.values():
-        ranks = np.asarray(report.rankings)
-        assert (np.sort(ranks, axis=1) == np.arange(n_experts)).all()
+def test_each_ranking_is_the_selectors_own_for_its_fold(result, zoo) -> None:
+    """Refit every selector on each fold's training tasks by hand: the evaluator must store
+    exactly the rankings that selector gives the fold's held-out tasks, in their rows."""
+    folds = task_splits(len(zoo.families), 5, random_state=0)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(len(zoo.families)))
+    by_hand = {name: np.full((len(zoo.families), len(zoo.expert_ids)), -1)
+               for name in result.reports}
+    for test in folds:
+        train = np.setdiff1d(np.arange(len(zoo.families)), test)
+        for name, selector in selectors().items():
+            selector.fit(zoo.task_embeddings[train], zoo.errors[train],
+                         zoo.expert_source_embeddings, zoo.expert_ids)
+            extra = {"target_errors": zoo.errors[test]} if selector.requires_target_errors else {}
+            by_hand[name][test] = selector.rank(zoo.task_embeddings[test], **extra)
+    for name, report in result.reports.items():
+        np.testing.assert_array_equal(report.rankings, by_hand[name], err_msg=name)
 
 
 def test_poisoned_held_out_row_changes_no_pick() -> None:
@@ -146,17 +161,8 @@ class Spy(Selector):
     name = "spy"
     seen: list[tuple[np.ndarray, dict]] = []
 
-    def fit(
-        self,
-        train_task_embeddings,
-        train_errors,
-        expert_source_embeddings,
-        expert_ids=None,
-        **context,
-    ):
-        super().fit(train_task_embeddings, train_errors, expert_source_embeddings, expert_ids)
-        self.train_errors = np.asarray(train_errors)
-        return self
+    def _fit(self, tasks, errors, expert_source_embeddings, **context):
+        self.train_errors = errors
 
     def rank(self, task_embeddings, **context):
         Spy.seen.append((self.train_errors, context))
@@ -191,9 +197,15 @@ def test_evaluator_rejects_bad_rankings_and_context(zoo) -> None:
         def rank(self, task_embeddings, **context):
             return np.zeros((len(task_embeddings), self.n_experts_), dtype=int)
 
+    class Short(Spy):
+        def rank(self, task_embeddings, **context):
+            return super().rank(task_embeddings)[:, :-1]
+
     args = (zoo.task_embeddings, zoo.errors, zoo.expert_source_embeddings)
-    with pytest.raises(ValueError, match="permutations"):
-        evaluate_selectors({"broken": Broken()}, *args, folds=2)
+    with pytest.raises(ValueError, match="selector 'broken' .* not permutations of experts"):
+        evaluate_selectors({"spy": Spy(), "broken": Broken()}, *args, folds=2)
+    with pytest.raises(ValueError, match=r"selector 'short' returned shape \(\d+, 8\)"):
+        evaluate_selectors({"short": Short()}, *args, folds=2)
     with pytest.raises(ValueError, match="target_errors"):
         evaluate_selectors(
             {"spy": Spy()}, *args, folds=2, context={"target_errors": list(zoo.errors)}
@@ -449,3 +461,66 @@ def test_family_best_is_exact_when_each_family_has_one_best_expert() -> None:
     assert mixed["Family best"]["Mixed"] == 0.0
     assert result.reports["Family best"].by_meta_task["Mixed"].top1_hit_rate == 1.0
     assert mixed["Chance"]["Mixed"] > 50.0
+
+
+def test_relative_increase_by_hand() -> None:
+    assert relative_increase(0.3, 0.2, 0.02) == pytest.approx(0.5)
+    assert relative_increase(0.3, 0.2, 0.02, percent=True) == pytest.approx(50.0)
+    # a best error under the floor divides by the floor
+    assert relative_increase(0.05, 0.0, 0.02) == pytest.approx(2.5)
+    assert relative_increase(0.05, 0.01, 0.02) == pytest.approx(2.0)
+    # rows against their own best, broadcast
+    errors = np.array([[0.1, 0.2, 0.4], [0.5, 0.25, 0.3]])
+    np.testing.assert_allclose(
+        relative_increase(errors, errors.min(axis=1, keepdims=True), 0.02),
+        [[0.0, 1.0, 3.0], [1.0, 0.0, 0.2]])
+
+
+def test_expected_chance_is_the_mean_over_experts_and_tasks() -> None:
+    errors = np.array([[0.1, 0.2, 0.4], [0.5, 0.25, np.nan], [np.nan] * 3])
+    # task 0: (0 + 100 + 300) / 3; task 1: (100 + 0) / 2; task 2 has no observed error
+    assert expected_chance(errors, [0, 1, 2], 0.02) == pytest.approx((400 / 3 + 50) / 2)
+    assert expected_chance(errors, [1], 0.02) == pytest.approx(50.0)
+    assert math.isnan(expected_chance(errors, [2], 0.02))
+
+
+def test_check_ranking_names_the_selector() -> None:
+    good = check_ranking("s", [[2, 0, 1], [0, 1, 2]], 2, 3)
+    assert good.dtype == np.int64 and good.tolist() == [[2, 0, 1], [0, 1, 2]]
+    with pytest.raises(ValueError, match="selector 'dup' .* not permutations"):
+        check_ranking("dup", [[0, 0, 1]], 1, 3)
+    with pytest.raises(ValueError, match="selector 'out' .* not permutations"):
+        check_ranking("out", [[0, 1, 3]], 1, 3)
+    with pytest.raises(ValueError, match=r"selector 'rows' returned shape \(1, 3\), expected"):
+        check_ranking("rows", [[0, 1, 2]], 2, 3)
+
+
+def test_task_splits_partition_the_tasks() -> None:
+    assert [s.tolist() for s in task_splits(3, "loo", 0)] == [[0], [1], [2]]
+    folds = task_splits(10, 3, random_state=4)
+    assert sorted(len(f) for f in folds) == [3, 3, 4]
+    assert sorted(np.concatenate(folds).tolist()) == list(range(10))
+    assert [f.tolist() for f in task_splits(10, 3, 4)] == [f.tolist() for f in folds]
+    assert [f.tolist() for f in task_splits(10, 3, 5)] != [f.tolist() for f in folds]
+    for bad in (1, 11):
+        with pytest.raises(ValueError, match="folds must be"):
+            task_splits(10, bad, 0)
+
+
+def test_the_jobs_config_mirrors_its_flags(tmp_path) -> None:
+    from jobs import evaluate as job
+
+    assert job.Config(**vars(job.parse_args([]))) == job.Config()  # same defaults
+    given = job.parse_args(["--folds", "5", "--repeats", "3", "--no-plots", "--image-size",
+                            "32", "--model2vec-epochs", "9", "--no-tracking"])
+    assert job.Config(**vars(given)) == job.Config(folds=5, repeats=3, plots=False,
+                                                   image_size=32, model2vec_epochs=9,
+                                                   tracking=False)
+    with pytest.raises(SystemExit) as usage:
+        job.parse_args(["--folds", "five"])
+    assert usage.value.code == 2
+    with pytest.raises(ValueError, match="folds must be 'loo' or a number"):
+        job.run(job.Config(root=str(tmp_path), folds="five"))
+    with pytest.raises(TypeError):
+        job.Config(fold=3)  # an unknown option fails at the call
+    assert job.main(["--root", str(tmp_path / "empty"), "--no-tracking"]) == 1

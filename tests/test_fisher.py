@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from t2v_core.embedding.fisher import (
+    FLOOR,
     FisherError,
     domain_embedding,
     fit_head,
@@ -188,6 +189,10 @@ def test_dead_filters_get_a_floor_not_zero():
     images = torch.randn(16, 3, 8, 8)
     emb = task2vec(probe, images, torch.arange(16) % 2, method="expected")
     assert np.isfinite(emb.vector).all() and (emb.vector > 0).all()
+    # the dead filter sits exactly at the floor, and it alone: the others carry a gradient
+    assert emb.filter_names[0] == "features.0:conv:0"
+    assert emb.vector[0] == np.float32(FLOOR)
+    assert (emb.vector[1:] > FLOOR).all()
 
 
 def test_variational_agrees_with_expected_fisher_ranking(small_task):

@@ -8,7 +8,7 @@ import torch
 from sklearn.base import clone
 
 from t2v_core.embedding.distance import d_asym, d_sym, trivial_embedding
-from t2v_core.recommend.evaluate import synthetic_zoo
+from t2v_core.embedding.synthetic_zoo import synthetic_zoo
 from t2v_core.recommend.model2vec import (
     Model2Vec,
     resolve_expert_sources,

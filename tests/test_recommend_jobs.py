@@ -1,6 +1,6 @@
 """train_model2vec → evaluate → recommend on a storage root holding a synthetic zoo.
 
-The zoo's embeddings and matrix come from :func:`t2v_core.recommend.evaluate.synthetic_zoo`, where each
+The zoo's embeddings and matrix come from :func:`t2v_core.embedding.synthetic_zoo.synthetic_zoo`, where each
 expert is built to be best on its own family, and are written with the same storage code the
 embedding and matrix jobs use; the jobs then only see Parquet.
 """
@@ -15,8 +15,9 @@ from jobs import evaluate as evaluate_job
 from jobs import recommend as recommend_job
 from jobs import train_model2vec
 from t2v_core.embedding.store import TaskOutcome, dataset_path, embeddings_table, write_filter_names
+from t2v_core.embedding.synthetic_zoo import synthetic_zoo
 from t2v_core.matrix.rows import MatrixRow, write_rows
-from t2v_core.recommend.evaluate import synthetic_zoo
+from t2v_core.recommend.table1 import evaluate_table1
 from t2v_core.storage import StorageRoot
 from t2v_core.zoo.manifest import ExpertSpec, TaskSpec, write_experts, write_tasks
 
@@ -185,13 +186,13 @@ def test_brute_force_column_follows_the_recorded_validation_errors(zoo_root, tmp
     data = load_meta_dataset(root)
     assert np.allclose(data.val_errors, zoo.errors if validation == "exact" else 1 - zoo.errors)
 
-    report = evaluate_job.run(data, 3, model2vec_epochs=5)
-    brute = report["result"].reports["Brute force (val)"]
-    assert list(report["result"].reports)[-3:] == ["Brute force (val)", "Family best", "Oracle"]
+    report = evaluate_table1(data, 3, model2vec_epochs=5)
+    brute = report.result.reports["Brute force (val)"]
+    assert list(report.result.reports)[-3:] == ["Brute force (val)", "Family best", "Oracle"]
     picks = np.asarray(brute.rankings)[:, 0]
     target = np.argmin if validation == "exact" else np.argmax
     assert (picks == target(zoo.errors, axis=1)).all()
-    assert "training every expert on the task" in report["markdown"]
+    assert "training every expert on the task" in report.markdown
 
 
 def test_report_has_the_oracle_noise_floor_when_the_matrix_records_test_sizes(zoo_root, tmp_path):
@@ -204,7 +205,7 @@ def test_report_has_the_oracle_noise_floor_when_the_matrix_records_test_sizes(zo
     from t2v_core.recommend.noise_floor import oracle_noise_floor
 
     src, zoo, tasks = zoo_root
-    assert evaluate_job.run(load_meta_dataset(src), 3, model2vec_epochs=5)["json"][
+    assert evaluate_table1(load_meta_dataset(src), 3, model2vec_epochs=5).payload[
         "oracle_noise_floor"] is None
     shutil.copytree(src.uri, tmp_path / "root")
     root = StorageRoot(str(tmp_path / "root"))
@@ -218,7 +219,7 @@ def test_report_has_the_oracle_noise_floor_when_the_matrix_records_test_sizes(zo
     write_rows(root, rows)
     data = load_meta_dataset(root)
     assert data.task_test_sizes().tolist() == sizes
-    report = evaluate_job.run(data, 3, model2vec_epochs=5, error_floor=0.02)
+    report = evaluate_table1(data, 3, model2vec_epochs=5, error_floor=0.02)
     expected = oracle_noise_floor(zoo.errors, sizes, error_floor=0.02)
-    assert report["json"]["oracle_noise_floor"] == asdict(expected)
-    assert f"+{expected.mean_pct:.1f}% over the re-measured oracle" in report["markdown"]
+    assert report.payload["oracle_noise_floor"] == asdict(expected)
+    assert f"+{expected.mean_pct:.1f}% over the re-measured oracle" in report.markdown

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from t2v_core.embedding.distance import d_asym, d_sym
-from t2v_core.recommend.evaluate import synthetic_zoo
+from t2v_core.embedding.synthetic_zoo import synthetic_zoo
 from t2v_core.recommend.selectors import (
     AsymTask2VecSelector,
     BruteForceSelector,
@@ -299,3 +299,37 @@ def test_family_best_ranks_by_the_familys_mean_relative_increase() -> None:
         selector.rank(np.ones((1, 3)))
     with pytest.raises(ValueError, match="families"):
         FamilyBestSelector().fit(embeddings, errors, sources, families=["a"])
+
+
+def test_selectors_learn_through_the_fit_hook(zoo) -> None:
+    """``fit`` is the base class's alone: it checks the data, keeps the zoo's shape, then
+    hands float64 arrays and the context to ``_fit``, the one method a selector overrides."""
+    import inspect
+
+    from t2v_core.recommend import selectors as module
+
+    concrete = [cls for _, cls in inspect.getmembers(module, inspect.isclass)
+                if issubclass(cls, Selector) and cls is not Selector]
+    assert len(concrete) >= 12
+    assert [cls.__name__ for cls in concrete if "fit" in vars(cls)] == []
+
+    class Recorder(Selector):
+        def _fit(self, tasks, errors, expert_source_embeddings, **context):
+            self.seen = (tasks, errors, expert_source_embeddings, context, self.n_experts_)
+
+        def rank(self, task_embeddings, **context):
+            return np.tile(np.arange(self.n_experts_), (self._n_tasks(task_embeddings), 1))
+
+    recorder = Recorder()
+    tasks = zoo.task_embeddings[:4].astype(np.float32)
+    assert recorder.fit(tasks, zoo.errors[:4].tolist(), zoo.expert_source_embeddings,
+                        zoo.expert_ids, families=["a"] * 4) is recorder
+    seen_tasks, seen_errors, sources, context, n_experts = recorder.seen
+    assert seen_tasks.dtype == np.float64 and seen_errors.dtype == np.float64
+    np.testing.assert_array_equal(seen_errors, zoo.errors[:4])
+    assert sources is zoo.expert_source_embeddings and context == {"families": ["a"] * 4}
+    assert n_experts == len(zoo.expert_ids) and recorder.expert_ids_ == zoo.expert_ids
+    unchecked = Recorder()
+    with pytest.raises(ValueError, match="columns"):  # checked before the hook runs
+        unchecked.fit(tasks, zoo.errors[:4, :-1], zoo.expert_source_embeddings)
+    assert not hasattr(unchecked, "seen")

@@ -33,6 +33,7 @@ from t2v_core.matrix.experts import (
 from t2v_core.matrix.features import FeatureCache, cell_features
 from t2v_core.matrix.rows import MatrixRow, write_rows
 from t2v_core.recommend.meta_dataset import load_meta_dataset
+from t2v_core.recommend.table1 import transfer_context
 from t2v_core.recommend.transferability import leep, nce
 from t2v_core.storage import StorageRoot
 from t2v_core.zoo.data import load_split
@@ -190,7 +191,7 @@ def test_a_missing_head_is_made_on_the_next_run(zoo):
 def test_context_scores_are_leep_and_nce_of_the_head_on_the_expert_outputs(zoo):
     root, _, _ = zoo
     data = load_meta_dataset(root, PROBE, METHOD)
-    context = evaluate_job.transfer_context(root, data, SIZE)
+    context = transfer_context(root, data, SIZE)
     assert set(context) == {"features", "labels", "source_probs", "source_labels"}
     experts = {e.expert_id: e for e in read_experts(root)}
     tasks = {t.task_id: t for t in read_tasks(root)}
@@ -240,7 +241,7 @@ def test_evaluate_job_writes_leep_and_nce_columns(zoo, capsys, caplog):
     saved = path.read_bytes()
     path.unlink()
     try:
-        caplog.set_level(logging.WARNING, logger="jobs.evaluate")
+        caplog.set_level(logging.WARNING, logger="t2v_core.recommend.table1")
         assert evaluate_job.main(args) == 0
     finally:
         path.write_bytes(saved)

@@ -21,7 +21,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from t2v_core import __version__
-from t2v_core.recommend.evaluate import synthetic_zoo
+from t2v_core.embedding.synthetic_zoo import synthetic_zoo
 from t2v_core.recommend.model2vec import Model2Vec
 from t2v_core.review import plots, tracking
 from t2v_core.review.recommender_model import (
@@ -335,7 +335,8 @@ def test_metric_names_are_sanitised():
 
 
 def test_table1_metrics_flattens_an_evaluation_result():
-    from t2v_core.recommend.evaluate import EvaluationResult, MetaTaskScores, SelectorReport
+    from t2v_core.recommend.metrics import MetaTaskScores
+    from t2v_core.recommend.protocol import EvaluationResult, SelectorReport
 
     scores = MetaTaskScores(n_tasks=4, relative_increase_pct=6.81, top1_hit_rate=0.5,
                             regret_at_k_pct={1: 6.81, 3: 1.0}, kendall_tau=0.4,

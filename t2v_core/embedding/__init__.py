@@ -1,2 +1,3 @@
 """TASK2VEC: probe networks and safe weights, per-filter Fisher estimators, the distances
-between embeddings, and the embeddings store. Imports only ``zoo`` and ``storage``."""
+between embeddings, and the embeddings store; two small worlds with known structure, the
+unit-square toy and a synthetic zoo. Imports only ``zoo`` and ``storage``."""

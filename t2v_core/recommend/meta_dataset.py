@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -66,6 +67,35 @@ class MetaDataset:
         if sizes.size == 0 or not recorded.all():
             return None
         return np.nanmax(sizes, axis=1).astype(np.int64)
+
+    def subset(self, task_ids: Sequence[str]) -> MetaDataset:
+        """These arrays on ``task_ids`` alone, in that order, every per-task field alike
+        (validation errors and test sizes too), so that a context built from the result
+        lines up with its rows."""
+        position = {t: i for i, t in enumerate(self.task_ids)}
+        if unknown := [t for t in task_ids if t not in position]:
+            raise ValueError(f"not in this meta-dataset: {', '.join(map(str, unknown[:10]))}")
+        if len(set(task_ids)) != len(task_ids):
+            raise ValueError("task_ids name a task more than once")
+        index = [position[t] for t in task_ids]
+
+        def rows(values: np.ndarray | None) -> np.ndarray | None:
+            return None if values is None else values[index]
+
+        return replace(
+            self, task_ids=tuple(task_ids), families=tuple(self.families[i] for i in index),
+            embeddings=rows(self.embeddings), errors=rows(self.errors),
+            val_errors=rows(self.val_errors), test_sizes=rows(self.test_sizes))
+
+    def align(self, other: MetaDataset) -> MetaDataset:
+        """These arrays on the tasks ``other`` has too, in this one's order: two meta-datasets
+        (e.g. two training-set sizes) compared on the same tasks. Both must rank the same
+        experts, or their matrix columns would not correspond."""
+        if other.expert_ids != self.expert_ids:
+            raise ValueError("the meta-datasets have different experts: "
+                             f"{len(self.expert_ids)} here, {len(other.expert_ids)} there")
+        theirs = set(other.task_ids)
+        return self.subset([t for t in self.task_ids if t in theirs])
 
     @property
     def generic_experts(self) -> tuple[str, ...]:

@@ -60,6 +60,7 @@ import torch
 from sklearn.base import BaseEstimator
 
 from t2v_core.embedding.distance import trivial_embedding, trivial_level
+from t2v_core.recommend.metrics import relative_increase
 
 __all__ = ["Model2Vec", "resolve_expert_sources", "torch_d_asym", "torch_d_sym"]
 
@@ -159,7 +160,7 @@ def soft_targets(
     observed = np.isfinite(err)
     best = np.where(observed, err, np.inf).min(axis=1, keepdims=True)
     best = np.where(np.isfinite(best), best, 0.0)
-    rel = (err - best) / np.maximum(best, error_floor)
+    rel = relative_increase(err, best, error_floor)
     logits = np.where(observed, -rel / temperature, -np.inf)
     logits = logits - np.where(observed.any(1, keepdims=True), logits.max(1, keepdims=True), 0.0)
     weights = np.where(observed, np.exp(logits), 0.0)

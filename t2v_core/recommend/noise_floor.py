@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from t2v_core.recommend.metrics import relative_increase
+
 __all__ = ["NoiseFloor", "oracle_noise_floor"]
 
 
@@ -66,7 +68,7 @@ def oracle_noise_floor(
     for r in range(n_resamples):
         remeasured = rng.binomial(sizes[:, None], truth) / sizes[:, None]
         oracle = np.where(observed, remeasured, np.inf).min(axis=1)
-        increase = (remeasured[rows, best] - oracle) / np.maximum(oracle, error_floor)
+        increase = relative_increase(remeasured[rows, best], oracle, error_floor)
         means[r] = 100.0 * increase.mean()
     low, high = np.percentile(means, [2.5, 97.5])
     return NoiseFloor(

@@ -4,7 +4,9 @@ The interface (:class:`Selector`):
 
 * ``fit(train_task_embeddings (T×d), train_errors (T×E, NaN = missing),
   expert_source_embeddings (E rows; None/NaN = no source task), expert_ids=None, **context)``
-  sees *only* training tasks. Returns ``self``.
+  sees *only* training tasks. Returns ``self``. It checks the shapes and keeps the zoo's
+  shape and source embeddings on the selector, then calls ``_fit``, the one method a
+  selector that learns from its training tasks overrides.
 * ``rank(task_embeddings (n×d), **context) -> (n×E) int array``: expert indices best-first,
   every row a permutation of ``range(E)``.
 
@@ -32,11 +34,12 @@ from __future__ import annotations
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import numpy as np
 
 from t2v_core.embedding.distance import d_asym, d_sym, trivial_embedding, trivial_level
+from t2v_core.recommend.metrics import relative_increase
 from t2v_core.recommend.model2vec import Model2Vec, resolve_expert_sources
 from t2v_core.recommend.transferability import leep, logme, nce
 
@@ -96,7 +99,7 @@ def top1_relative_increase(
             continue
         ranked = [i for i in rankings[t] if observed[i]]
         best = row[observed].min()
-        out[t] = (row[ranked[0]] - best) / max(best, error_floor)
+        out[t] = relative_increase(row[ranked[0]], best, error_floor)
     return out
 
 
@@ -115,8 +118,9 @@ class Selector(ABC):
         expert_source_embeddings,
         expert_ids: Sequence[Any] | None = None,
         **context: Any,
-    ) -> Selector:
-        """Remember the zoo's shape and the experts' source embeddings; learn nothing else."""
+    ) -> Self:
+        """Check the training data, remember the zoo's shape and the experts' source
+        embeddings, then learn what the selector learns (:meth:`_fit`)."""
         tasks = np.asarray(train_task_embeddings, dtype=np.float64)
         errors = np.asarray(train_errors, dtype=np.float64)
         if errors.ndim != 2 or errors.shape[0] != tasks.shape[0]:
@@ -128,7 +132,15 @@ class Selector(ABC):
         if errors.shape[1] != self.n_experts_:
             raise ValueError(f"errors have {errors.shape[1]} columns, {self.n_experts_} experts")
         self.expert_ids_ = list(range(self.n_experts_)) if expert_ids is None else list(expert_ids)
+        self._fit(tasks, errors, expert_source_embeddings, **context)
         return self
+
+    def _fit(  # noqa: B027  (an optional hook: a selector that learns nothing keeps it)
+        self, tasks: np.ndarray, errors: np.ndarray, expert_source_embeddings, **context: Any
+    ) -> None:
+        """Learn from the training tasks (T×d ``tasks``, T×E ``errors``, both float64) once
+        :meth:`fit` has set ``sources_``, ``n_experts_`` and ``expert_ids_``; a selector that
+        ranks from those alone learns nothing here."""
 
     @abstractmethod
     def rank(self, task_embeddings, **context: Any) -> np.ndarray:
@@ -176,7 +188,7 @@ def _mean_statistic(errors: np.ndarray, statistic: str, error_floor: float = 1e-
         values[~np.isfinite(err)] = np.nan
     elif statistic == "relative":
         best = np.nanmin(np.where(np.isfinite(err), err, np.nan), axis=1, keepdims=True)
-        values = (err - best) / np.maximum(best, error_floor)
+        values = relative_increase(err, best, error_floor)
     else:
         raise ValueError(f"statistic must be 'error', 'rank' or 'relative', got {statistic!r}")
     counts = np.isfinite(values).sum(axis=0)
@@ -199,18 +211,10 @@ class MeanErrorPrior(Selector):
     def __init__(self, statistic: str = "error") -> None:
         self.statistic = statistic
 
-    def fit(
-        self,
-        train_task_embeddings,
-        train_errors,
-        expert_source_embeddings,
-        expert_ids=None,
-        **context: Any,
-    ) -> MeanErrorPrior:
-        super().fit(train_task_embeddings, train_errors, expert_source_embeddings, expert_ids)
-        self.mean_ = _mean_statistic(train_errors, self.statistic)
+    def _fit(self, tasks: np.ndarray, errors: np.ndarray, expert_source_embeddings,
+             **context: Any) -> None:
+        self.mean_ = _mean_statistic(errors, self.statistic)
         self.order_ = rank_by_score(self.mean_, higher_is_better=False)
-        return self
 
     def rank(self, task_embeddings, **context: Any) -> np.ndarray:
         return np.tile(self.order_, (self._n_tasks(task_embeddings), 1))
@@ -230,15 +234,8 @@ class GenericSelector(Selector):
     def __init__(self, generic: Any = None) -> None:
         self.generic = generic
 
-    def fit(
-        self,
-        train_task_embeddings,
-        train_errors,
-        expert_source_embeddings,
-        expert_ids=None,
-        **context: Any,
-    ) -> GenericSelector:
-        super().fit(train_task_embeddings, train_errors, expert_source_embeddings, expert_ids)
+    def _fit(self, tasks: np.ndarray, errors: np.ndarray, expert_source_embeddings,
+             **context: Any) -> None:
         if self.generic is None:
             missing = np.flatnonzero(self.missing_source_)
             if missing.size == 0:
@@ -250,9 +247,8 @@ class GenericSelector(Selector):
             self.generic_index_ = int(self.generic)
         else:
             raise ValueError(f"unknown generic expert {self.generic!r}")
-        rest = rank_by_score(_mean_statistic(train_errors, "error"), higher_is_better=False)
+        rest = rank_by_score(_mean_statistic(errors, "error"), higher_is_better=False)
         self.order_ = np.concatenate([[self.generic_index_], rest[rest != self.generic_index_]])
-        return self
 
     def rank(self, task_embeddings, **context: Any) -> np.ndarray:
         return np.tile(self.order_, (self._n_tasks(task_embeddings), 1))
@@ -294,16 +290,8 @@ class AsymTask2VecSelector(Selector):
         self.alphas = alphas
         self.error_floor = error_floor
 
-    def fit(
-        self,
-        train_task_embeddings,
-        train_errors,
-        expert_source_embeddings,
-        expert_ids=None,
-        **context: Any,
-    ) -> AsymTask2VecSelector:
-        super().fit(train_task_embeddings, train_errors, expert_source_embeddings, expert_ids)
-        tasks = np.asarray(train_task_embeddings, dtype=np.float64)
+    def _fit(self, tasks: np.ndarray, errors: np.ndarray, expert_source_embeddings,
+             **context: Any) -> None:
         self.t0_ = trivial_embedding(tasks.shape[1], trivial_level(tasks))
         alphas = np.asarray(list(self.alphas), dtype=np.float64)
         if alphas.size == 0:
@@ -313,13 +301,12 @@ class AsymTask2VecSelector(Selector):
         losses = []
         for a in alphas:
             ranks = rank_by_score(base - a * complexity, higher_is_better=False)
-            rel = top1_relative_increase(train_errors, ranks, self.error_floor)
+            rel = top1_relative_increase(errors, ranks, self.error_floor)
             losses.append(np.nanmean(rel) if np.isfinite(rel).any() else np.inf)
         losses = np.asarray(losses)
         tied = np.flatnonzero(losses <= losses.min() + 1e-12)
         self.alpha_ = float(alphas[tied[np.argmin(np.abs(alphas[tied] - 0.15))]])
         self.alpha_losses_ = dict(zip(alphas.tolist(), losses.tolist(), strict=True))
-        return self
 
     def rank(self, task_embeddings, **context: Any) -> np.ndarray:
         tasks = np.atleast_2d(np.asarray(task_embeddings, dtype=np.float64))
@@ -338,19 +325,11 @@ class Model2VecSelector(Selector):
     def __init__(self, **model_params: Any) -> None:
         self.model_params = model_params
 
-    def fit(
-        self,
-        train_task_embeddings,
-        train_errors,
-        expert_source_embeddings,
-        expert_ids=None,
-        **context: Any,
-    ) -> Model2VecSelector:
-        super().fit(train_task_embeddings, train_errors, expert_source_embeddings, expert_ids)
+    def _fit(self, tasks: np.ndarray, errors: np.ndarray, expert_source_embeddings,
+             **context: Any) -> None:
         self.model_ = Model2Vec(**self.model_params).fit(
-            train_task_embeddings, train_errors, expert_source_embeddings, expert_ids=expert_ids
+            tasks, errors, expert_source_embeddings, expert_ids=self.expert_ids_
         )
-        return self
 
     def rank(self, task_embeddings, **context: Any) -> np.ndarray:
         return self.model_.rank(np.atleast_2d(np.asarray(task_embeddings, dtype=np.float64)))
@@ -390,25 +369,16 @@ class FamilyBestSelector(Selector):
     def __init__(self, error_floor: float = 1e-3) -> None:
         self.error_floor = error_floor
 
-    def fit(
-        self,
-        train_task_embeddings,
-        train_errors,
-        expert_source_embeddings,
-        expert_ids=None,
-        **context: Any,
-    ) -> FamilyBestSelector:
-        super().fit(train_task_embeddings, train_errors, expert_source_embeddings, expert_ids)
-        err = np.asarray(train_errors, dtype=np.float64)
-        families = _families(context, err.shape[0])
-        mean = _mean_statistic(err, "relative", self.error_floor)
+    def _fit(self, tasks: np.ndarray, errors: np.ndarray, expert_source_embeddings,
+             **context: Any) -> None:
+        families = _families(context, errors.shape[0])
+        mean = _mean_statistic(errors, "relative", self.error_floor)
         self.default_order_ = rank_by_score(mean, higher_is_better=False)
         self.orders_ = {
-            fam: rank_by_score(_mean_statistic(err[families == fam], "relative",
+            fam: rank_by_score(_mean_statistic(errors[families == fam], "relative",
                                                self.error_floor), higher_is_better=False)
             for fam in np.unique(families)
         }
-        return self
 
     def rank(self, task_embeddings, **context: Any) -> np.ndarray:
         families = _families(context, self._n_tasks(task_embeddings))
@@ -537,20 +507,10 @@ class TwoStageSelector(Selector):
     def cost(self) -> str:  # type: ignore[override]
         return f"{self.first.cost}, plus the second stage on {self.top} experts"
 
-    def fit(
-        self,
-        train_task_embeddings,
-        train_errors,
-        expert_source_embeddings,
-        expert_ids=None,
-        **context: Any,
-    ) -> TwoStageSelector:
-        super().fit(train_task_embeddings, train_errors, expert_source_embeddings, expert_ids)
+    def _fit(self, tasks: np.ndarray, errors: np.ndarray, expert_source_embeddings,
+             **context: Any) -> None:
         for stage in (self.first, self.second):
-            stage.fit(
-                train_task_embeddings, train_errors, expert_source_embeddings, expert_ids, **context
-            )
-        return self
+            stage.fit(tasks, errors, expert_source_embeddings, self.expert_ids_, **context)
 
     def rank(self, task_embeddings, **context: Any) -> np.ndarray:
         first = self.first.rank(task_embeddings, **context)

@@ -1,0 +1,159 @@
+"""Evaluation results as people and programs read them: Markdown tables next to the paper's
+numbers, and strict JSON.
+
+It sits in ``recommend`` rather than ``review`` because the Table-1 protocol
+(:mod:`t2v_core.recommend.table1`) returns its report as Markdown, and a package may import
+only those below it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from t2v_core.recommend.diagnostics import FamilyRecovery, NormDifficulty
+from t2v_core.recommend.protocol import MIXED, EvaluationResult
+
+__all__ = [
+    "PAPER_TABLE1",
+    "data_efficiency_markdown",
+    "folds_label",
+    "to_json",
+    "to_markdown",
+]
+
+# Achille et al. 2019, Table 1: relative error increase over the oracle expert, in percent.
+PAPER_TABLE1: dict[str, dict[str, float]] = {
+    "Chance": {"iNat+CUB": 59.52, MIXED: 112.49},
+    "ImageNet": {"iNat+CUB": 30.18, MIXED: 75.73},
+    "Task2Vec": {"iNat+CUB": 42.54, MIXED: 40.30},
+    "Asym Task2Vec": {"iNat+CUB": 9.97, MIXED: 29.23},
+    "Model2Vec": {"iNat+CUB": 6.81, MIXED: 27.81},
+}
+
+
+def folds_label(folds: str | int, repeats: int = 1) -> str:
+    """How tasks were held out, as report headers state it: "folds=5" or "folds=5, 3 repeats"."""
+    return f"folds={folds}" + (f", {repeats} repeats" if repeats > 1 else "")
+
+
+def _fmt(value: float, pct: bool = True) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"+{value:.2f}%" if pct else f"{value:.3f}"
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _table_head(header: list[str]) -> list[str]:
+    return [_row(header), "|" + "|".join("---" for _ in header) + "|"]
+
+
+def _ranking_quality(result: EvaluationResult) -> list[str]:
+    """The second table: the interval, hit rate, regret@k and rank correlations on Mixed."""
+    ks = result.ks
+    head = ["selector", "95% CI (bootstrap over tasks)", "top-1 hit",
+            *(f"regret@{k}" for k in ks), "Kendall τ", "weighted τ"]
+    lines = [
+        f"Ranking quality on {MIXED} (regret = relative increase of the best of the top k; the "
+        "interval is that of the relative increase, i.e. of regret@1):",
+        "",
+        *_table_head(head),
+    ]
+    for name, rep in result.reports.items():
+        s = rep.by_meta_task[MIXED]
+        low, high = s.relative_increase_ci95_pct
+        cells = [name, f"{_fmt(low)} … {_fmt(high)}", _fmt(s.top1_hit_rate, pct=False)]
+        cells += [_fmt(s.regret_at_k_pct[k]) for k in ks]
+        cells += [_fmt(s.kendall_tau, pct=False), _fmt(s.weighted_tau, pct=False)]
+        lines.append(_row(cells))
+    return lines
+
+
+def to_markdown(result: EvaluationResult, paper: bool = True) -> str:
+    """Table-1 style Markdown: relative error increase per meta-task, plus ranking metrics.
+
+    With ``paper=True`` the paper's numbers sit next to the rows that correspond to its
+    selectors (matched through each selector's ``paper_name``).
+    """
+    metas = list(result.meta_tasks)
+    paper_cols = list(next(iter(PAPER_TABLE1.values()))) if paper else []
+    header = ["selector", "cost", *metas, *(f"paper {c}" for c in paper_cols)]
+    lines = [
+        "Relative error increase over the oracle expert (mean over held-out tasks, "
+        f"{folds_label(result.folds, result.repeats)}).",
+        "",
+        *_table_head(header),
+    ]
+    for name, rep in result.reports.items():
+        cells = [name, rep.cost]
+        cells += [_fmt(rep.by_meta_task[m].relative_increase_pct) for m in metas]
+        row_paper = PAPER_TABLE1.get(rep.paper_name or "", {})
+        cells += [_fmt(row_paper[c]) if c in row_paper else "" for c in paper_cols]
+        lines.append(_row(cells))
+    chance = ["expected chance", "exact", *(_fmt(result.expected_chance_pct[m]) for m in metas)]
+    lines.append(_row(chance + [""] * len(paper_cols)))
+    n_tasks = {m: len(idx) for m, idx in result.meta_tasks.items()}
+    lines += ["", "Tasks per meta-task: " + ", ".join(f"{m} {n}" for m, n in n_tasks.items()), ""]
+    return "\n".join(lines + _ranking_quality(result)) + "\n"
+
+
+_EFFICIENCY_TITLES = {
+    "relative_increase_pct": "Relative error increase over the oracle",
+    "top1_hit_rate": "Top-1 hit rate",
+    "kendall_tau": "Kendall τ",
+    "weighted_tau": "Weighted Kendall τ",
+}
+
+
+def data_efficiency_markdown(
+    results: Mapping[Any, EvaluationResult],
+    meta_task: str = MIXED,
+    metric: str = "relative_increase_pct",
+) -> str:
+    """One table: rows = selectors, columns = training-set sizes, cells = ``metric`` (a scalar
+    field of :class:`~t2v_core.recommend.metrics.MetaTaskScores`; percentages for the
+    relative increase)."""
+    sizes = list(results)
+    names = list(next(iter(results.values())).reports) if results else []
+    title = _EFFICIENCY_TITLES.get(metric, metric)
+    lines = [
+        f"{title} on {meta_task}, by training-set size.",
+        "",
+        *_table_head(["selector", *(str(s) for s in sizes)]),
+    ]
+    pct = metric.endswith("_pct")
+    for name in names:
+        cells = [name] + [
+            _fmt(getattr(results[s].reports[name].by_meta_task[meta_task], metric), pct=pct)
+            for s in sizes
+        ]
+        lines.append(_row(cells))
+    return "\n".join(lines) + "\n"
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN/inf -> None and numpy -> Python, so the output is strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def to_json(result: EvaluationResult | NormDifficulty | FamilyRecovery, **dumps_kwargs: Any) -> str:
+    """Strict JSON of a result dataclass (NaN becomes null)."""
+    return json.dumps(_jsonable(asdict(result)), allow_nan=False, **dumps_kwargs)

@@ -1,0 +1,280 @@
+"""The paper's Table 1 on a meta-dataset: which selectors take part, what they read, and the
+report.
+
+The rows are the paper's columns (Chance, ImageNet, Task2Vec, Asym Task2Vec, Model2Vec), the
+static mean-error prior every recommender must beat, and the oracle. Rows that need per-task
+inputs beyond embeddings and errors join when those inputs exist (:data:`CONTEXT_COLUMNS`):
+LogME, LEEP and NCE from the expert features the matrix job cached and the experts' source
+heads (:func:`transfer_context`), and the brute-force search from the matrix's validation
+errors. With several families a "Family best" reference row, told each task's family, shows
+what knowing the family alone is worth. :func:`evaluate_table1` holds tasks out
+(:mod:`t2v_core.recommend.protocol`) and writes the Markdown and JSON of the whole report,
+with the embedding diagnostics and the oracle's test-noise floor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from t2v_core.embedding.probes import WeightsError
+from t2v_core.matrix.experts import load_head
+from t2v_core.matrix.features import FeatureCache, FeatureKey
+from t2v_core.recommend.diagnostics import family_recovery, norm_vs_difficulty
+from t2v_core.recommend.meta_dataset import MetaDataset
+from t2v_core.recommend.noise_floor import NoiseFloor, oracle_noise_floor
+from t2v_core.recommend.protocol import EvaluationResult, evaluate_selectors
+from t2v_core.recommend.report import folds_label, to_json, to_markdown
+from t2v_core.recommend.selectors import (
+    AsymTask2VecSelector,
+    BruteForceSelector,
+    ChanceSelector,
+    FamilyBestSelector,
+    GenericSelector,
+    LEEPSelector,
+    LogMESelector,
+    MeanErrorPrior,
+    Model2VecSelector,
+    NCESelector,
+    OracleSelector,
+    Selector,
+    Task2VecSelector,
+    hard_predictions,
+)
+from t2v_core.storage import StorageRoot
+from t2v_core.zoo.manifest import read_experts, read_tasks
+
+__all__ = [
+    "CONTEXT_COLUMNS",
+    "Table1Report",
+    "before_oracle",
+    "evaluate_table1",
+    "noise_floor",
+    "noise_floor_sentence",
+    "standard_selectors",
+    "transfer_context",
+    "with_context_columns",
+    "with_validation_errors",
+]
+
+log = logging.getLogger(__name__)
+
+# Columns that need per-task inputs beyond embeddings and errors, each with the context key
+# it reads (see t2v_core.recommend.selectors): the per-expert transferability scores, and the
+# brute-force search on each cell's validation split.
+CONTEXT_COLUMNS: dict[str, tuple[str, type[Selector]]] = {
+    "LogME": ("features", LogMESelector),
+    "LEEP": ("source_probs", LEEPSelector),
+    "NCE": ("source_labels", NCESelector),
+    "Brute force (val)": ("val_errors", BruteForceSelector),
+}
+
+
+def standard_selectors(data: MetaDataset, *, seed: int = 0, model2vec_epochs: int = 300
+                       ) -> dict[str, Selector]:
+    """The paper's columns, the static mean-error prior every recommender must beat, the oracle."""
+    selectors: dict[str, Selector] = {"Chance": ChanceSelector(random_state=seed)}
+    if data.generic_experts:
+        selectors["ImageNet"] = GenericSelector(generic=data.generic_experts[0])
+    selectors.update({
+        "Mean-error prior": MeanErrorPrior(),
+        "Task2Vec": Task2VecSelector(),
+        "Asym Task2Vec": AsymTask2VecSelector(),
+        "Model2Vec": Model2VecSelector(max_epochs=model2vec_epochs, random_state=seed),
+        "Oracle": OracleSelector(),
+    })
+    return selectors
+
+
+def before_oracle(selectors: dict[str, Selector], name: str, selector: Selector
+                  ) -> dict[str, Selector]:
+    """``selectors`` with ``name`` added as the row just above the oracle's."""
+    rest = {k: v for k, v in selectors.items() if k != "Oracle"}
+    oracle = {"Oracle": selectors["Oracle"]} if "Oracle" in selectors else {}
+    return {**rest, name: selector, **oracle}
+
+
+def with_context_columns(selectors: dict[str, Selector], context: dict | None
+                         ) -> dict[str, Selector]:
+    """The columns of :data:`CONTEXT_COLUMNS` whose inputs ``context`` carries, before Oracle."""
+    for name, (key, cls) in CONTEXT_COLUMNS.items():
+        if context and key in context:
+            selectors = before_oracle(selectors, name, cls())
+    return selectors
+
+
+def with_validation_errors(data: MetaDataset, context: dict | None) -> dict | None:
+    """``context`` plus the matrix's validation errors, when every task has some."""
+    val = data.val_errors
+    if val is None or not np.isfinite(val).any(axis=1).all():
+        return context
+    return {**(context or {}), "val_errors": list(val)}
+
+
+# --------------------------------------------------------------------------- transfer context
+
+
+def _cached_features(root: StorageRoot, data: MetaDataset, experts: dict, image_size: int,
+                     max_per_class: int | None, seed: int
+                     ) -> tuple[list[list[np.ndarray]], list[np.ndarray]] | None:
+    """Per task, every expert's cached training-split features, and the task's labels; None
+    when some are missing (the matrix job computes them; the evaluation never runs an expert)."""
+    cache = FeatureCache(root)
+    tasks = {t.task_id: t for t in read_tasks(root)}
+    features, labels = [], []
+    for task_id in data.task_ids:
+        per_expert = []
+        for expert_id in data.expert_ids:
+            key = FeatureKey.for_cell(experts[expert_id], tasks[task_id], "train", image_size,
+                                      max_per_class, seed)
+            cached = cache.load(key)
+            if cached is None:
+                log.warning("no cached features for %s on %s: LogME, LEEP and NCE left out",
+                            expert_id, task_id)
+                return None
+            per_expert.append(cached.features.astype(np.float64))
+        features.append(per_expert)
+        labels.append(cached.labels)
+    return features, labels
+
+
+def _source_heads(data: MetaDataset, experts: dict) -> list | None:
+    """Every expert's source head, in ``data.expert_ids`` order; None if one has none."""
+    heads = []
+    for expert_id in data.expert_ids:
+        try:
+            head = load_head(experts[expert_id].weights_uri)
+        except WeightsError as exc:
+            log.warning("unreadable source head of %s (%s): LEEP and NCE left out", expert_id, exc)
+            return None
+        if head is None:
+            log.warning("no source head for %s: LEEP and NCE left out", expert_id)
+            return None
+        heads.append(head)
+    return heads
+
+
+def _source_probs(heads: list, features: list[list[np.ndarray]]) -> list[list[np.ndarray]] | None:
+    """Per task, per expert: the source head's softmax over its classes on the cached
+    features, which are the backbone output the head was trained on."""
+    try:
+        return [[h.probabilities(f) for h, f in zip(heads, per_expert, strict=True)]
+                for per_expert in features]
+    except ValueError as exc:  # a head that does not fit its expert's features
+        log.warning("source heads do not match the cached features (%s): LEEP and NCE left out",
+                    exc)
+        return None
+
+
+def transfer_context(root: StorageRoot, data: MetaDataset, image_size: int,
+                     max_per_class: int | None = None, seed: int = 0) -> dict | None:
+    """What the per-expert transferability columns read, per task (item j = task j):
+    ``features`` and ``labels`` (LogME); when every expert has a source head, also its
+    ``source_probs`` (LEEP) and hard ``source_labels`` (NCE). None without the features:
+    each of these baselines needs a forward pass of every expert over every task."""
+    experts = {e.expert_id: e for e in read_experts(root)}
+    cached = _cached_features(root, data, experts, image_size, max_per_class, seed)
+    if cached is None:
+        return None
+    features, labels = cached
+    context: dict = {"features": features, "labels": labels}
+    heads = _source_heads(data, experts)
+    probs = None if heads is None else _source_probs(heads, features)
+    if probs is not None:
+        context["source_probs"] = probs
+        context["source_labels"] = [[hard_predictions(p) for p in task] for task in probs]
+    return context
+
+
+# --------------------------------------------------------------------------- noise floor
+
+
+def noise_floor(data: MetaDataset, error_floor: float) -> NoiseFloor | None:
+    """The oracle's test-noise floor, when the matrix records every task's test-set size
+    (rows written before sizes were recorded: None)."""
+    sizes = data.task_test_sizes()
+    if sizes is None:
+        log.info("the matrix does not record test-set sizes: no noise floor in the report")
+        return None
+    return oracle_noise_floor(data.errors, sizes, error_floor=error_floor)
+
+
+def noise_floor_sentence(floor: NoiseFloor) -> str:
+    """The report's sentence on the noise floor: what it is and why no selector beats it."""
+    low, high = floor.ci95_pct
+    return (f"Test-noise floor: the truly best expert itself, re-measured on test sets of the "
+            f"same size, scores +{floor.mean_pct:.1f}% over the re-measured oracle "
+            f"(95% of re-measurements: +{low:.1f}% … +{high:.1f}%). The oracle is the luckiest "
+            "of the experts' noisy test errors, so no selector can be expected below this; "
+            "experts are re-measured independently, which makes it an upper bound.")
+
+
+# --------------------------------------------------------------------------- the evaluation
+
+
+@dataclass(frozen=True)
+class Table1Report:
+    """One Table-1 evaluation: the result, its Markdown report, and its JSON (``payload``,
+    what ``table1.json`` holds)."""
+
+    result: EvaluationResult
+    markdown: str
+    payload: dict
+
+
+def _rows(data: MetaDataset, context: dict | None, *, seed: int, model2vec_epochs: int,
+          error_floor: float) -> tuple[dict[str, Selector], dict | None]:
+    """The selectors of the table, and the context they read."""
+    context = with_validation_errors(data, context)
+    selectors = with_context_columns(
+        standard_selectors(data, seed=seed, model2vec_epochs=model2vec_epochs), context)
+    if len(set(data.families)) > 1:
+        selectors = before_oracle(selectors, "Family best", FamilyBestSelector(error_floor))
+        context = {**(context or {}), "families": list(data.families)}
+    return selectors, context
+
+
+def evaluate_table1(data: MetaDataset, folds: str | int = "loo", *, seed: int = 0,
+                    model2vec_epochs: int = 300, error_floor: float = 0.02,
+                    context: dict | None = None, repeats: int = 1) -> Table1Report:
+    """The whole evaluation of one meta-dataset, as plain data plus the Markdown table.
+
+    ``context`` (see :func:`transfer_context`) adds the LogME, LEEP and NCE columns it has
+    inputs for; the matrix's validation errors add the brute-force column. ``folds``,
+    ``repeats`` and ``seed`` are those of :func:`~t2v_core.recommend.protocol.evaluate_selectors`.
+    """
+    selectors, context = _rows(data, context, seed=seed, model2vec_epochs=model2vec_epochs,
+                               error_floor=error_floor)
+    result = evaluate_selectors(
+        selectors, data.embeddings, data.errors, data.expert_sources, list(data.expert_ids),
+        list(data.families), folds=folds, random_state=seed, error_floor=error_floor,
+        context=context, repeats=repeats,
+    )
+    recovery = family_recovery(data.embeddings, list(data.families))
+    difficulty = norm_vs_difficulty(data.embeddings, data.errors)
+    floor = noise_floor(data, error_floor)
+    markdown = "\n\n".join([
+        f"## Expert selection ({len(data.task_ids)} tasks × {len(data.expert_ids)} experts, "
+        f"probe {data.probe_id}, {data.method} Fisher, {folds_label(folds, repeats)}, "
+        f"oracle errors floored at {error_floor:g})",
+        to_markdown(result, paper=True),
+        f"Family recovery from embeddings alone (1-NN, d_sym): {recovery.accuracy:.1%} "
+        f"(chance {recovery.chance_accuracy:.1%}).",
+        f"Embedding norm vs the task's best error: Spearman ρ = {difficulty.spearman:.2f}.",
+        *([] if floor is None else [noise_floor_sentence(floor)]),
+    ])
+    payload = {
+        "table1": json.loads(to_json(result)),
+        "family_recovery": json.loads(to_json(recovery)),
+        "norm_vs_difficulty": json.loads(to_json(difficulty)),
+        "oracle_noise_floor": None if floor is None else asdict(floor),
+        "probe_id": data.probe_id,
+        "method": data.method,
+        "error_floor": error_floor,
+        "task_ids": list(data.task_ids),
+        "expert_ids": list(data.expert_ids),
+    }
+    return Table1Report(result, markdown, payload)
