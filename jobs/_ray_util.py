@@ -2,8 +2,9 @@
 collecting results as they complete.
 
 * :func:`init_ray` starts a local Ray (laptop, tests) or joins a cluster (``--address``, or
-  ``RAY_ADDRESS`` as set by ``ray job submit``). Only for a Ray it starts itself or one on a
-  loopback address does it default ``RAY_AUTH_MODE`` to ``disabled``; it says so in the log.
+  ``RAY_ADDRESS`` as set by ``ray job submit``). A Ray it starts itself listens on 127.0.0.1
+  only, so ``RAY_AUTH_MODE`` defaults to ``disabled`` for it and for a cluster joined at a
+  loopback address; the log says which of the two it is.
 * :func:`worker_runtime_env` forwards the ``AWS_*`` and ``MLFLOW_*`` variables of the driver to
   the tasks, because workers on other nodes (or started before the variables were set) do not
   inherit the driver's environment. Only the variable names are ever logged. The values do
@@ -22,11 +23,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from urllib.parse import urlsplit
 
 import ray
+from ray._private import ray_constants
 
 log = logging.getLogger(__name__)
 
 FORWARDED_PREFIXES = ("AWS_", "MLFLOW_")
 _LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+LOOPBACK_IP = "127.0.0.1"
 
 
 def add_ray_args(parser: argparse.ArgumentParser) -> None:
@@ -68,22 +71,49 @@ def init_ray(address: str | None = None, *, local_cpus: int | None = None,
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     starts_local = address is None or address == "local"
-    if starts_local or (address != "auto" and _is_loopback(address)):
-        if "RAY_AUTH_MODE" not in os.environ:
-            os.environ["RAY_AUTH_MODE"] = "disabled"
-            log.info("Ray on loopback: token auth disabled (RAY_AUTH_MODE=disabled)")
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    auth_off = False
+    if (starts_local or (address != "auto" and _is_loopback(address))) \
+            and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        auth_off = True
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     job_env = {"runtime_env": runtime_env} if runtime_env else {}
     if starts_local:
-        ray.init(address="local", num_cpus=local_cpus, include_dashboard=False,
-                 configure_logging=False, **job_env)
-        log.info("started a local Ray with %s CPU(s)", ray.cluster_resources().get("CPU"))
+        _start_loopback_ray(local_cpus, job_env)
+        log.info("started a local Ray with %s CPU(s), listening on %s only%s",
+                 ray.cluster_resources().get("CPU"), LOOPBACK_IP,
+                 ": token auth disabled (RAY_AUTH_MODE=disabled)" if auth_off else "")
     else:
+        if auth_off:
+            log.info("joining Ray at the loopback address %s: token auth disabled "
+                     "(RAY_AUTH_MODE=disabled)", address)
         ray.init(address=address, configure_logging=False, **job_env)
         log.info("joined the Ray cluster (%s CPU, %s GPU)",
                  ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))
     return True
+
+
+def _start_loopback_ray(local_cpus: int | None, job_env: dict) -> None:
+    """A new single-node Ray whose GCS, raylet, agents and workers listen on 127.0.0.1 only.
+
+    Ray turns a loopback ``_node_ip_address`` into the machine's outward address, and then
+    binds its servers on every interface, unless its multi-node mode is off; that switch
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``) is read once, when ray is imported, so it is
+    turned off here for the start alone. A Ray that still ended up elsewhere is shut down
+    rather than left running without a token.
+    """
+    multi_node = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address="local", num_cpus=local_cpus, include_dashboard=False,
+                 _node_ip_address=LOOPBACK_IP, configure_logging=False, **job_env)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = multi_node
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != LOOPBACK_IP:
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray came up on {node_ip}, not {LOOPBACK_IP}; "
+                           "refusing to run it where other machines can reach it")
 
 
 def worker_runtime_env(
