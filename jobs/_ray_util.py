@@ -10,6 +10,9 @@ collecting results as they complete.
   inherit the driver's environment. Only the variable names are ever logged. The values do
   travel in the task's runtime_env, which the Ray dashboard shows; on clusters with instance
   roles or secrets mounted on the nodes, pass ``--no-forward-env``.
+* :func:`checked_root` refuses a local ``--root`` that would land in the temporary copy Ray
+  makes of a submitted job's ``working_dir``, deleted with the job (the job would succeed and
+  its results vanish).
 * :func:`iter_ready` waits with ``ray.wait`` and yields results as they arrive (and empty
   lists on a timeout, so the caller can flush on time as well as on count).
 """
@@ -17,6 +20,7 @@ collecting results as they complete.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -24,12 +28,18 @@ from urllib.parse import urlsplit
 
 import ray
 from ray._private import ray_constants
+from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+from t2v_core.storage import filesystem_for, is_local
 
 log = logging.getLogger(__name__)
 
 FORWARDED_PREFIXES = ("AWS_", "MLFLOW_")
 _LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 LOOPBACK_IP = "127.0.0.1"
+# Where a Ray node unpacks the working_dir of a submitted job: <session>/runtime_resources/
+# working_dir_files/_ray_pkg_<hash>, removed once no job uses it.
+_WORKING_DIR_COPIES = ("runtime_resources", "working_dir_files")
 
 
 def add_ray_args(parser: argparse.ArgumentParser) -> None:
@@ -119,16 +129,55 @@ def _start_loopback_ray(local_cpus: int | None, job_env: dict) -> None:
 def worker_runtime_env(
     forward: bool = True, prefixes: Sequence[str] = FORWARDED_PREFIXES
 ) -> dict | None:
-    """A task-level runtime_env carrying the driver's variables with ``prefixes`` (None when
-    there is nothing to forward). Task-level ``env_vars`` merge with a job's own runtime_env,
-    so a ``working_dir`` given to ``ray job submit`` is kept."""
+    """A runtime_env carrying the driver's variables with ``prefixes`` (None when there is
+    nothing to forward). Its ``env_vars`` merge with a job's own runtime_env, so a
+    ``working_dir`` given to ``ray job submit`` is kept. Variables the submitted job's
+    runtime_env already sets reach every worker of the job through it, and are left out:
+    ``ray.init`` refuses a runtime_env that names one of them again."""
     if not forward:
         return None
-    env = {k: v for k, v in os.environ.items() if k.startswith(tuple(prefixes))}
+    job = (submitted_job_config() or {}).get("runtime_env") or {}
+    from_job = set(job.get("env_vars") or {})
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith(tuple(prefixes)) and k not in from_job}
     if not env:
         return None
     log.info("passing %s to the workers (values not logged)", ", ".join(sorted(env)))
     return {"env_vars": env}
+
+
+def submitted_job_config() -> dict | None:
+    """The job config Ray's job supervisor hands the entrypoint of ``ray job submit`` (its
+    runtime_env and metadata), or None when this process was not started that way. Ray
+    removes ``RAY_JOB_ID`` from the entrypoint's environment; this variable is what it sets."""
+    text = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    return json.loads(text) if text else None
+
+
+def _in_working_dir_copy(path: str) -> bool:
+    parts = os.path.normpath(path).split(os.sep)
+    n = len(_WORKING_DIR_COPIES)
+    return any(tuple(parts[i : i + n]) == _WORKING_DIR_COPIES for i in range(len(parts)))
+
+
+def checked_root(root: str) -> str:
+    """``root`` unchanged, unless it is a local path inside Ray's copy of a submitted job's
+    working_dir, or a relative path in a submitted job (relative to a directory Ray chose).
+    Such a root is refused with what to pass instead: the job would report success and
+    its results would be deleted with the copy."""
+    if not is_local(root):
+        return root
+    path = filesystem_for(root)[1]
+    relative = not os.path.isabs(os.path.expanduser(root.removeprefix("file://")))
+    if _in_working_dir_copy(path):
+        where = "inside Ray's temporary copy of the job's working_dir, deleted after the job"
+    elif relative and submitted_job_config() is not None:
+        where = f"relative to {os.getcwd()}, the directory Ray started this job in"
+    else:
+        return root
+    raise argparse.ArgumentTypeError(
+        f"storage root {root!r} resolves to {path}, {where}: pass an absolute path on storage "
+        "every node shares (e.g. /mnt/shared/t2v-data) or s3://bucket/prefix")
 
 
 def iter_ready(
