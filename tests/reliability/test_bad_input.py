@@ -140,6 +140,7 @@ def test_manifest_that_is_not_parquet_names_the_file(tmp_path):
 
 
 # -- weights of another architecture -----------------------------------------------------------
+@pytest.mark.slow
 def test_weights_of_another_architecture_fail_the_job_clearly_and_write_nothing(
         ray_local, tmp_path, image_folder, caplog):
     for i, name in enumerate(["ant", "bee"]):
