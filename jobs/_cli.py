@@ -6,6 +6,8 @@ import argparse
 import datetime as dt
 import logging
 
+from jobs._ray_util import checked_root
+
 
 def setup_logging(verbose: bool = False) -> None:
     """One readable log format for every job; third-party chatter stays at WARNING."""
@@ -28,7 +30,7 @@ def add_tracking_args(parser: argparse.ArgumentParser, default: str = "a sqlite 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """--root, the MLflow options and -v, taken by every job that reads the zoo."""
-    parser.add_argument("--root", default="./t2v-data",
+    parser.add_argument("--root", default="./t2v-data", type=checked_root,
                         help="storage root: a local path or s3://bucket/prefix")
     add_tracking_args(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

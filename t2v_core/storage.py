@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import posixpath
-import tempfile
+import secrets
 from collections.abc import Iterable, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
@@ -245,7 +245,11 @@ class StorageRoot:
         if self.local:
             directory = os.path.dirname(target)
             os.makedirs(directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".partial")
+            # Created as open() would create it (0o666 less the umask, which the kernel applies),
+            # not mkstemp's 0600: other users of a shared root must read the zoo.
+            tmp = os.path.join(directory, f".tmp-{secrets.token_hex(8)}.partial")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                         0o666)
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)

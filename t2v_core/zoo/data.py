@@ -46,7 +46,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from t2v_core.storage import filesystem_for, is_local, redact_uri
-from t2v_core.zoo.manifest import TaskSpec
+from t2v_core.zoo.manifest import TaskSpec, check_plain_name
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +245,10 @@ def scan_task(
     data_uri = path if is_local(uri) else str(uri).rstrip("/")
     task_id = task_id or _task_name(path)
     try:
+        check_plain_name(task_id, "task id")
+    except ValueError as exc:
+        raise TaskRejectedError(task_id, str(exc)) from exc
+    try:
         if not fs.isdir(path):
             raise UnreadableURIError(uri, "not a directory (or does not exist)")
         fmt = detect_format(uri)
@@ -288,18 +292,21 @@ def scan_task(
     n_test = sum(test_counts.get(c, 0) for c in classes)
     if n_test == 0:
         raise TaskRejectedError(task_id, "test split has no valid image of a known class", problems)
+    try:
+        spec = TaskSpec(
+            task_id=task_id,
+            family=_family(fs, path, task_id, family_from),
+            data_uri=data_uri,
+            format=fmt,
+            classes=classes,
+            n_train=n_train,
+            n_test=n_test,
+            content_hash=content_hash,
+        )
+    except ValueError as exc:  # a class name that is not a plain name
+        raise TaskRejectedError(task_id, str(exc), problems) from exc
     for p in problems:
         log.warning("%s: %s", task_id, p.message)
-    spec = TaskSpec(
-        task_id=task_id,
-        family=_family(fs, path, task_id, family_from),
-        data_uri=data_uri,
-        format=fmt,
-        classes=classes,
-        n_train=n_train,
-        n_test=n_test,
-        content_hash=content_hash,
-    )
     return spec, problems
 
 

@@ -17,12 +17,28 @@ from dataclasses import asdict, dataclass, fields
 
 import pyarrow as pa
 
-from t2v_core.storage import EXPERTS_SCHEMA, TASKS_SCHEMA, StorageRoot
+from t2v_core.storage import EXPERTS_SCHEMA, TASKS_SCHEMA, StorageRoot, conform, redact_uri
 
 log = logging.getLogger(__name__)
 
 TASKS_MANIFEST = "zoo/tasks.parquet"
 EXPERTS_MANIFEST = "zoo/experts.parquet"
+_NOT_IN_NAMES = ("/", "\\", "\0")
+
+
+class ManifestError(ValueError):
+    """A manifest file that does not hold what a manifest holds; the message names the file."""
+
+
+def check_plain_name(value: object, what: str) -> str:
+    """``value`` when it is a plain name. Task, expert and class names become folder and file
+    names under the root (``experts/<id>.pt``, ``features/task=<id>/...``), so a name with a
+    path separator, ``..`` or an absolute path could write outside its place."""
+    if (not isinstance(value, str) or value in ("", ".", "..")
+            or any(c in value for c in _NOT_IN_NAMES)):
+        raise ValueError(f"{what} {value!r} is not a plain name: it may not be empty, '.' or "
+                         "'..', or contain '/', '\\' or NUL, since it names files under the root")
+    return value
 
 
 @dataclass(frozen=True)
@@ -40,6 +56,9 @@ class TaskSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(self.classes))
+        check_plain_name(self.task_id, "task id")
+        for c in self.classes:
+            check_plain_name(c, f"task {self.task_id!r}: class")
         if self.format not in ("imagefolder", "parquet"):
             raise ValueError(f"task {self.task_id!r}: unknown format {self.format!r}")
 
@@ -57,6 +76,11 @@ class ExpertSpec:
     weights_uri: str
     source_task_id: str | None
     content_hash: str
+
+    def __post_init__(self) -> None:
+        check_plain_name(self.expert_id, "expert id")
+        if self.source_task_id is not None:
+            check_plain_name(self.source_task_id, f"expert {self.expert_id!r}: source task id")
 
 
 @dataclass(frozen=True)
@@ -90,9 +114,18 @@ class _Manifest:
     from_row: Callable[[dict], object]
 
     def rows(self, root: StorageRoot) -> list[dict]:
+        """The rows in the manifest's schema; a file that is not Parquet, lacks a required
+        column or holds one that does not convert is a :class:`ManifestError` naming both."""
         if not root.exists(self.rel):
             return []
-        return root.read_table(self.rel, schema=self.schema).to_pylist()
+        where = redact_uri(root.join(self.rel))
+        try:
+            table = root.read_table(self.rel)
+        except pa.ArrowInvalid as exc:
+            raise ManifestError(f"{where} is not a readable Parquet file: {exc}") from exc
+        for field in self.schema:
+            _check_column(table, field, where)
+        return conform(table, self.schema).to_pylist()
 
     def write_rows(self, root: StorageRoot, rows: list[dict]) -> None:
         rows = sorted(rows, key=lambda r: r[self.key])
@@ -100,7 +133,14 @@ class _Manifest:
 
     def read(self, root: StorageRoot | str) -> list:
         """Every spec, sorted by id; empty when there is no manifest yet."""
-        return [self.from_row(r) for r in sorted(self.rows(_root(root)), key=lambda r: r[self.key])]
+        root = _root(root)
+        specs = []
+        for row in sorted(self.rows(root), key=lambda r: r[self.key]):
+            try:
+                specs.append(self.from_row(row))
+            except ValueError as exc:
+                raise ManifestError(f"{redact_uri(root.join(self.rel))}: {exc}") from exc
+        return specs
 
     def write(self, root: StorageRoot | str, specs: Iterable) -> None:
         """Replace the manifest with exactly ``specs``."""
@@ -133,6 +173,23 @@ class _Manifest:
         if report.changed:
             self.write_rows(root, list(existing.values()))
         return report
+
+
+def _check_column(table: pa.Table, field: pa.Field, where: str) -> None:
+    if field.name not in table.column_names:
+        if not field.nullable:
+            raise ManifestError(f"{where}: required column {field.name!r} is missing "
+                                f"(columns: {', '.join(table.column_names)})")
+        return
+    column = table.column(field.name)
+    if not field.nullable and column.null_count:
+        raise ManifestError(f"{where}: column {field.name!r} has {column.null_count} empty "
+                            "value(s)")
+    try:
+        column.cast(field.type)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        raise ManifestError(f"{where}: column {field.name!r} holds {column.type}, not "
+                            f"{field.type}: {exc}") from exc
 
 
 def _check_unique(ids: Sequence[str], what: str) -> None:
