@@ -134,6 +134,47 @@ def filesystem_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path.rstrip("/")
 
 
+def _put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, *, local: bool) -> None:
+    """Locally: a hidden temporary file in the target directory, then ``os.replace``. On object
+    stores one PUT below ~100 MB, multipart above: both publish the object only at the end."""
+    if not local:
+        fs.pipe_file(path, bytes(data))
+        return
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(uri: str | os.PathLike[str], data: bytes) -> str:
+    """Write ``data`` to a single file (local path or URI) so that readers see the old file or
+    the whole new one, never a part. Returns the URI written (local paths made absolute)."""
+    fs, path = filesystem_for(str(uri))
+    local = is_local(str(uri))
+    _put_atomic(fs, path, data, local=local)
+    return path if local else str(uri)
+
+
+def read_uri_bytes(uri: str | os.PathLike[str]) -> bytes:
+    """The bytes of one file given by a local path or URI (``s3://`` with the endpoint rules of
+    :func:`filesystem_for`). A missing file raises :class:`FileNotFoundError` naming the
+    (redacted) URI; other read failures are :class:`OSError`."""
+    fs, path = filesystem_for(str(uri))
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"no such file: {redact_uri(str(uri))}") from exc
+
+
 def _is_hidden(name: str) -> bool:
     base = posixpath.basename(name.rstrip("/"))
     return base.startswith(".") or base.startswith("_")
@@ -241,24 +282,7 @@ class StorageRoot:
     def write_bytes_atomic(self, rel: str, data: bytes) -> str:
         """Write ``data`` so that readers see the old file or the whole new one, never a part.
         Returns the full URI."""
-        target = self._abs(rel)
-        if self.local:
-            directory = os.path.dirname(target)
-            os.makedirs(directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".partial")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
-        else:
-            # One PUT below ~100 MB, multipart above: both publish the object only at the end.
-            self.fs.pipe_file(target, bytes(data))
+        _put_atomic(self.fs, self._abs(rel), data, local=self.local)
         return self.join(rel)
 
     # -- tables ------------------------------------------------------------------------
@@ -305,7 +329,8 @@ class StorageRoot:
         cols = list(columns) if columns is not None else None
         files = [base] if self.fs.isfile(base) else self._part_files(base)
         tables = [
-            self._read_file(f, cols, _hive_values(posixpath.dirname(self._rel(f)))) for f in files
+            self._read_file(source, cols, _hive_values(posixpath.dirname(self._rel(f))))
+            for f, source in zip(files, self._sources(files), strict=True)
         ]
         if not tables:
             if schema is None:
@@ -320,11 +345,23 @@ class StorageRoot:
             )
         return table
 
-    def _read_file(self, path: str, columns: list[str] | None, hive: dict[str, str]) -> pa.Table:
-        with self.fs.open(path, "rb") as f:
-            table = pq.read_table(
-                f, columns=[c for c in columns if c not in hive] if columns else None
-            )
+    def _sources(self, files: list[str]) -> list:
+        """What to open for each file: local paths as they are; remote files fetched in one
+        concurrent batch, since a dataset keyed by task has one small object per key and
+        fetching them one by one would cost a round trip each."""
+        if self.local or len(files) < 2:
+            return files
+        fetched = self.fs.cat(files, on_error="raise")
+        return [pa.BufferReader(fetched[f if f in fetched else f.split("://", 1)[-1]])
+                for f in files]
+
+    def _read_file(self, source, columns: list[str] | None, hive: dict[str, str]) -> pa.Table:
+        wanted = [c for c in columns if c not in hive] if columns else None
+        if isinstance(source, pa.BufferReader):
+            table = pq.read_table(source, columns=wanted)
+        else:
+            with self.fs.open(source, "rb") as f:
+                table = pq.read_table(f, columns=wanted)
         for key, value in hive.items():
             if key not in table.column_names and (columns is None or key in columns):
                 table = table.append_column(key, pa.array([value] * table.num_rows, pa.string()))
