@@ -215,3 +215,21 @@ def test_select_specs_takes_ids_and_globs_and_refuses_a_pattern_matching_nothing
     assert select_specs(specs, None) == specs
     with pytest.raises(ValueError, match="'digits__3v9'"):
         select_specs(specs, "digits__3v9,digits__all")
+
+
+def test_train_experts_tasks_add_all_and_representative_to_the_shared_rule():
+    from jobs.train_experts import select_tasks
+
+    specs = [TaskSpec(task_id=t, family=t.split("__")[0], data_uri=f"/x/{t}", format="imagefolder",
+                      classes=tuple("abc"[:n]), n_train=4, n_test=2, content_hash="h")
+             for t, n in (("digits__3v8", 2), ("digits__all", 3), ("photo__cat-dog", 2))]
+
+    def ids(selector):
+        return [s.task_id for s in select_tasks(specs, selector)]
+
+    assert ids("representative") == ["digits__all", "photo__cat-dog"]
+    assert ids("all") == ids("") == ids("digits__3v8,all") == [s.task_id for s in specs]
+    assert ids("representative,digits__3*") == ["digits__3v8", "digits__all", "photo__cat-dog"]
+    assert ids("photo__*") == ["photo__cat-dog"]
+    with pytest.raises(ValueError, match="'nope'"):
+        select_tasks(specs, "representative,nope")
