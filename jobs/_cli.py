@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import logging
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 C = TypeVar("C")
@@ -43,6 +44,25 @@ def add_common_args(parser: argparse.ArgumentParser, tracking_default: str = "a 
     add_root_arg(parser)
     add_tracking_args(parser, default=tracking_default)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommonOptions:
+    """The Config fields of :func:`add_common_args`; a job's Config extends it."""
+
+    root: str = "./t2v-data"
+    tracking: bool = True
+    tracking_uri: str | None = None
+    verbose: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbeddingSetOptions(CommonOptions):
+    """:class:`CommonOptions` plus the fields of :func:`add_embedding_args`."""
+
+    probe_id: str | None = None
+    method: str | None = None
+    mode: str = "probe"
 
 
 def parse_config(parser: argparse.ArgumentParser, config_type: type[C],

@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from jobs._cli import add_common_args, parse_config, record_stage, setup_logging
+from jobs._cli import CommonOptions, add_common_args, parse_config, record_stage, setup_logging
 from jobs._ray_util import (
     add_ray_args,
     cancel,
@@ -65,15 +65,12 @@ class JobError(RuntimeError):
     """The job cannot start with these arguments and this zoo."""
 
 
-@dataclass(frozen=True)
-class Config:
-    """The job's options; field names are the flags' dest names, defaults the flags'."""
+@dataclass(frozen=True, kw_only=True)
+class Config(CommonOptions):
+    """The job's options, with those of :class:`CommonOptions`; field names are the flags'
+    dest names, defaults the flags'."""
 
     probe: str
-    root: str = "./t2v-data"
-    tracking: bool = True
-    tracking_uri: str | None = None
-    verbose: bool = False
     weights: str | None = None
     method: str = "montecarlo"
     tasks: str | None = None

@@ -20,7 +20,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from jobs._cli import add_common_args, add_embedding_args, parse_config, run_stamp, setup_logging
+from jobs._cli import (
+    EmbeddingSetOptions,
+    add_common_args,
+    add_embedding_args,
+    parse_config,
+    run_stamp,
+    setup_logging,
+)
 from t2v_core.embedding.probes import build_probe
 from t2v_core.embedding.store import EmbedConfig, embed_task, read_embeddings
 from t2v_core.matrix.rows import read_matrix
@@ -36,18 +43,12 @@ class RecommendError(ValueError):
     """The tasks cannot be ranked: unknown, not embedded, or embedded by another probe."""
 
 
-@dataclass(frozen=True)
-class Config:
-    """The job's options; field names are the flags' dest names, defaults the flags'. Exactly
-    one of ``tasks`` (ids or globs of zoo tasks) and ``data`` (folders of new tasks)."""
+@dataclass(frozen=True, kw_only=True)
+class Config(EmbeddingSetOptions):
+    """The job's options, with those of :class:`EmbeddingSetOptions`; field names are the
+    flags' dest names, defaults the flags'. Exactly one of ``tasks`` (ids or globs of zoo
+    tasks) and ``data`` (folders of new tasks)."""
 
-    root: str = "./t2v-data"
-    tracking: bool = True
-    tracking_uri: str | None = None
-    verbose: bool = False
-    probe_id: str | None = None
-    method: str | None = None
-    mode: str = "probe"
     tasks: str | None = None
     data: tuple[str, ...] | None = None
     probe: str | None = None

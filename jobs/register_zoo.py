@@ -27,7 +27,7 @@ from t2v_core.zoo.register import register_folders
 log = logging.getLogger("jobs.register_zoo")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """The job's options; field names are the flags' dest names, defaults the flags'."""
 

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from jobs._cli import add_common_args, parse_config, setup_logging
+from jobs._cli import CommonOptions, add_common_args, parse_config, setup_logging
 from jobs._ray_util import add_ray_args, get_or_error, init_ray, iter_ready, worker_runtime_env
 from t2v_core.embedding.probes import available_archs, build_probe, resolve_weights
 from t2v_core.matrix.experts import (
@@ -80,15 +80,12 @@ class TrainReport:
     base_probe_id: str = ""
 
 
-@dataclass(frozen=True)
-class Config:
-    """The job's options; field names are the flags' dest names, defaults the flags'. The
-    recipe fields make :attr:`recipe` (checked when the Config is made)."""
+@dataclass(frozen=True, kw_only=True)
+class Config(CommonOptions):
+    """The job's options, with those of :class:`CommonOptions`; field names are the flags'
+    dest names, defaults the flags'. The recipe fields make :attr:`recipe` (checked when the
+    Config is made)."""
 
-    root: str = "./t2v-data"
-    tracking: bool = True
-    tracking_uri: str | None = None
-    verbose: bool = False
     tasks: str = "representative"
     arch: str = "efficientnet_lite0"
     weights: str | None = "wheel"

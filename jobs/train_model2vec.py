@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from jobs._cli import (
+    EmbeddingSetOptions,
     add_common_args,
     add_embedding_args,
     add_error_floor_arg,
@@ -33,17 +34,11 @@ from t2v_core.storage import StorageRoot
 log = logging.getLogger("jobs.train_model2vec")
 
 
-@dataclass(frozen=True)
-class Config:
-    """The job's options; field names are the flags' dest names, defaults the flags'."""
+@dataclass(frozen=True, kw_only=True)
+class Config(EmbeddingSetOptions):
+    """The job's options, with those of :class:`EmbeddingSetOptions`; field names are the
+    flags' dest names, defaults the flags'."""
 
-    root: str = "./t2v-data"
-    tracking: bool = True
-    tracking_uri: str | None = None
-    verbose: bool = False
-    probe_id: str | None = None
-    method: str | None = None
-    mode: str = "probe"
     error_floor: float = 0.02
     seed: int = 0
     max_epochs: int = 500
