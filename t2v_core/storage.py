@@ -10,6 +10,8 @@ guarantees the batch system relies on live in one place:
   values, so re-running a job with the same rows rewrites the same file with the same bytes
   instead of adding a duplicate.
 
+Single files given by a full URI (probe and expert weights, models) go through
+:func:`atomic_write_bytes` and :func:`read_uri_bytes`, so the S3 endpoint rules live here only.
 Readers skip names starting with ``.`` or ``_`` (temporary files, markers). Explicit Arrow
 schemas for the tables the system shares are defined here too.
 """
