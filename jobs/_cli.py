@@ -1,12 +1,18 @@
-"""Command-line plumbing shared by the jobs: logging and the MLflow options."""
+"""Command-line plumbing shared by the jobs: flags into a job's Config, logging, the common
+options (root, MLflow, embeddings) and the MLflow record of a stage."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import logging
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from jobs._ray_util import checked_root
+
+C = TypeVar("C")
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -28,20 +34,63 @@ def add_tracking_args(parser: argparse.ArgumentParser, default: str = "a sqlite 
                         help="do not log to MLflow")
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """--root, the MLflow options and -v, taken by every job that reads the zoo."""
+def add_root_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default="./t2v-data", type=checked_root,
-                        help="storage root: a local path or s3://bucket/prefix")
-    add_tracking_args(parser)
+                        help="storage root: a local path or s3://bucket/prefix "
+                        "(default: %(default)s)")
+
+
+def add_common_args(parser: argparse.ArgumentParser, tracking_default: str = "a sqlite store "
+                    "under the root") -> None:
+    """--root, the MLflow options and -v, taken by every job that reads the zoo."""
+    add_root_arg(parser)
+    add_tracking_args(parser, default=tracking_default)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
-def record_stage(args: argparse.Namespace, name: str, params: dict, metrics: dict) -> None:
+@dataclass(frozen=True, kw_only=True)
+class CommonOptions:
+    """The Config fields of :func:`add_common_args`; a job's Config extends it."""
+
+    root: str = "./t2v-data"
+    tracking: bool = True
+    tracking_uri: str | None = None
+    verbose: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbeddingSetOptions(CommonOptions):
+    """:class:`CommonOptions` plus the fields of :func:`add_embedding_args`."""
+
+    probe_id: str | None = None
+    method: str | None = None
+    mode: str = "probe"
+
+
+def parse_config(parser: argparse.ArgumentParser, config_type: type[C],
+                 argv: list[str] | None) -> C:
+    """Flags → the job's frozen ``Config`` (dest names are its field names; lists become
+    tuples). Values the Config refuses are a usage error: argparse's message and exit status 2."""
+    args = vars(parser.parse_args(argv))
+    names = {f.name for f in dataclasses.fields(config_type)}
+    unmapped = sorted(set(args) - names)
+    if unmapped:  # a flag with nowhere to go would be silently ignored
+        raise TypeError(f"{config_type.__qualname__} has no field for {unmapped}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+    try:
+        return config_type(**values)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def record_stage(args: Any, name: str, params: dict, metrics: dict) -> None:
     """Log a finished batch job as an MLflow stage run, where there is somewhere to log it.
 
     The batch jobs (embedding, matrix) run often and on clusters, so they log only when asked
     to by --tracking-uri or $MLFLOW_TRACKING_URI, or when called inside a pipeline run (the
     demo). Tracking trouble is logged and never fails a job whose results are written.
+    ``args`` is the job's Config (or its parsed flags): ``root``, ``tracking`` and
+    ``tracking_uri`` are read.
     """
     import os
 

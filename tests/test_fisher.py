@@ -224,3 +224,25 @@ def test_resnet34_embedding_has_one_value_per_filter():
     with_bn = per_filter_fisher(probe.backbone, fit_head(torch.randn(4, 512), labels, 2),
                                 images, labels, include_bn=True, batch_size=4)
     assert with_bn.shape == (17024,)
+
+
+def test_estimators_give_back_each_module_its_own_mode(small_task):
+    """BatchNorm must run on running statistics inside the estimators, and the caller's
+    train/eval modes come back afterwards, also when the estimator fails half-way."""
+    probe, head, images, labels = small_task
+    seen = []
+    hook = probe.backbone.register_forward_pre_hook(lambda m, _: seen.append(m.training))
+    probe.backbone.train()
+    head.eval()
+    try:
+        per_filter_fisher(probe.backbone, head, images[:4], method="expected")
+        per_filter_fisher_naive(probe.backbone, head, images[:2], method="expected")
+        variational_fisher(probe.backbone, head, images[:4], labels[:4], steps=2)
+        assert probe.backbone.training and not head.training
+        with pytest.raises(ValueError, match="unknown Fisher method"):
+            per_filter_fisher(probe.backbone, head, images[:4], method="nope")
+        assert probe.backbone.training and not head.training
+    finally:
+        hook.remove()
+        probe.backbone.eval()
+    assert seen and not any(seen)

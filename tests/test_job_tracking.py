@@ -1,11 +1,13 @@
-"""Batch jobs leave an MLflow record when there is somewhere to put it, and only then."""
+"""The jobs' shared command line: flags become the job's Config (same names, same defaults),
+and batch jobs leave an MLflow record when there is somewhere to put it, and only then."""
 
 import argparse
+import importlib
 
 import mlflow
 import pytest
 
-from jobs._cli import add_tracking_args, record_stage
+from jobs._cli import add_tracking_args, parse_config, record_stage
 from t2v_core.review import tracking
 
 
@@ -49,3 +51,39 @@ def _no_active_run():
     yield
     while mlflow.active_run():
         mlflow.end_run()
+
+
+REQUIRED = {
+    "register_zoo": ["--folders", "tasks/"],
+    "train_experts": [],
+    "embed_tasks": ["--probe", "small_cnn"],
+    "train_model2vec": [],
+    "recommend": ["--tasks", "a*"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(REQUIRED))
+def test_flags_and_config_share_names_and_defaults(name, capsys):
+    job = importlib.import_module(f"jobs.{name}")
+    argv = REQUIRED[name]
+    required = {argv[i].removeprefix("--").replace("-", "_"): argv[i + 1]
+                for i in range(0, len(argv), 2)}
+    assert job.parse_args(argv) == job.Config(**required)
+    with pytest.raises(SystemExit) as exit_info:
+        job.main(["--help"])
+    assert exit_info.value.code == 0 and "--root" in capsys.readouterr().out
+    with pytest.raises(TypeError):
+        job.Config(**required, no_such_option=1)
+
+
+def test_values_a_config_refuses_are_usage_errors(capsys):
+    from jobs import train_experts
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_experts.parse_args(["--epochs", "0"])
+    assert exit_info.value.code == 2 and "epochs and batch_size must be" in capsys.readouterr().err
+    p = argparse.ArgumentParser()
+    p.add_argument("--root")
+    p.add_argument("--stray")
+    with pytest.raises(TypeError, match="no field for \\['stray'\\]"):
+        parse_config(p, train_experts.Config, [])

@@ -162,6 +162,61 @@ def test_save_load_round_trip(tmp_path, zoo, fitted) -> None:
     assert Model2Vec.load(path).gamma_ == 1.0
 
 
+def _meta_dataset(zoo):
+    from t2v_core.recommend.meta_dataset import MetaDataset
+
+    sources = np.stack([np.full(zoo.task_embeddings.shape[1], np.nan) if s is None else s
+                        for s in zoo.expert_source_embeddings])
+    return MetaDataset("p-1", "montecarlo", tuple(f"t{i}" for i in range(len(zoo.families))),
+                       tuple(zoo.families), zoo.task_embeddings, zoo.errors,
+                       tuple(zoo.expert_ids), sources)
+
+
+def test_model_store_versions_latest_and_folders_written_before_it(tmp_path, zoo, fitted):
+    import datetime as dt
+    import json
+
+    from t2v_core.recommend import model_store
+    from t2v_core.storage import StorageRoot
+
+    root = StorageRoot(tmp_path / "root")
+    assert model_store.latest_version(root) is None and model_store.list_versions(root) == []
+    with pytest.raises(FileNotFoundError, match="run jobs.train_model2vec"):
+        model_store.load_model(root)
+    # A folder as the training job has always written it: model.pt, metadata.json, LATEST.
+    old = "20250101T000000Z-0123abcd"
+    fitted.save(tmp_path / "m.pt")
+    root.write_bytes_atomic(f"model2vec/{old}/model.pt", (tmp_path / "m.pt").read_bytes())
+    root.write_bytes_atomic(f"model2vec/{old}/metadata.json",
+                            json.dumps({"version": old, "probe_id": "p-0"}).encode())
+    root.write_bytes_atomic("model2vec/LATEST", old.encode())
+    model, meta = model_store.load_model(root)
+    assert meta["probe_id"] == "p-0"
+    np.testing.assert_array_equal(model.rank(zoo.task_embeddings), fitted.rank(zoo.task_embeddings))
+
+    data = _meta_dataset(zoo)
+    version = model_store.model_version(data, now=dt.datetime(2026, 3, 4, 5, 6, 7, tzinfo=dt.UTC))
+    assert version.startswith("20260304T050607Z-") and len(version) == len("20260304T050607Z-") + 8
+    new = model_store.save_model(root, fitted, data, {"tau": 1.0})
+    assert model_store.latest_version(root) == new and model_store.list_versions(root) == [old, new]
+    model, meta = model_store.load_model(root)
+    assert meta["task_ids"] == list(data.task_ids) and meta["metrics"] == {"tau": 1.0}
+    assert model_store.load_model(root, old)[1]["probe_id"] == "p-0"
+    with pytest.raises(FileNotFoundError, match=f"stored: {old}, {new}"):
+        model_store.load_model(root, "nope")
+
+
+def test_model_store_on_s3(moto_s3, zoo, fitted):
+    from t2v_core.recommend import model_store
+
+    root = f"s3://{moto_s3.bucket}/model-store"
+    version = model_store.save_model(root, fitted, _meta_dataset(zoo), {})
+    model, meta = model_store.load_model(root)
+    assert meta["version"] == version and model_store.list_versions(root) == [version]
+    np.testing.assert_array_equal(model.scores(zoo.task_embeddings),
+                                  fitted.scores(zoo.task_embeddings))
+
+
 def test_load_rejects_other_files(tmp_path) -> None:
     path = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(2)}, path)

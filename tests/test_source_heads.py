@@ -131,6 +131,13 @@ def _cache_features(root: StorageRoot, tasks, experts) -> None:
             cell_features(cache, lambda p=probe: (p.backbone, p.probe_id), e, t, "train", SIZE)
 
 
+def _train_config(root: StorageRoot, weights: str, recipe: Recipe) -> train_experts.Config:
+    return train_experts.Config(root=root.uri, tracking=False, tasks=",".join(SOURCES),
+                                arch="small_cnn", weights=weights, epochs=recipe.epochs,
+                                batch_size=recipe.batch_size, image_size=recipe.image_size,
+                                no_progress=True)
+
+
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory, ray_local):
     from conftest import write_image_folder
@@ -144,8 +151,7 @@ def zoo(tmp_path_factory, ray_local):
     assert not register_folders(str(folders), root).skipped
     weights = _base_weights(base / "base.pt")
     recipe = Recipe(epochs=2, batch_size=6, image_size=SIZE)
-    report = train_experts.run(root.uri, tasks=",".join(SOURCES), arch="small_cnn",
-                               weights=weights, recipe=recipe, progress=False)
+    report = train_experts.run(_train_config(root, weights, recipe))
     assert not report.failed and len(report.trained) == 3
     tasks, experts = read_tasks(root), read_experts(root)
     _cache_features(root, tasks, experts)
@@ -177,14 +183,12 @@ def test_a_missing_head_is_made_on_the_next_run(zoo):
         (Path(root.path) / "experts" / f"{e.expert_id}.head.pt").unlink()
         assert load_head(e.weights_uri) is None
     manifest = (Path(root.path) / "zoo" / "experts.parquet").read_bytes()
-    report = train_experts.run(root.uri, tasks=",".join(SOURCES), arch="small_cnn",
-                               weights=weights, recipe=recipe, progress=False)
+    report = train_experts.run(_train_config(root, weights, recipe))
     assert sorted(report.trained) == sorted(e.expert_id for e in gone)
     assert report.skipped == [experts[SOURCES[1]].expert_id]
     assert all(load_head(e.weights_uri) is not None for e in gone)
     assert (Path(root.path) / "zoo" / "experts.parquet").read_bytes() == manifest
-    again = train_experts.run(root.uri, tasks=",".join(SOURCES), arch="small_cnn",
-                              weights=weights, recipe=recipe, progress=False)
+    again = train_experts.run(_train_config(root, weights, recipe))
     assert again.trained == [] and len(again.skipped) == 3
 
 

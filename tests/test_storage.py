@@ -122,6 +122,34 @@ def test_s3_root_roundtrip(moto_s3):
     assert root.list("matrix") == [first]
     assert root.list("", recursive=True) == sorted(["zoo/t.parquet", first])
     assert root.read_table("matrix").num_rows == 2
+    root.write_part("matrix", _rows(["c"]), ["task_id"])  # several parts: fetched in one batch
+    assert sorted(root.read_table("matrix").column("task_id").to_pylist()) == ["a", "b", "c"]
     root.write_bytes_atomic("w.bin", b"abc")
     assert root.read_bytes("w.bin") == b"abc"
     assert root.join("a", "b.parquet") == f"s3://{moto_s3.bucket}/storage-test/a/b.parquet"
+
+
+def test_single_files_by_uri_local_and_s3(tmp_path, moto_s3, monkeypatch):
+    """Weights and models are single files given by a URI: one writer and one reader for both."""
+    local = tmp_path / "deep" / "w.pt"
+    assert storage.atomic_write_bytes(local, b"one") == str(local)
+    storage.atomic_write_bytes(str(local), b"two")
+    assert storage.read_uri_bytes(local) == b"two" and os.listdir(local.parent) == ["w.pt"]
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        storage.read_uri_bytes(tmp_path / "nope.pt")
+
+    def boom(src, dst):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(storage.os, "replace", boom)
+    with pytest.raises(OSError, match="disk gone"):
+        storage.atomic_write_bytes(local, b"three")
+    monkeypatch.undo()
+    assert storage.read_uri_bytes(local) == b"two" and os.listdir(local.parent) == ["w.pt"]
+
+    uri = f"s3://{moto_s3.bucket}/single/w.pt"
+    assert storage.atomic_write_bytes(uri, b"remote") == uri
+    assert storage.read_uri_bytes(uri) == b"remote"
+    assert StorageRoot(f"s3://{moto_s3.bucket}/single").read_bytes("w.pt") == b"remote"
+    with pytest.raises(FileNotFoundError, match=f"s3://{moto_s3.bucket}/single/nope"):
+        storage.read_uri_bytes(f"s3://{moto_s3.bucket}/single/nope")

@@ -374,8 +374,8 @@ def test_small_demo_against_the_server(mlflow_server, moto_s3, ray_local, tmp_pa
     """Every stage of the demo leaves its run on the server, with plots downloadable from S3
     and a registered recommender that ranks like the one stored under the root."""
     from jobs import demo
-    from jobs.train_model2vec import load_model
     from t2v_core.recommend.meta_dataset import load_meta_dataset
+    from t2v_core.recommend.model_store import load_model
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     root = tmp_path / "root"

@@ -141,6 +141,36 @@ def test_job_exit_codes(tmp_path, tree, capsys):
     )
 
 
+def test_closing_summary_lists_each_problem_with_task_file_and_reason(tmp_path, tree, caplog):
+    (tree / "cub__gulls" / "train" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    (tree / "cub__terns" / "train" / "empty").mkdir()
+    config = register_zoo.Config(folders=str(tree), root=str(tmp_path / "root"), no_progress=True)
+    caplog.set_level("INFO", logger="jobs.register_zoo")
+    result = register_zoo.run(config)
+    assert result.added == ("cub__gulls", "cub__terns", "inat-fungi")
+    assert {(p.task_id, p.kind, p.path) for p in result.problems} == {
+        ("cub__gulls", "corrupt_image", "train/a/broken.png"), ("cub__terns", "empty_class", "empty")}
+    assert result.summary[0].endswith("3 added, 0 updated, 0 unchanged, 0 skipped, 2 problems")
+    text = "\n".join(result.summary)
+    assert "problem in cub__gulls, train/a/broken.png: corrupt_image: skipped" in text
+    assert "problem in cub__terns, empty: empty_class: class 'empty' has no valid training" in text
+    # The log ends with the same list, after the counts, not only as warnings during the scan.
+    job_lines = [r.getMessage() for r in caplog.records if r.name == "jobs.register_zoo"]
+    closing = job_lines[job_lines.index(result.summary[0]):]
+    assert [line for line in closing if line.startswith("problem in ")] == list(result.summary[1:])
+
+
+def test_nothing_registered_raises_with_the_reasons(tmp_path, image_folder):
+    image_folder(tmp_path / "tasks", "one-class", {"a": 2}, {"a": 1})
+    config = register_zoo.Config(folders=str(tmp_path / "tasks"), root=str(tmp_path / "root"),
+                                 no_progress=True)
+    with pytest.raises(register_zoo.NothingRegisteredError, match="no task could be registered"
+                       ) as error:
+        register_zoo.run(config)
+    assert "at least 2 classes" in error.value.result.skipped["one-class"]
+    assert error.value.result.summary[1].startswith("skipped one-class: needs at least 2")
+
+
 def test_s3_registration_matches_local(tmp_path, tree, moto_s3):
     local = _register(tree, tmp_path / "root")
     folders = moto_s3.upload_tree(tree, "zoo-test/tasks")
@@ -185,3 +215,21 @@ def test_select_specs_takes_ids_and_globs_and_refuses_a_pattern_matching_nothing
     assert select_specs(specs, None) == specs
     with pytest.raises(ValueError, match="'digits__3v9'"):
         select_specs(specs, "digits__3v9,digits__all")
+
+
+def test_train_experts_tasks_add_all_and_representative_to_the_shared_rule():
+    from jobs.train_experts import select_tasks
+
+    specs = [TaskSpec(task_id=t, family=t.split("__")[0], data_uri=f"/x/{t}", format="imagefolder",
+                      classes=tuple("abc"[:n]), n_train=4, n_test=2, content_hash="h")
+             for t, n in (("digits__3v8", 2), ("digits__all", 3), ("photo__cat-dog", 2))]
+
+    def ids(selector):
+        return [s.task_id for s in select_tasks(specs, selector)]
+
+    assert ids("representative") == ["digits__all", "photo__cat-dog"]
+    assert ids("all") == ids("") == ids("digits__3v8,all") == [s.task_id for s in specs]
+    assert ids("representative,digits__3*") == ["digits__3v8", "digits__all", "photo__cat-dog"]
+    assert ids("photo__*") == ["photo__cat-dog"]
+    with pytest.raises(ValueError, match="'nope'"):
+        select_tasks(specs, "representative,nope")

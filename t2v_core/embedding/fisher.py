@@ -22,6 +22,8 @@ Estimators (``method``):
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -205,6 +207,20 @@ class _Capture:
         return _per_filter_mean(self.layers, self.sums, n_samples)
 
 
+@contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Run the body with ``modules`` in eval mode (BatchNorm on running statistics, so samples
+    do not interact) and give each back the train/eval mode it had, whatever happens."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)
+
+
 def _n_filters(module: nn.Module) -> int:
     return module.out_channels if isinstance(module, nn.Conv2d) else module.num_features
 
@@ -259,31 +275,27 @@ def per_filter_fisher(
     if method == "empirical" and labels is None:
         raise ValueError("the empirical Fisher needs the true labels")
     layers = fisher_filters(backbone, include_bn)
-    modes = backbone.training, head.training
-    backbone.eval()
-    head.eval()
-    capture = _Capture(layers)
     generator = torch.Generator().manual_seed(seed)
     n = len(images)
-    try:
-        for start in tqdm(range(0, n, batch_size), disable=not progress, desc=f"fisher[{method}]",
-                          unit="batch"):
-            x = images[start : start + batch_size].detach().clone().requires_grad_(True)
-            y = None if labels is None else labels[start : start + batch_size]
-            logits = head(backbone(x))
-            # float64: for a confident prediction 1 − p_y is tiny and float32 would cancel it away
-            probs = torch.softmax(logits.detach().double(), dim=1)
-            passes = list(_label_passes(method, probs, y, mc_samples, generator))
-            for i, (targets, weight) in enumerate(passes):
-                # ∂ log p(y|x) / ∂ logits = e_y − p; seeding backward with it gives per-sample grads
-                seed_grad = (F.one_hot(targets, probs.shape[1]).double() - probs).to(logits.dtype)
-                capture.sample_weight = None if weight is None else weight.to(logits.dtype)
-                logits.backward(seed_grad, retain_graph=i < len(passes) - 1)
-            capture.inputs.clear()
-    finally:
-        capture.remove()
-        backbone.train(modes[0])
-        head.train(modes[1])
+    with eval_mode(backbone, head):
+        capture = _Capture(layers)
+        try:
+            for start in tqdm(range(0, n, batch_size), disable=not progress, desc=f"fisher[{method}]",
+                              unit="batch"):
+                x = images[start : start + batch_size].detach().clone().requires_grad_(True)
+                y = None if labels is None else labels[start : start + batch_size]
+                logits = head(backbone(x))
+                # float64: for a confident prediction 1 − p_y is tiny and float32 would cancel it away
+                probs = torch.softmax(logits.detach().double(), dim=1)
+                passes = list(_label_passes(method, probs, y, mc_samples, generator))
+                for i, (targets, weight) in enumerate(passes):
+                    # ∂ log p(y|x) / ∂ logits = e_y − p; seeding backward with it gives per-sample grads
+                    seed_grad = (F.one_hot(targets, probs.shape[1]).double() - probs).to(logits.dtype)
+                    capture.sample_weight = None if weight is None else weight.to(logits.dtype)
+                    logits.backward(seed_grad, retain_graph=i < len(passes) - 1)
+                capture.inputs.clear()
+        finally:
+            capture.remove()
     return capture.per_filter(n)
 
 
@@ -308,37 +320,33 @@ def per_filter_fisher_naive(
     for _, m in layers:
         params.extend([m.weight] + ([m.bias] if m.bias is not None else []))
     flags = [p.requires_grad for p in params]
-    modes = backbone.training, head.training
-    backbone.eval()
-    head.eval()
     generator = torch.Generator().manual_seed(seed)
     sums = [torch.zeros(_n_filters(m), dtype=torch.float64) for _, m in layers]
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        for i in range(len(images)):
-            x = images[i : i + 1]
-            y = None if labels is None else labels[i : i + 1]
-            logits = head(backbone(x)).double()
-            probs = torch.softmax(logits.detach(), dim=1)
-            for targets, weight in _label_passes(method, probs, y, mc_samples, generator):
-                logp = torch.log_softmax(logits, dim=1)[0, targets[0]]
-                grads = torch.autograd.grad(logp, params, retain_graph=True)
-                w = 1.0 if weight is None else float(weight[0])
-                k = 0
-                for j, (_, m) in enumerate(layers):
-                    per = grads[k].pow(2).flatten(1).sum(1) if isinstance(m, nn.Conv2d) \
-                        else 0.5 * grads[k].pow(2)
-                    k += 1
-                    if m.bias is not None:
-                        per = per + (grads[k].pow(2) if isinstance(m, nn.Conv2d) else 0.5 * grads[k].pow(2))
+    with eval_mode(backbone, head):
+        try:
+            for p in params:
+                p.requires_grad_(True)
+            for i in range(len(images)):
+                x = images[i : i + 1]
+                y = None if labels is None else labels[i : i + 1]
+                logits = head(backbone(x)).double()
+                probs = torch.softmax(logits.detach(), dim=1)
+                for targets, weight in _label_passes(method, probs, y, mc_samples, generator):
+                    logp = torch.log_softmax(logits, dim=1)[0, targets[0]]
+                    grads = torch.autograd.grad(logp, params, retain_graph=True)
+                    w = 1.0 if weight is None else float(weight[0])
+                    k = 0
+                    for j, (_, m) in enumerate(layers):
+                        per = grads[k].pow(2).flatten(1).sum(1) if isinstance(m, nn.Conv2d) \
+                            else 0.5 * grads[k].pow(2)
                         k += 1
-                    sums[j] += w * per.double()
-    finally:
-        for p, f in zip(params, flags, strict=True):
-            p.requires_grad_(f)
-        backbone.train(modes[0])
-        head.train(modes[1])
+                        if m.bias is not None:
+                            per = per + (grads[k].pow(2) if isinstance(m, nn.Conv2d) else 0.5 * grads[k].pow(2))
+                            k += 1
+                        sums[j] += w * per.double()
+        finally:
+            for p, f in zip(params, flags, strict=True):
+                p.requires_grad_(f)
     return _per_filter_mean(layers, sums, len(images))
 
 
@@ -385,31 +393,27 @@ def variational_fisher(
         return hook
 
     handles = [m.register_forward_hook(noisy(i, m)) for i, (_, m) in enumerate(layers)]
-    modes = backbone.training, head.training
-    backbone.eval()
-    head.eval()
     opt = torch.optim.Adam(log_var, lr=lr)
     # decaying the step size averages out the noise of the one-sample objective
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 - t / steps)
     gen = torch.Generator().manual_seed(seed)
-    try:
-        for _ in tqdm(range(steps), disable=not progress, desc="fisher[variational]"):
-            idx = torch.randint(0, len(images), (min(batch_size, len(images)),), generator=gen)
-            idx = idx.to(images.device)
-            opt.zero_grad()
-            nll = F.cross_entropy(head(backbone(images[idx])), labels[idx])
-            kl = sum(
-                0.5 * size * (lv.exp() * prior_precision - 1.0 - lv - np.log(prior_precision)).sum()
-                for lv, size in zip(log_var, sizes, strict=True)
-            )
-            (nll + beta * kl / sizes.sum()).backward()
-            opt.step()
-            sched.step()
-    finally:
-        for h in handles:
-            h.remove()
-        backbone.train(modes[0])
-        head.train(modes[1])
+    with eval_mode(backbone, head):
+        try:
+            for _ in tqdm(range(steps), disable=not progress, desc="fisher[variational]"):
+                idx = torch.randint(0, len(images), (min(batch_size, len(images)),), generator=gen)
+                idx = idx.to(images.device)
+                opt.zero_grad()
+                nll = F.cross_entropy(head(backbone(images[idx])), labels[idx])
+                kl = sum(
+                    0.5 * size * (lv.exp() * prior_precision - 1.0 - lv - np.log(prior_precision)).sum()
+                    for lv, size in zip(log_var, sizes, strict=True)
+                )
+                (nll + beta * kl / sizes.sum()).backward()
+                opt.step()
+                sched.step()
+        finally:
+            for h in handles:
+                h.remove()
     return torch.cat([(-lv.detach()).exp() for lv in log_var]).double().cpu().numpy()
 
 

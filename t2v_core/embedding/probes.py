@@ -14,10 +14,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import fsspec
 import torch
 from torch import nn
 from torchvision import models
+
+from t2v_core.storage import atomic_write_bytes, read_uri_bytes
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,7 @@ def _disable_inplace(module: nn.Module) -> None:
 def load_state_dict(uri: str) -> dict[str, torch.Tensor]:
     """Read a state dict from a local path or fsspec URI, never executing pickled code."""
     try:
-        with fsspec.open(uri, "rb") as f:
-            payload = f.read()
+        payload = read_uri_bytes(uri)
     except FileNotFoundError as exc:
         raise WeightsError(f"weights file not found: {uri}") from exc
     except OSError as exc:
@@ -198,15 +198,11 @@ def build_probe(
 
 
 def save_weights(module: nn.Module, uri: str) -> str:
-    """Write a state dict to a local path or URI (one PUT on object stores). Returns its digest."""
+    """Write a state dict to a local path or URI, atomically. Returns its digest."""
     state = module.state_dict()
     buf = io.BytesIO()
     torch.save(state, buf)
-    fs, path = fsspec.core.url_to_fs(uri)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    fs.pipe_file(path, buf.getvalue())
+    atomic_write_bytes(uri, buf.getvalue())
     return weights_digest(state)
 
 

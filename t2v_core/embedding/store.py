@@ -8,8 +8,10 @@ Layout under a storage root (one dataset per probe and Fisher estimator)::
 
 Rows are keyed by (task_id, content_hash, probe, method): a task whose data changed gets a new
 row next to the old one, and readers pick the row that matches the manifest (or the newest).
-A part file is named after the keys it holds, so writing the same keys again replaces it; two
-runs started at the same time may both embed a task, and readers then keep the newest row.
+Each row is written as its own part file named after its key, so writing a key again (a re-run,
+or two runs started at the same time that both embed a task) replaces that file: on disk there
+is one row per key whatever the writers did. Parts of the earlier layout hold several keys
+each; they are read like any other part, and readers keep the newest row of a key.
 The filter names are long and identical for every task of a probe, so they are stored once;
 their file starts with ``_`` so that dataset readers (pyarrow, Spark, :class:`StorageRoot`)
 never mix it into the embedding rows. Failures live in a sibling tree for the same reason.
@@ -449,8 +451,9 @@ class EmbedSummary:
 
 
 class EmbeddingWriter:
-    """Buffers outcomes and writes them as keyed part files, at most ``batch_size`` tasks or
-    ``max_wait_s`` seconds at a time, so a crash loses at most one batch.
+    """Buffers outcomes and writes them, one part file per key, as soon as ``batch_size`` tasks
+    are waiting or the oldest has waited ``max_wait_s`` seconds, whichever comes first: a crash
+    loses at most that many finished tasks, or that much of their time.
 
     A failed write is retried with exponential backoff; when storage stays unreachable an
     :class:`EmbeddingStorageError` names the root (credentials never appear: they are not part
@@ -466,7 +469,7 @@ class EmbeddingWriter:
         filter_names: Sequence[str],
         *,
         config: EmbedConfig | None = None,
-        batch_size: int = 32,
+        batch_size: int = 8,
         max_wait_s: float = 60.0,
         write_retries: int = 3,
         retry_backoff_s: float = 1.0,
@@ -491,7 +494,8 @@ class EmbeddingWriter:
         return len(self._pending)
 
     def add(self, outcome: TaskOutcome) -> list[str]:
-        """Buffer one outcome; write the batch when it is full. Returns the parts written."""
+        """Buffer one outcome; write the buffer when it is full or due. Returns the parts
+        written."""
         if outcome.ok and outcome.vector.shape != (len(self.filter_names),):
             raise ValueError(
                 f"task {outcome.task_id}: embedding has shape {outcome.vector.shape}, the probe "
@@ -500,9 +504,11 @@ class EmbeddingWriter:
         if self._since is None:
             self._since = self.clock()
         self._pending.append(outcome)
-        return self.flush() if len(self._pending) >= self.batch_size else []
+        return self.flush() if len(self._pending) >= self.batch_size else self.flush_if_due()
 
     def flush_if_due(self) -> list[str]:
+        """Write the buffer if its oldest outcome has waited ``max_wait_s``; call it while
+        waiting for results, so that a slow trickle of tasks is written too."""
         if self._pending and self.clock() - (self._since or 0.0) >= self.max_wait_s:
             return self.flush()
         return []
@@ -524,18 +530,12 @@ class EmbeddingWriter:
                 self._filters_ok = True
             table = embeddings_table(ok, self.probe_id, self.method, config=self.config,
                                      filters=self.digest)
-            parts.append(self._retrying(
-                "embeddings",
-                lambda: self.root.write_part(
-                    dataset_path(self.probe_id, self.method), table, KEY_COLUMNS),
-            ))
+            parts += self._write_per_key("embeddings", dataset_path(self.probe_id, self.method),
+                                         table)
         if bad:
             table = failures_table(bad, self.probe_id, self.method, config=self.config)
-            parts.append(self._retrying(
-                "failure records",
-                lambda: self.root.write_part(
-                    failures_path(self.probe_id, self.method), table, KEY_COLUMNS),
-            ))
+            parts += self._write_per_key(
+                "failure records", failures_path(self.probe_id, self.method), table)
         self._pending.clear()
         self._since = None
         self.summary.parts.extend(parts)
@@ -543,6 +543,13 @@ class EmbeddingWriter:
         self.summary.failed.update({o.task_id: f"{o.error_type}: {o.error}" for o in bad})
         log.debug("wrote %d embedding(s) and %d failure(s): %s", len(ok), len(bad), parts)
         return parts
+
+    def _write_per_key(self, what: str, dataset: str, table: pa.Table) -> list[str]:
+        """One part per row, named after the row's key: a key written again replaces its file."""
+        return [
+            self._retrying(what, lambda row=row: self.root.write_part(dataset, row, KEY_COLUMNS))
+            for row in (table.slice(i, 1) for i in range(table.num_rows))
+        ]
 
     def _retrying(self, what: str, fn: Callable[[], object]):
         attempts = 1 + max(0, self.write_retries)

@@ -23,7 +23,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -39,6 +38,7 @@ from t2v_core.embedding.probes import (
     load_state_dict,
     weights_digest,
 )
+from t2v_core.storage import read_uri_bytes
 
 log = logging.getLogger(__name__)
 
@@ -310,8 +310,7 @@ def load_head(weights_uri: str) -> SourceHead | None:
     none (an expert registered from outside, or trained before heads were kept)."""
     uri = head_uri(weights_uri)
     try:
-        with fsspec.open(uri, "rb") as f:
-            data = f.read()
+        data = read_uri_bytes(uri)
     except FileNotFoundError:
         return None
     except OSError as exc:

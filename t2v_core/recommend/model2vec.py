@@ -47,12 +47,11 @@ Choices made here (the paper leaves them open):
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,6 +60,7 @@ from sklearn.base import BaseEstimator
 
 from t2v_core.embedding.distance import trivial_embedding, trivial_level
 from t2v_core.recommend.metrics import relative_increase
+from t2v_core.storage import atomic_write_bytes, read_uri_bytes
 
 __all__ = ["Model2Vec", "resolve_expert_sources", "torch_d_asym", "torch_d_sym"]
 
@@ -487,7 +487,8 @@ class Model2Vec(BaseEstimator):
     # ---------------------------------------------------------------- persistence
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the fitted model to one file (a dict of tensors and plain lists, via torch.save)."""
+        """Write the fitted model to one file, a local path or URI (a dict of tensors and plain
+        lists, via torch.save)."""
         self._check_fitted()
         state = {
             "format": _FORMAT,
@@ -503,24 +504,18 @@ class Model2Vec(BaseEstimator):
             "expert_ids": list(self.expert_ids_),
             "best_epoch": int(self.best_epoch_),
         }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, path)  # readers never see a half-written model
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write_bytes(path, buf.getvalue())  # readers never see a half-written model
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | None = None) -> Model2Vec:
-        """Read a model written by :meth:`save` (weights_only: no code runs on load).
+        """Read a model written by :meth:`save` from a local path or URI (weights_only: no code
+        runs on load).
 
         ``device`` overrides where inference runs (a model trained on a GPU loads on a CPU).
         """
-        state = torch.load(path, weights_only=True, map_location="cpu")
+        state = torch.load(io.BytesIO(read_uri_bytes(path)), weights_only=True, map_location="cpu")
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
             raise ValueError(f"{path} is not a Model2Vec file")
         if state.get("version") != _VERSION:

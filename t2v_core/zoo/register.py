@@ -27,6 +27,20 @@ class RegisterReport:
     def registered(self) -> tuple[str, ...]:
         return self.upsert.added + self.upsert.updated + self.upsert.unchanged
 
+    def headline(self, where: str) -> str:
+        up = self.upsert
+        return (f"zoo {where}: {len(up.added)} added, {len(up.updated)} updated, "
+                f"{len(up.unchanged)} unchanged, {len(self.skipped)} skipped, "
+                f"{len(self.problems)} problems")
+
+    def problem_lines(self) -> list[str]:
+        """One line per skipped folder and per problem (task, file, reason), so the end of a
+        run says what to fix without searching the warnings scrolled past during the scan."""
+        lines = [f"skipped {name}: {reason}" for name, reason in sorted(self.skipped.items())]
+        lines += [f"problem in {p.task_id}, {p.path or '(task)'}: {p.kind}: {p.message}"
+                  for p in self.problems]
+        return lines
+
 
 def discover_task_dirs(folders_uri: str) -> list[str]:
     """URIs of the candidate task folders: ``folders_uri`` itself when it is a task folder,
