@@ -502,6 +502,46 @@ def _warm_head(features: torch.Tensor, y: torch.Tensor, n_classes: int, recipe: 
     return head
 
 
+def _warm_started(net: nn.Module, problem: ImageProblem, recipe: FinetuneRecipe,
+                  weight_decay: float, device) -> nn.Sequential:
+    """``net`` followed by a linear head already fitted on its frozen features, so fine-tuning
+    starts from a sensible classifier instead of pulling the features towards a random one."""
+    x, y = problem.x_train, problem.y_train.long()
+    net.eval()
+    with torch.no_grad():
+        feats = torch.cat([net(x[i : i + 256].to(device)).flatten(1) for i in range(0, len(x), 256)])
+    with torch.enable_grad():
+        head = _warm_head(feats, y.to(device), problem.n_classes, recipe, weight_decay)
+    return nn.Sequential(net, nn.Flatten(1), head)
+
+
+def _sgd_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               gen: torch.Generator, recipe: FinetuneRecipe, device, epoch: int,
+               init_loss: float | None) -> tuple[float, float]:
+    """One shuffled pass over the training split; returns the mean training loss and the first
+    batch's loss of the whole run (the yardstick for divergence). Raises :class:`_Diverged`
+    when a batch loss is non-finite or ``explode_factor`` times that first loss."""
+    model.train()
+    order = torch.randperm(len(x), generator=gen)
+    total, seen = 0.0, 0
+    for i in range(0, len(x), recipe.batch_size):
+        idx = order[i : i + recipe.batch_size]
+        if len(idx) < 2 and seen:  # BatchNorm cannot train on a batch of one
+            continue
+        xb, yb = x[idx].to(device), y[idx].to(device)
+        loss = F.cross_entropy(model(xb), yb)
+        value = float(loss.detach())
+        init_loss = value if init_loss is None else init_loss
+        if not math.isfinite(value) or value > recipe.explode_factor * max(init_loss, 1e-3):
+            raise _Diverged(f"diverged: loss {value:.4g} at epoch {epoch}")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total += value * len(idx)
+        seen += len(idx)
+    return total / max(1, seen), init_loss
+
+
 def fit_network(
     backbone: nn.Module,
     problem: ImageProblem,
@@ -538,39 +578,20 @@ def fit_network(
         return FitOutcome(None, res, history)
 
     try:
-        net.eval()
-        with torch.no_grad():
-            feats = torch.cat([net(x[i : i + 256].to(device)).flatten(1) for i in range(0, len(x), 256)])
-        with torch.enable_grad():
-            head = _warm_head(feats, y.to(device), problem.n_classes, recipe, config.weight_decay)
+        model = _warm_started(net, problem, recipe, config.weight_decay, device)
     except _Diverged as exc:
         return failed(str(exc), 0)
-    model = nn.Sequential(net, nn.Flatten(1), head)
     opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=recipe.momentum,
                           weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, recipe.milestones(), gamma=recipe.gamma)
     init_loss = None
     for epoch in range(1, recipe.epochs + 1):
-        model.train()
-        order = torch.randperm(len(x), generator=gen)
-        total, seen = 0.0, 0
-        for i in range(0, len(x), recipe.batch_size):
-            idx = order[i : i + recipe.batch_size]
-            if len(idx) < 2 and seen:  # BatchNorm cannot train on a batch of one
-                continue
-            xb, yb = x[idx].to(device), y[idx].to(device)
-            loss = F.cross_entropy(model(xb), yb)
-            value = float(loss.detach())
-            init_loss = value if init_loss is None else init_loss
-            if not math.isfinite(value) or value > recipe.explode_factor * max(init_loss, 1e-3):
-                return failed(f"diverged: loss {value:.4g} at epoch {epoch}", epoch)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += value * len(idx)
-            seen += len(idx)
+        try:
+            train_loss, init_loss = _sgd_epoch(model, opt, x, y, gen, recipe, device, epoch, init_loss)
+        except _Diverged as exc:
+            return failed(str(exc), epoch)
         sched.step()
-        metrics = {"epoch": epoch, "train_loss": total / max(1, seen)}
+        metrics = {"epoch": epoch, "train_loss": train_loss}
         if has_val:
             metrics["val_loss"], metrics["val_error"] = _evaluate(model, problem.x_val, problem.y_val, device)
         history.append(metrics)
