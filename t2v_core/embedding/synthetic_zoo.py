@@ -68,22 +68,8 @@ def synthetic_zoo(
     """
     rng = np.random.default_rng(random_state)
     centers = np.exp(rng.normal(0.0, 1.0, size=(n_clusters, dim)))
-    task_parts, scales, families = [], [], []
-    for k in range(n_clusters):
-        emb, sc = _sample(rng, centers[k], tasks_per_cluster, spread)
-        task_parts.append(emb)
-        scales.append(sc)
-        families += [f"family{k}"] * tasks_per_cluster
-    tasks = np.concatenate(task_parts)
-    scale = np.concatenate(scales)
-    task_cluster = np.repeat(np.arange(n_clusters), tasks_per_cluster)
-
-    true_sources, expert_cluster = [], []
-    for k in range(n_clusters):
-        emb, _ = _sample(rng, centers[k], experts_per_cluster, spread)
-        true_sources.append(emb)
-        expert_cluster += [k] * experts_per_cluster
-    src = np.concatenate(true_sources)
+    tasks, scale, task_cluster = _sample_families(rng, centers, tasks_per_cluster, spread)
+    src, _, expert_cluster = _sample_families(rng, centers, experts_per_cluster, spread)
     quality = rng.normal(0.0, expert_quality, size=src.shape[0])
     measured = src * np.exp(rng.normal(0.0, source_noise, size=src.shape)) if source_noise else src
     sources: list[np.ndarray | None] = list(measured)
@@ -96,13 +82,11 @@ def synthetic_zoo(
         ids.append("generic")
         expert_families.append(None)
 
-    n_tasks, n_experts = tasks.shape[0], len(sources)
-    rel = np.full((n_tasks, n_experts), generic_gap)
-    within = np.asarray(_distance.d_sym(src, tasks)).T  # T×E_specialists, true locations
-    same = task_cluster[:, None] == np.asarray(expert_cluster)[None, :]
-    typical = float(np.median(within[same])) or 1.0
-    own = within_weight * within / typical - quality[None, :]
-    rel[:, : src.shape[0]] = np.where(same, own, mismatch_gap)
+    rel = np.full((tasks.shape[0], len(sources)), generic_gap)
+    same = task_cluster[:, None] == expert_cluster[None, :]
+    rel[:, : src.shape[0]] = np.where(
+        same, _within_family(src, tasks, same, quality, within_weight), mismatch_gap
+    )
     rel -= rel.min(axis=1, keepdims=True)  # the best expert of each task sits at base_t
     errors = _measured_errors(rng, rel, scale, noise, missing_fraction)
     context: dict[str, list[Any]] = {}
@@ -113,11 +97,34 @@ def synthetic_zoo(
         errors=errors,
         expert_source_embeddings=sources,
         expert_ids=ids,
-        families=families,
+        families=[f"family{k}" for k in task_cluster],
         expert_families=expert_families,
         generic_index=generic_index,
         context=context,
     )
+
+
+def _sample_families(rng: np.random.Generator, centers: np.ndarray, per_family: int,
+                     spread: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``per_family`` Fisher profiles around each family centre, family after family:
+    (profiles, their overall scales, their family indices)."""
+    parts, scales = [], []
+    for center in centers:
+        emb, sc = _sample(rng, center, per_family, spread)
+        parts.append(emb)
+        scales.append(sc)
+    family = np.repeat(np.arange(len(centers)), per_family)
+    return np.concatenate(parts), np.concatenate(scales), family
+
+
+def _within_family(src: np.ndarray, tasks: np.ndarray, same: np.ndarray, quality: np.ndarray,
+                   within_weight: float) -> np.ndarray:
+    """r_te of each specialist on every task as if it were of its family: the d_sym between the
+    expert's true source and the task, normalised by its median within families, minus the
+    expert's quality (T×E_specialists)."""
+    within = np.asarray(_distance.d_sym(src, tasks)).T
+    typical = float(np.median(within[same])) or 1.0
+    return within_weight * within / typical - quality[None, :]
 
 
 def _sample(rng: np.random.Generator, center: np.ndarray, n: int, spread: float

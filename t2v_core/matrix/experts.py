@@ -124,6 +124,73 @@ def _shift(x: torch.Tensor, pixels: int, gen: torch.Generator) -> torch.Tensor:
                         for i, (dy, dx) in enumerate(offsets.tolist())])
 
 
+def _trainable_copy(probe: Probe, recipe: Recipe) -> tuple[nn.Module, list[nn.Module]]:
+    """A copy of the probe's backbone with gradients on only in the blocks the recipe trains
+    (all of them, or the last ``train_last``); returns the copy and those blocks."""
+    backbone = copy.deepcopy(probe.backbone)
+    units = blocks(backbone)
+    trained = units if recipe.train_last is None else units[-recipe.train_last :]
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    for _, m in trained:
+        for p in m.parameters():
+            p.requires_grad_(True)
+    return backbone, [m for _, m in trained]
+
+
+def _optimizer(params: list[torch.Tensor], recipe: Recipe, n_images: int
+               ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The recipe's optimizer, with a cosine learning rate decaying to 0 over all its steps."""
+    if recipe.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=recipe.lr, momentum=0.9, weight_decay=recipe.weight_decay)
+    steps = recipe.epochs * -(-n_images // recipe.batch_size)
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+
+
+def _set_train_modes(backbone: nn.Module, trained: list[nn.Module]) -> None:
+    """Train mode only in the trained blocks, and there BatchNorm keeps the probe's running
+    statistics (eval mode) while its affine parameters train."""
+    backbone.eval()
+    for m in trained:
+        m.train()
+        for sub in m.modules():
+            if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                sub.eval()
+
+
+def _train_epoch(backbone: nn.Module, head: nn.Linear, images: torch.Tensor,
+                 labels: torch.Tensor, opt: torch.optim.Optimizer,
+                 sched: torch.optim.lr_scheduler.LRScheduler, recipe: Recipe,
+                 gen: torch.Generator) -> float:
+    """One shuffled pass over the shifted images, a step per batch; returns the mean loss."""
+    order = torch.randperm(len(labels), generator=gen)
+    total = 0.0
+    for start in range(0, len(order), recipe.batch_size):
+        idx = order[start : start + recipe.batch_size]
+        x = _shift(images[idx], recipe.shift, gen)
+        loss = F.cross_entropy(head(backbone(x)), labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += float(loss.detach()) * len(idx)
+    return total / len(labels)
+
+
+def _freeze_and_score(backbone: nn.Module, head: nn.Linear, images: torch.Tensor,
+                      labels: torch.Tensor) -> float:
+    """Put the trained expert in eval mode with gradients off; returns its training error."""
+    backbone.eval()
+    head.eval()
+    for p in [*backbone.parameters(), *head.parameters()]:
+        p.requires_grad_(False)
+    with torch.no_grad():
+        feats = extract_features(backbone, images)
+        return float((head(feats).argmax(1) != labels).float().mean())
+
+
 def finetune(
     probe: Probe,
     images: torch.Tensor,
@@ -149,59 +216,19 @@ def finetune(
         raise ValueError(f"{name}: need as many labels as images, got {len(images)} and {len(labels)}")
     torch.manual_seed(recipe.seed)
     gen = torch.Generator().manual_seed(recipe.seed)
-    backbone = copy.deepcopy(probe.backbone)
-    units = blocks(backbone)
-    trained = units if recipe.train_last is None else units[-recipe.train_last :]
-    trained_ids = {id(m) for _, m in trained}
-    for p in backbone.parameters():
-        p.requires_grad_(False)
-    for _, m in trained:
-        for p in m.parameters():
-            p.requires_grad_(True)
+    backbone, trained = _trainable_copy(probe, recipe)
     head = nn.Linear(probe.feature_dim, n_classes)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     params = [p for p in backbone.parameters() if p.requires_grad] + list(head.parameters())
-    if recipe.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=recipe.lr, momentum=0.9, weight_decay=recipe.weight_decay)
-    steps = recipe.epochs * -(-len(labels) // recipe.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-
-    def set_modes() -> None:
-        backbone.eval()
-        for _, m in units:
-            if id(m) in trained_ids:
-                m.train()
-                for sub in m.modules():
-                    if isinstance(sub, nn.modules.batchnorm._BatchNorm):
-                        sub.eval()
-
+    opt, sched = _optimizer(params, recipe, len(labels))
     losses: list[float] = []
     bar = tqdm(range(recipe.epochs), disable=not progress, desc=f"finetune {name}", unit="epoch")
     for _ in bar:
-        set_modes()
-        order = torch.randperm(len(labels), generator=gen)
-        total = 0.0
-        for start in range(0, len(order), recipe.batch_size):
-            idx = order[start : start + recipe.batch_size]
-            x = _shift(images[idx], recipe.shift, gen)
-            loss = F.cross_entropy(head(backbone(x)), labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-        losses.append(total / len(labels))
+        _set_train_modes(backbone, trained)
+        losses.append(_train_epoch(backbone, head, images, labels, opt, sched, recipe, gen))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    backbone.eval()
-    head.eval()
-    for p in [*backbone.parameters(), *head.parameters()]:
-        p.requires_grad_(False)
-    with torch.no_grad():
-        feats = extract_features(backbone, images)
-        train_error = float((head(feats).argmax(1) != labels).float().mean())
+    train_error = _freeze_and_score(backbone, head, images, labels)
     seconds = time.perf_counter() - started
     log.info("%s: %d images, %d epochs, final loss %.3f, train error %.3f, %.1fs", name,
              len(labels), recipe.epochs, losses[-1] if losses else float("nan"), train_error,

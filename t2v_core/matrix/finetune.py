@@ -319,23 +319,54 @@ def fit_heads(
         raise ValueError(f"problems must share a feature dimension, got {sorted(dims)}")
     device = torch.device(device or "cpu")
     start = time.perf_counter()
-    n_p, n_k = len(problems), len(configs)
-    means = [p.x_train.float().mean(0) for p in problems]
-    stds = [p.x_train.float().std(0, unbiased=False).clamp_min(1e-6) for p in problems]
     n_classes = [p.n_classes for p in problems]
     c_max = max(n_classes)
     class_mask = torch.tensor([[c < n for c in range(c_max)] for n in n_classes], device=device)
+    train, val, test = _standardised_splits(problems, dims.pop(), device)
+    params = _init_heads(train.x.shape[2], n_classes, c_max, len(configs), recipe, device)
+    first_bad, bad_loss = _train_heads(params, train, class_mask, configs, recipe)
+    with torch.no_grad():
+        tr_loss, tr_err = _loss_and_error(params, train, class_mask)
+        va_loss, va_err = _loss_and_error(params, val, class_mask)
+        _, te_err = _loss_and_error(params, test, class_mask)
+        # A head whose final parameters give a non-finite loss diverged too.
+        late = (first_bad < 0) & ~torch.isfinite(tr_loss)
+        first_bad = torch.where(late, recipe.epochs, first_bad)
+        bad_loss = torch.where(late, tr_loss, bad_loss)
+    seconds = (time.perf_counter() - start) / (len(problems) * len(configs))
+    final = [t.cpu().numpy() for t in (tr_loss, tr_err, va_loss, va_err, te_err, first_bad, bad_loss)]
+    return _head_results(problems, configs, recipe, final, seconds)
+
+
+def _has_val(problem: ProbeProblem) -> bool:
+    return problem.x_val is not None and len(problem.x_val) > 0
+
+
+def _standardised_splits(problems: Sequence[ProbeProblem], dim: int, device
+                         ) -> tuple[_Split, _Split, _Split]:
+    """The train, validation and test splits of every problem, standardised with the problem's
+    training mean and std; a problem without validation data gets an empty validation split."""
+    means = [p.x_train.float().mean(0) for p in problems]
+    stds = [p.x_train.float().std(0, unbiased=False).clamp_min(1e-6) for p in problems]
     train = _Split.build([p.x_train for p in problems], [p.y_train for p in problems], means, stds, device)
-    has_val = [p.x_val is not None and len(p.x_val) > 0 for p in problems]
-    empty = torch.zeros(0, dims.pop())
+    has_val = [_has_val(p) for p in problems]
+    empty = torch.zeros(0, dim)
     val = _Split.build(
         [p.x_val if v else empty for p, v in zip(problems, has_val, strict=True)],
         [p.y_val if v else torch.zeros(0, dtype=torch.long) for p, v in zip(problems, has_val, strict=True)],
         means, stds, device,
     )
     test = _Split.build([p.x_test for p in problems], [p.y_test for p in problems], means, stds, device)
+    return train, val, test
 
-    params = _init_heads(train.x.shape[2], n_classes, c_max, n_k, recipe, device)
+
+def _train_heads(params: list[torch.Tensor], train: _Split, class_mask: torch.Tensor,
+                 configs: Sequence[HeadConfig], recipe: ProbeRecipe
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``recipe.epochs`` full-batch Adam steps of every head in place. A head is frozen from the
+    step its loss diverges; returns that step per head (P×K, -1: never) and the loss it had."""
+    device = train.x.device
+    n_p, n_k = len(train.counts), len(configs)
     state = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
     lr = torch.tensor([c.lr for c in configs], dtype=torch.float32, device=device)
     wd = torch.tensor([c.weight_decay for c in configs], dtype=torch.float32, device=device)
@@ -359,22 +390,19 @@ def fit_heads(
             for p in params:
                 p.requires_grad_(False)
             _batched_adam_step(params, grads, state, lr, wd, active, epoch)
+    return first_bad, bad_loss
 
-    with torch.no_grad():
-        tr_loss, tr_err = _loss_and_error(params, train, class_mask)
-        va_loss, va_err = _loss_and_error(params, val, class_mask)
-        _, te_err = _loss_and_error(params, test, class_mask)
-        # A head whose final parameters give a non-finite loss diverged too.
-        late = (first_bad < 0) & ~torch.isfinite(tr_loss)
-        first_bad = torch.where(late, recipe.epochs, first_bad)
-        bad_loss = torch.where(late, tr_loss, bad_loss)
-    seconds = (time.perf_counter() - start) / (n_p * n_k)
-    cpu = [t.cpu().numpy() for t in (tr_loss, tr_err, va_loss, va_err, te_err, first_bad, bad_loss)]
-    tr_loss, tr_err, va_loss, va_err, te_err, first_bad, bad_loss = cpu
+
+def _head_results(problems: Sequence[ProbeProblem], configs: Sequence[HeadConfig],
+                  recipe: ProbeRecipe, final: list[np.ndarray], seconds: float
+                  ) -> list[list[TrainResult]]:
+    """``results[p][k]`` from the final P×K metrics (train loss and error, validation loss and
+    error, test error, divergence step and loss): failed with the reason where a head diverged."""
+    tr_loss, tr_err, va_loss, va_err, te_err, first_bad, bad_loss = final
     results: list[list[TrainResult]] = []
     for i, prob in enumerate(problems):
         row = []
-        n_val = len(prob.y_val) if has_val[i] else 0
+        n_val = len(prob.y_val) if _has_val(prob) else 0
         for k, cfg in enumerate(configs):
             common = dict(seconds=seconds, n_train=len(prob.y_train), n_val=n_val,
                           n_test=len(prob.y_test), config={**cfg.to_dict(), **recipe.to_dict()})
@@ -474,6 +502,46 @@ def _warm_head(features: torch.Tensor, y: torch.Tensor, n_classes: int, recipe: 
     return head
 
 
+def _warm_started(net: nn.Module, problem: ImageProblem, recipe: FinetuneRecipe,
+                  weight_decay: float, device) -> nn.Sequential:
+    """``net`` followed by a linear head already fitted on its frozen features, so fine-tuning
+    starts from a sensible classifier instead of pulling the features towards a random one."""
+    x, y = problem.x_train, problem.y_train.long()
+    net.eval()
+    with torch.no_grad():
+        feats = torch.cat([net(x[i : i + 256].to(device)).flatten(1) for i in range(0, len(x), 256)])
+    with torch.enable_grad():
+        head = _warm_head(feats, y.to(device), problem.n_classes, recipe, weight_decay)
+    return nn.Sequential(net, nn.Flatten(1), head)
+
+
+def _sgd_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               gen: torch.Generator, recipe: FinetuneRecipe, device, epoch: int,
+               init_loss: float | None) -> tuple[float, float]:
+    """One shuffled pass over the training split; returns the mean training loss and the first
+    batch's loss of the whole run (the yardstick for divergence). Raises :class:`_Diverged`
+    when a batch loss is non-finite or ``explode_factor`` times that first loss."""
+    model.train()
+    order = torch.randperm(len(x), generator=gen)
+    total, seen = 0.0, 0
+    for i in range(0, len(x), recipe.batch_size):
+        idx = order[i : i + recipe.batch_size]
+        if len(idx) < 2 and seen:  # BatchNorm cannot train on a batch of one
+            continue
+        xb, yb = x[idx].to(device), y[idx].to(device)
+        loss = F.cross_entropy(model(xb), yb)
+        value = float(loss.detach())
+        init_loss = value if init_loss is None else init_loss
+        if not math.isfinite(value) or value > recipe.explode_factor * max(init_loss, 1e-3):
+            raise _Diverged(f"diverged: loss {value:.4g} at epoch {epoch}")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total += value * len(idx)
+        seen += len(idx)
+    return total / max(1, seen), init_loss
+
+
 def fit_network(
     backbone: nn.Module,
     problem: ImageProblem,
@@ -510,39 +578,20 @@ def fit_network(
         return FitOutcome(None, res, history)
 
     try:
-        net.eval()
-        with torch.no_grad():
-            feats = torch.cat([net(x[i : i + 256].to(device)).flatten(1) for i in range(0, len(x), 256)])
-        with torch.enable_grad():
-            head = _warm_head(feats, y.to(device), problem.n_classes, recipe, config.weight_decay)
+        model = _warm_started(net, problem, recipe, config.weight_decay, device)
     except _Diverged as exc:
         return failed(str(exc), 0)
-    model = nn.Sequential(net, nn.Flatten(1), head)
     opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=recipe.momentum,
                           weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, recipe.milestones(), gamma=recipe.gamma)
     init_loss = None
     for epoch in range(1, recipe.epochs + 1):
-        model.train()
-        order = torch.randperm(len(x), generator=gen)
-        total, seen = 0.0, 0
-        for i in range(0, len(x), recipe.batch_size):
-            idx = order[i : i + recipe.batch_size]
-            if len(idx) < 2 and seen:  # BatchNorm cannot train on a batch of one
-                continue
-            xb, yb = x[idx].to(device), y[idx].to(device)
-            loss = F.cross_entropy(model(xb), yb)
-            value = float(loss.detach())
-            init_loss = value if init_loss is None else init_loss
-            if not math.isfinite(value) or value > recipe.explode_factor * max(init_loss, 1e-3):
-                return failed(f"diverged: loss {value:.4g} at epoch {epoch}", epoch)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += value * len(idx)
-            seen += len(idx)
+        try:
+            train_loss, init_loss = _sgd_epoch(model, opt, x, y, gen, recipe, device, epoch, init_loss)
+        except _Diverged as exc:
+            return failed(str(exc), epoch)
         sched.step()
-        metrics = {"epoch": epoch, "train_loss": total / max(1, seen)}
+        metrics = {"epoch": epoch, "train_loss": train_loss}
         if has_val:
             metrics["val_loss"], metrics["val_error"] = _evaluate(model, problem.x_val, problem.y_val, device)
         history.append(metrics)

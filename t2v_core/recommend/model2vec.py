@@ -345,95 +345,136 @@ class Model2Vec(BaseEstimator):
         whose gradients are accumulated, so the optimisation does not depend on memory limits.
         """
         device = self._device()
-        n_experts, dim = self.sources_.shape
-        t_all, q_all, obs_all = t_all.to(device), q_all.to(device), obs_all.to(device)
+        data = (t_all.to(device), q_all.to(device), obs_all.to(device))
         tr = torch.as_tensor(train_idx, dtype=torch.long)
         va = torch.as_tensor(val_idx, dtype=torch.long)
-        tau0 = self._initial_tau(t_all[tr.to(device)])
+        params = self._initial_params(self._initial_tau(data[0][tr.to(device)]), device)
+        gen = torch.Generator().manual_seed(int(self.random_state))
+        batch = max(1, min(self.batch_size or tr.numel(), tr.numel()))
+        epochs = self._shuffled_minibatches(tr, batch, gen)
+        self.history_: list[dict[str, float]] = []
+        best = (math.inf, 0, self._snapshot(params))
+        for phase in self._phases(params):
+            best = self._run_phase(phase, best, params, data, epochs, va)
+        self._keep_best(best, tr.numel(), va.numel())
+
+    def _initial_params(self, tau0: float, device: torch.device) -> dict[str, torch.Tensor]:
+        """The model's tensors at the start of training: offsets δ = 0 (m_i = F_i + ε), τ = τ0,
+        γ = ``gamma`` and, when it is learnt, α = ``alpha``; ``init_log_m`` is fixed."""
         params = {
             "init_log_m": self._init_log_m.to(device),
             "delta": torch.zeros_like(self._init_log_m, device=device, requires_grad=True),
             "log_tau": torch.tensor(math.log(tau0), device=device, requires_grad=True),
             "log_gamma": torch.tensor(math.log(self.gamma), device=device, requires_grad=True),
         }
+        if self.learn_alpha:
+            params["alpha"] = torch.tensor(float(self.alpha), device=device, requires_grad=True)
+        return params
+
+    def _trainable(self, params: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The tensors Adam may move: the offsets and whichever scalars are learnt."""
         trainable = [params["delta"]]
         if self.learn_tau:
             trainable.append(params["log_tau"])
         if self.learn_gamma:
             trainable.append(params["log_gamma"])
-        if self.learn_alpha:
-            params["alpha"] = torch.tensor(float(self.alpha), device=device, requires_grad=True)
+        if "alpha" in params:
             trainable.append(params["alpha"])
-        gen = torch.Generator().manual_seed(int(self.random_state))
-        batch = max(1, min(self.batch_size or tr.numel(), tr.numel()))
-        rows = self._chunk_rows(n_experts, dim)
+        return trainable
 
-        def block_losses(idx: torch.Tensor, grad: bool, scale: float) -> float:
-            total = 0.0
-            for block in idx.split(rows):
-                b = block.to(device)
-                with torch.set_grad_enabled(grad):
-                    loss = self._loss(params, t_all[b], q_all[b], obs_all[b])
-                if grad:
-                    (loss * scale).backward()
-                total += loss.item()
-            return total
+    def _phases(self, params: dict[str, torch.Tensor]) -> list[tuple]:
+        """(name, tensors, lr, min_delta, max_epochs) of each training phase, in order.
 
-        def snapshot() -> dict[str, torch.Tensor]:
-            return {k: v.detach().cpu().clone() for k, v in params.items() if k != "init_log_m"}
-
-        def run_phase(name: str, group: list[torch.Tensor], lr: float, min_delta: float,
-                      max_epochs: int, best: tuple) -> tuple:
-            """Adam on ``group`` until the validation loss stops improving on ``best`` (loss,
-            epoch, state); returns the best state, which the parameters are left at."""
-            opt = torch.optim.Adam(group, lr=lr)
-            with_offsets = any(t is params["delta"] for t in group)
-            first_epoch = len(self.history_)
-            best = (best[0], first_epoch, best[2])
-            for epoch in range(first_epoch, first_epoch + max_epochs):
-                perm = tr[torch.randperm(tr.numel(), generator=gen)]
-                running = 0.0
-                for minibatch in perm.split(batch):
-                    for t in trainable:
-                        t.grad = None
-                    running += block_losses(minibatch, True, 1.0 / minibatch.numel())
-                    if with_offsets:
-                        (self.l2 * params["delta"].pow(2).mean()).backward()
-                    opt.step()
-                train_loss = running / tr.numel()
-                monitor = block_losses(va, False, 1.0) / va.numel() if va.numel() else train_loss
-                self.history_.append({"epoch": epoch, "phase": name, "train_loss": train_loss,
-                                      "val_loss": monitor})
-                if monitor < best[0] - min_delta:
-                    best = (monitor, epoch, snapshot())
-                elif epoch - best[1] >= self.patience:
-                    break
-            with torch.no_grad():  # continue from the best state, not the last
-                for key, value in best[2].items():
-                    params[key].copy_(value.to(device))
-            return best
-
-        # The global scalars (τ, γ, α) first: a handful of numbers cannot overfit the training
-        # tasks, whereas the per-filter offsets start to overfit within a few epochs and early
-        # stopping would then freeze the scalars wherever they happened to be. The scalars take
-        # larger steps, for at most _SCALAR_EPOCHS epochs, and stop once the loss gains less
-        # than 1e-4 per ``patience`` epochs; the offsets then start from the scalars' best
-        # state and keep it unless they improve on its validation loss.
-        self.history_: list[dict[str, float]] = []
+        The global scalars (τ, γ, α) first: a handful of numbers cannot overfit the training
+        tasks, whereas the per-filter offsets start to overfit within a few epochs and early
+        stopping would then freeze the scalars wherever they happened to be. The scalars take
+        larger steps, for at most _SCALAR_EPOCHS epochs, and stop once the loss gains less
+        than 1e-4 per ``patience`` epochs; the offsets then start from the scalars' best
+        state and keep it unless they improve on its validation loss.
+        """
+        trainable = self._trainable(params)
         scalars = [t for t in trainable if t is not params["delta"]]
         epochs = int(self.max_epochs)
         phases = [("offsets", trainable, self.lr, 1e-7, epochs)]
         if scalars:
             phases.insert(0, ("scalars", scalars, 4 * self.lr, 1e-4, min(epochs, _SCALAR_EPOCHS)))
-        best = (math.inf, 0, snapshot())
-        for name, group, lr, min_delta, n_epochs in phases:
-            best = run_phase(name, group, lr, min_delta, n_epochs, best)
+        return phases
+
+    @staticmethod
+    def _shuffled_minibatches(train: torch.Tensor, batch: int, gen: torch.Generator):
+        """Each epoch's minibatches of training tasks, shuffled by ``gen`` when the epoch starts."""
+        while True:
+            yield train[torch.randperm(train.numel(), generator=gen)].split(batch)
+
+    @staticmethod
+    def _snapshot(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A detached CPU copy of the learnt tensors, to return to the best state later."""
+        return {k: v.detach().cpu().clone() for k, v in params.items() if k != "init_log_m"}
+
+    def _run_phase(self, phase: tuple, best: tuple, params: dict[str, torch.Tensor],
+                   data: tuple[torch.Tensor, ...], epochs, val: torch.Tensor) -> tuple:
+        """Adam on the phase's tensors until the validation loss stops improving on ``best``
+        (loss, epoch, state); returns the best state, which the parameters are left at."""
+        name, group, lr, min_delta, max_epochs = phase
+        opt = torch.optim.Adam(group, lr=lr)
+        with_offsets = any(t is params["delta"] for t in group)
+        first_epoch = len(self.history_)
+        best = (best[0], first_epoch, best[2])
+        for epoch in range(first_epoch, first_epoch + max_epochs):
+            train_loss = self._train_epoch(opt, params, data, next(epochs), with_offsets)
+            monitor = (self._block_losses(params, data, val, False, 1.0) / val.numel()
+                       if val.numel() else train_loss)
+            self.history_.append({"epoch": epoch, "phase": name, "train_loss": train_loss,
+                                  "val_loss": monitor})
+            if monitor < best[0] - min_delta:
+                best = (monitor, epoch, self._snapshot(params))
+            elif epoch - best[1] >= self.patience:
+                break
+        with torch.no_grad():  # continue from the best state, not the last
+            for key, value in best[2].items():
+                params[key].copy_(value.to(self._device()))
+        return best
+
+    def _train_epoch(self, opt: torch.optim.Optimizer, params: dict[str, torch.Tensor],
+                     data: tuple[torch.Tensor, ...], minibatches, with_offsets: bool) -> float:
+        """One Adam step per minibatch, with the L2 pull of the offsets towards their source
+        tasks while the offsets train; returns the epoch's mean training loss."""
+        trainable = self._trainable(params)
+        running, seen = 0.0, 0
+        for minibatch in minibatches:
+            for t in trainable:
+                t.grad = None
+            running += self._block_losses(params, data, minibatch, True, 1.0 / minibatch.numel())
+            if with_offsets:
+                (self.l2 * params["delta"].pow(2).mean()).backward()
+            opt.step()
+            seen += minibatch.numel()
+        return running / seen
+
+    def _block_losses(self, params: dict[str, torch.Tensor], data: tuple[torch.Tensor, ...],
+                      idx: torch.Tensor, grad: bool, scale: float) -> float:
+        """Summed loss over the tasks ``idx``, in blocks that bound memory; with ``grad`` each
+        block's gradient, times ``scale``, accumulates into the parameters."""
+        device = self._device()
+        tasks, targets, observed = data
+        total = 0.0
+        for block in idx.split(self._chunk_rows(*self.sources_.shape)):
+            b = block.to(device)
+            with torch.set_grad_enabled(grad):
+                loss = self._loss(params, tasks[b], targets[b], observed[b])
+            if grad:
+                (loss * scale).backward()
+            total += loss.item()
+        return total
+
+    def _keep_best(self, best: tuple, n_train: int, n_val: int) -> None:
+        """Store the best (loss, epoch, state) as the fitted model."""
         _, self.best_epoch_, state = best
         log.info(
             "model2vec fit: %d train / %d val tasks, %d experts, best epoch %d (loss %.4f)",
-            tr.numel(),
-            va.numel(),
-            n_experts,
+            n_train,
+            n_val,
+            self.sources_.shape[0],
             self.best_epoch_,
             best[0],
         )

@@ -263,7 +263,34 @@ def scan_task(
     else:
         scanned = _scan_parquet(fs, path, task_id)
     train_counts, test_counts, classes_seen, problems, content_hash = scanned
+    classes = _trainable_classes(task_id, classes_seen, train_counts, test_counts, problems)
+    n_train = sum(train_counts[c] for c in classes)
+    n_test = sum(test_counts.get(c, 0) for c in classes)
+    if n_test == 0:
+        raise TaskRejectedError(task_id, "test split has no valid image of a known class", problems)
+    try:
+        spec = TaskSpec(
+            task_id=task_id,
+            family=_family(fs, path, task_id, family_from),
+            data_uri=data_uri,
+            format=fmt,
+            classes=classes,
+            n_train=n_train,
+            n_test=n_test,
+            content_hash=content_hash,
+        )
+    except ValueError as exc:  # a class name that is not a plain name
+        raise TaskRejectedError(task_id, str(exc), problems) from exc
+    for p in problems:
+        log.warning("%s: %s", task_id, p.message)
+    return spec, problems
 
+
+def _trainable_classes(task_id: str, classes_seen: Sequence[str], train_counts: dict[str, int],
+                       test_counts: dict[str, int], problems: list[Problem]) -> tuple[str, ...]:
+    """The classes with training images, in the order seen. A class without any, and test
+    images of a class that is not kept, are reported in ``problems`` rather than failing the
+    task; fewer than two kept classes leave nothing to classify and reject it."""
     classes = tuple(c for c in classes_seen if train_counts.get(c, 0) > 0)
     for c in classes_seen:
         if c not in classes:
@@ -288,26 +315,7 @@ def scan_task(
             f"needs at least 2 classes with training images, found {len(classes)} {list(classes)}",
             problems,
         )
-    n_train = sum(train_counts[c] for c in classes)
-    n_test = sum(test_counts.get(c, 0) for c in classes)
-    if n_test == 0:
-        raise TaskRejectedError(task_id, "test split has no valid image of a known class", problems)
-    try:
-        spec = TaskSpec(
-            task_id=task_id,
-            family=_family(fs, path, task_id, family_from),
-            data_uri=data_uri,
-            format=fmt,
-            classes=classes,
-            n_train=n_train,
-            n_test=n_test,
-            content_hash=content_hash,
-        )
-    except ValueError as exc:  # a class name that is not a plain name
-        raise TaskRejectedError(task_id, str(exc), problems) from exc
-    for p in problems:
-        log.warning("%s: %s", task_id, p.message)
-    return spec, problems
+    return classes
 
 
 def _scan_imagefolder(fs, path: str, task_id: str):
