@@ -181,7 +181,7 @@ def test_feature_cache_computes_once_per_key(tmp_path, image_folder):
     task_dir = image_folder(tmp_path / "tasks", "t1", {"a": 3, "b": 3}, {"a": 2, "b": 2}, size=8)
     root = StorageRoot(tmp_path / "root")
     cache = FeatureCache(root)
-    expert = ExpertSpec("e/1", "small_cnn", "unused", None, "w1")
+    expert = ExpertSpec("e=1", "small_cnn", "unused", None, "w1")
     loads = []
 
     def factory():
@@ -196,7 +196,7 @@ def test_feature_cache_computes_once_per_key(tmp_path, image_folder):
     assert first.features.shape == (6, 32) and first.labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert second.probe_id == "small_cnn-random0"
     key = FeatureKey.for_cell(expert, task, "train", 8)
-    assert key.rel.startswith("features/expert=e%2F1/task=t1/w1-hash-a-train-s8")
+    assert key.rel.startswith("features/expert=e%3D1/task=t1/w1-hash-a-train-s8")
     # Another task content hash, size or split is another entry.
     cell_features(cache, factory, expert, _task(task_dir, "hash-b"), "train", 8)
     cell_features(cache, factory, expert, task, "test", 8)
