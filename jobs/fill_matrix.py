@@ -45,7 +45,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from jobs._cli import add_tracking_args, record_stage, setup_logging
 from jobs._ray_util import init_ray, worker_runtime_env
 from t2v_core.matrix import cells
-from t2v_core.matrix.finetune import SearchSpace
+from t2v_core.matrix.finetune import HeadConfig, SearchSpace
 from t2v_core.matrix.rows import missing_cells, written
 from t2v_core.storage import StorageRoot, redact_uri
 from t2v_core.zoo.manifest import ExpertSpec, TaskSpec, read_experts, read_tasks, select_specs
@@ -222,7 +222,8 @@ class _Job:
 # -- the Tune trial (a worker) and the row writer (the driver) -------------------------------
 def run_trial(trial: dict) -> None:
     """The Tune trainable: one unit of cells; reports the cells' outcomes as JSON."""
-    fill, unit = trial["fill"], trial["unit"]
+    fill = cells.FillConfig.from_dict(trial["fill"])
+    unit = cells.CellUnit.from_dict(trial["unit"])
     torch.set_num_threads(trial["threads"])
     if written(fill.storage(), unit.tasks, unit.expert, fill.mode, fill.max_per_class):
         # A restored experiment whose state predates this trial's completion (the driver
@@ -230,7 +231,8 @@ def run_trial(trial: dict) -> None:
         tune.report({"cells_json": "[]", "n_cells": 0, "skipped": 1, "done": True})
         return
     on_epoch = _report_epoch if fill.mode == "finetune" else None
-    out = cells.train_unit(fill, unit, trial["configs"], on_epoch)
+    configs = [HeadConfig(**c) for c in trial["configs"]]
+    out = cells.train_unit(fill, unit, configs, on_epoch)
     ok = [o.result for o in out.outcomes if o.result.ok]
     tune.report({
         "cells_json": json.dumps([o.to_dict() for o in out.outcomes]),
@@ -290,7 +292,7 @@ class MatrixWriter(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         result = trial.last_result or {}
         if result.get("skipped"):  # its rows were in the matrix already
-            self.rows.mark(trial.config["unit"].keys())
+            self.rows.mark(cells.CellUnit.from_dict(trial.config["unit"]).keys())
         else:
             self.rows.add(cells.CellOutcome.from_dict(d)
                           for d in json.loads(result.get("cells_json") or "[]"))
@@ -359,9 +361,12 @@ def _tuner(job: _Job, name: str, grid: cells.TrialGrid | None) -> tune.Tuner:
     writer = MatrixWriter(job.fill, grid, progress=not c.no_progress, retry_failed=c.retry_failed)
     return tune.Tuner(
         trainable,
-        param_space={"unit": tune.grid_search(list(grid.units)),
-                     "configs": tune.grid_search(list(grid.config_lists)),
-                     "fill": job.fill, "threads": max(1, int(c.cpus_per_trial))},
+        # Plain values only: Tune restores an experiment's objects of other types as
+        # placeholders that resolve in the process that created them, not in a later one.
+        param_space={"unit": tune.grid_search([u.to_dict() for u in grid.units]),
+                     "configs": tune.grid_search([[h.to_dict() for h in hps]
+                                                  for hps in grid.config_lists]),
+                     "fill": job.fill.to_dict(), "threads": max(1, int(c.cpus_per_trial))},
         tune_config=tune.TuneConfig(
             num_samples=1, max_concurrent_trials=c.max_concurrent_trials, reuse_actors=True,
             trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),

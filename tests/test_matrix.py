@@ -249,6 +249,11 @@ def test_plan_trials_groups_cells_by_expert_at_the_architecture_size(tmp_path):
     assert [u.image_size for u in trial.units] == [16] * 4
     assert [list(c) for c in trial.config_lists] == [[c] for c in fill.configs()]
     assert set(trial.expected.values()) == {3} and trial.n_trials == 12
+    # what a Tune trial receives: plain values, the same settings and cells once rebuilt
+    for settings in (fill, FillConfig(root=str(tmp_path), recipe=FinetuneRecipe(epochs=2))):
+        assert FillConfig.from_dict(json.loads(json.dumps(settings.to_dict()))) == settings
+    assert [CellUnit.from_dict(json.loads(json.dumps(u.to_dict()))) for u in trial.units] == list(
+        trial.units)
 
 
 def _outcome(val_error, test_error, lr, *, diverged=0, status="ok", task="t1") -> CellOutcome:
@@ -430,7 +435,12 @@ def test_interrupted_run_resumes_without_recomputing(zoo_files, ray_local, tmp_p
         shutil.rmtree(trial_dir)
 
     caplog.set_level(logging.INFO, logger="jobs.fill_matrix")
-    assert main(args) == 0
+    tune_results = logging.getLogger("ray.tune.analysis.experiment_analysis")  # Ray: no propagation
+    tune_results.addHandler(caplog.handler)
+    try:
+        assert main(args) == 0
+    finally:
+        tune_results.removeHandler(caplog.handler)
     assert f"{len(before)} of this experiment's 18 cells are written already" in caplog.text
     assert "Failed to fetch metrics" not in caplog.text
     summary = json.loads(summary_path.read_text())

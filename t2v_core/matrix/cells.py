@@ -9,10 +9,13 @@ Tune job, notebooks and benchmarks:
 * :func:`train_unit` trains every configuration of every cell of one unit and keeps, per
   cell, the configuration with the best validation error (:class:`CellOutcome`);
 * :func:`combine` turns the outcomes of one cell (one per unit that trained it) into its
-  :class:`~t2v_core.matrix.rows.MatrixRow`, recording the recipe that produced it.
+  :class:`~t2v_core.matrix.rows.MatrixRow`, recording the recipe that produced it;
+  :class:`CellWriter` writes each cell's row once all its units have reported, and
+  :func:`tally` says how the requested cells stand afterwards.
 
 :class:`FillConfig` holds what every cell of a run shares: the storage root, the recipe, the
-data settings and the searched configurations.
+data settings and the searched configurations. It, :class:`CellUnit` and
+:class:`CellOutcome` turn into plain values and back, to cross process boundaries.
 """
 
 from __future__ import annotations
@@ -111,6 +114,17 @@ class FillConfig:
         return {"lr": list(self.search.lr), "weight_decay": list(self.search.weight_decay),
                 "num_samples": self.num_samples, "seed": self.seed}
 
+    def to_dict(self) -> dict:
+        """Plain values, e.g. for a Ray Tune experiment, which restores only those."""
+        return {**asdict(self), "recipe": self.recipe.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FillConfig:
+        recipe = {k: v for k, v in data["recipe"].items() if k not in ("mode", "version")}
+        kind = ProbeRecipe if data["recipe"]["mode"] == "probe" else FinetuneRecipe
+        search = SearchSpace(**{k: tuple(v) for k, v in data["search"].items()})
+        return cls(**{**data, "recipe": kind(**recipe), "search": search})
+
     def record(self) -> dict:
         """Everything but the root, as JSON-ready values: what makes two runs the same run."""
         return {"mode": self.mode, "recipe": self.recipe.to_dict(), "data": self.data_record(),
@@ -138,6 +152,16 @@ class CellUnit:
 
     def keys(self) -> list[CellKey]:
         return [cell_key(t, self.expert) for t in self.tasks]
+
+    def to_dict(self) -> dict:
+        """Plain values, e.g. for a Ray Tune experiment, which restores only those."""
+        return {"expert": asdict(self.expert), "tasks": [asdict(t) for t in self.tasks],
+                "image_size": self.image_size}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CellUnit:
+        return cls(ExpertSpec(**data["expert"]), tuple(TaskSpec(**t) for t in data["tasks"]),
+                   int(data["image_size"]))
 
 
 @dataclass(frozen=True)
