@@ -212,7 +212,7 @@ class _Job:
     tasks: list[TaskSpec]
     experts: list[ExpertSpec]
     requested: list[cells.Cell]
-    base: str  # experiment name, or its stem when cells are planned afresh
+    base: str  # stem of the experiment names: --name, or a digest of selection and settings
 
     @property
     def pointer(self) -> str:
