@@ -4,8 +4,9 @@ Measured here, on a synthetic zoo of PNG tasks:
 
 * seconds per cell in probe mode with a cold and a warm feature cache;
 * trials per second through Ray Tune against a plain loop over the same work
-  (``jobs.fill_matrix`` end to end, one (cell, configuration) per trial), and cells per
-  second of the batched layout (one trial per expert and many cells);
+  (``jobs.fill_matrix`` end to end, one (cell, configuration) per trial; the loop calls
+  :mod:`t2v_core.matrix.cells` directly), and cells per second of the batched layout (one
+  trial per expert and many cells);
 * many probe heads trained as one batched program against one at a time;
 * the CPU cost of a ResNet-34 forward pass at 224 px,
 
@@ -34,6 +35,9 @@ import torch
 from PIL import Image
 
 from benchmarks.common import report, timed
+from t2v_core.matrix.cells import CellUnit, FillConfig, combine, train_unit
+from t2v_core.matrix.finetune import ProbeRecipe
+from t2v_core.matrix.rows import write_rows
 
 log = logging.getLogger("benchmarks.matrix_cost")
 
@@ -83,53 +87,28 @@ def fresh_root(src: Path, base: Path, with_features: bool) -> Path:
     return dst
 
 
-def job_args(root: Path, size: int, samples: int, extra: list[str]) -> list[str]:
-    return ["--root", str(root), "--image-size", str(size), "--num-samples", str(samples),
-            "--epochs", "200", "--no-progress", *extra]
-
-
-def _configs(samples: int):
-    from t2v_core.matrix.finetune import SearchSpace
-
-    return SearchSpace().sample(samples, 0)
-
-
-def unit_job(root: Path, size: int) -> dict:
-    """The job description :func:`jobs.fill_matrix.fill_unit` reads (as the job builds it)."""
-    from t2v_core import __version__
-    from t2v_core.matrix.finetune import ProbeRecipe
-
-    recipe = ProbeRecipe(epochs=200)
-    return {"root": str(root), "mode": "probe",
-            "recipe": {k: v for k, v in recipe.to_dict().items() if k not in ("mode", "version")},
-            "recipe_full": recipe.to_dict(), "code_version": __version__, "search": {},
-            "data": {"max_per_class": None, "max_test_per_class": None, "val_fraction": 0.2,
-                     "seed": 0, "image_size": size}}
+def fill_config(root: Path, size: int, samples: int) -> FillConfig:
+    """The settings the job's trials train cells with here."""
+    return FillConfig(root=str(root), recipe=ProbeRecipe(epochs=200), num_samples=samples,
+                      image_size=size, layout="trial")
 
 
 def warm_cache(root: Path, size: int, tasks, expert) -> None:
-    from jobs.fill_matrix import _spec_dict, fill_unit
-
-    unit = {"expert": _spec_dict(expert), "tasks": [_spec_dict(t) for t in tasks],
-            "image_size": size}
-    fill_unit(unit_job(root, size), unit, [c.to_dict() for c in _configs(1)])
+    fill = fill_config(root, size, 1)
+    train_unit(fill, CellUnit(expert, tuple(tasks), size), fill.configs())
 
 
 def per_cell_seconds(root: Path, size: int, samples: int, experts, tasks, base: Path) -> list[dict]:
-    """fill_unit on one cell at a time (no Ray): cold cache, then warm cache."""
-    from jobs.fill_matrix import _spec_dict, fill_unit
-
-    configs = [c.to_dict() for c in _configs(samples)]
+    """One cell at a time through the core (no Ray): cold cache, then warm cache."""
     rows = []
     for expert in experts:
-        job = unit_job(fresh_root(root, base, with_features=False), size)
+        fill = fill_config(fresh_root(root, base, with_features=False), size, samples)
+        configs = fill.configs()
         timings = {"cold": [], "warm": []}
         for state in ("cold", "warm"):
             for task in tasks:
-                unit = {"expert": _spec_dict(expert), "tasks": [_spec_dict(task)],
-                        "image_size": size}
-                t, out = timed(fill_unit, job, unit, configs)
-                assert out["cells"][0]["status"] == "ok"
+                t, out = timed(train_unit, fill, CellUnit(expert, (task,), size), configs)
+                assert out.outcomes[0].result.ok
                 timings[state].append(t)
         cold, warm = statistics.median(timings["cold"]), statistics.median(timings["warm"])
         rows.append({"measure": f"probe cell, {expert.arch} @{size}px, {samples} configs",
@@ -139,44 +118,42 @@ def per_cell_seconds(root: Path, size: int, samples: int, experts, tasks, base: 
 
 def tune_vs_loop(root: Path, size: int, samples: int, tasks, expert, base: Path) -> list[dict]:
     """The same (cell, configuration) trials through jobs.fill_matrix (Ray Tune) and through
-    a plain loop over the job's own unit function; and the batched layout."""
+    a plain loop over the core's unit function; and the batched layout."""
     import ray
 
-    from jobs.fill_matrix import _spec_dict, combine, fill, fill_unit, parse_args
-    from t2v_core.matrix.rows import write_rows
-    from t2v_core.storage import StorageRoot
+    from jobs import fill_matrix
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
              log_to_driver=False)
     try:
         n_trials = len(tasks) * samples
-        sel = ["--experts", expert.expert_id, "--tasks", ",".join(t.task_id for t in tasks)]
+        selection = {"experts": expert.expert_id, "tasks": ",".join(t.task_id for t in tasks)}
         res = {}
-        for label, extra in (
-            ("tune, 1 trial per (cell, config), 1 at a time",
-             ["--layout", "trial", "--max-concurrent-trials", "1"]),
-            ("tune, 1 trial per (cell, config), 2 CPUs", ["--layout", "trial"]),
-            ("tune, batched: 1 trial for all cells", ["--layout", "batched"]),
+        for label, layout in (
+            ("tune, 1 trial per (cell, config), 1 at a time", {"layout": "trial",
+                                                               "max_concurrent_trials": 1}),
+            ("tune, 1 trial per (cell, config), 2 CPUs", {"layout": "trial"}),
+            ("tune, batched: 1 trial for all cells", {"layout": "batched"}),
         ):
-            r = fresh_root(root, base, with_features=True)
-            args = parse_args(job_args(r, size, samples, [*sel, *extra]))
+            config = fill_matrix.Config(
+                root=str(fresh_root(root, base, with_features=True)), image_size=size,
+                num_samples=samples, epochs=200, no_progress=True, tracking=False,
+                **selection, **layout)
             t0 = time.perf_counter()
-            summary = fill(args)
+            summary = fill_matrix.run(config)
             res[label] = (time.perf_counter() - t0, summary)
-            assert summary["cells_ok"] == len(tasks), summary
-            assert summary["feature_misses"] == 0, summary
+            assert summary.cells_ok == len(tasks), summary
+            assert summary.feature_misses == 0, summary
 
         # The plain loop: the same trials, features cached, rows written per cell.
-        r = fresh_root(root, base, with_features=True)
-        configs = [c.to_dict() for c in _configs(samples)]
-        job = unit_job(r, size)
-        storage = StorageRoot(str(r))
+        fill = fill_config(fresh_root(root, base, with_features=True), size, samples)
+        storage = fill.storage()
         torch.set_num_threads(1)
         t0 = time.perf_counter()
         for task in tasks:
-            unit = {"expert": _spec_dict(expert), "tasks": [_spec_dict(task)], "image_size": size}
-            outs = [fill_unit(job, unit, [c])["cells"][0] for c in configs]
-            write_rows(storage, [combine(outs, job, "trial")])
+            unit = CellUnit(expert, (task,), size)
+            outs = [train_unit(fill, unit, [c]).outcomes[0] for c in fill.configs()]
+            write_rows(storage, [combine(outs, fill)])
         loop_s = time.perf_counter() - t0
     finally:
         ray.shutdown()
@@ -186,7 +163,7 @@ def tune_vs_loop(root: Path, size: int, samples: int, tasks, expert, base: Path)
              "wall_s": loop_s, "trials_per_s": n_trials / loop_s, "cells_per_s": n_cells / loop_s,
              "wall_vs_loop": 1.0, "overhead_s_per_config": 0.0}]
     for label, (wall, summary) in res.items():
-        trials = summary["trials_run"]
+        trials = summary.trials_run
         rows.append({"measure": label, "trials": trials, "wall_s": wall,
                      "trials_per_s": trials / wall, "cells_per_s": n_cells / wall,
                      "wall_vs_loop": wall / loop_s,

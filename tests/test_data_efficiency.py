@@ -114,12 +114,12 @@ def test_rows_without_the_column_read_as_full_data(tmp_path):
 
 
 # -- through Ray Tune ----------------------------------------------------------------------
-def _fill(root_uri: str, *extra: str) -> dict:
-    from jobs.fill_matrix import fill, parse_args
+def _fill(root_uri: str, **options) -> dict:
+    from jobs.fill_matrix import Config, run
 
-    return fill(parse_args(["--root", root_uri, "--image-size", str(SIZE), "--num-samples", "1",
-                            "--tasks", "orient-a,colour-b,spot-a", "--experts",
-                            "random0,orient-a-expert", "--no-progress", *extra]))
+    return dataclasses.asdict(run(Config(
+        root=root_uri, image_size=SIZE, num_samples=1, tasks="orient-a,colour-b,spot-a",
+        experts="random0,orient-a-expert", no_progress=True, tracking=False, **options)))
 
 
 def _mtimes(root: StorageRoot, rel: str) -> dict[str, int]:
@@ -130,7 +130,7 @@ def test_matrices_at_two_sizes_coexist_and_fill_once(zoo_files, ray_local, tmp_p
     root_uri = str(tmp_path / "root")
     register(root_uri, str(zoo_files / "tasks"), str(zoo_files / "weights"))
     root = StorageRoot(root_uri)
-    first = [_fill(root_uri, "--max-per-class", "3"), _fill(root_uri)]
+    first = [_fill(root_uri, max_per_class=3), _fill(root_uri)]
     assert [(s["planned"], s["cells_ok"]) for s in first] == [(6, 6), (6, 6)]
     rows = read_matrix(root, max_per_class=ANY_SIZE).to_pylist()
     assert sorted({r["max_per_class"] for r in rows}, key=str) == [3, None]
@@ -150,7 +150,7 @@ def test_matrices_at_two_sizes_coexist_and_fill_once(zoo_files, ray_local, tmp_p
     assert sum("-test-" in f for f in cached) == 6
 
     parts = _mtimes(root, MATRIX_DIR)
-    again = [_fill(root_uri, "--max-per-class", "3"), _fill(root_uri)]
+    again = [_fill(root_uri, max_per_class=3), _fill(root_uri)]
     assert [(s["planned"], s["trials_run"], s["cells_ok"]) for s in again] == [(0, 0, 6)] * 2
     assert _mtimes(root, MATRIX_DIR) == parts
 

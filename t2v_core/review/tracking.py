@@ -139,9 +139,10 @@ def default_experiment_name(root: str | os.PathLike[str] | StorageRoot | None = 
 
 
 @contextlib.contextmanager
-def _environment_kept(*names: str) -> Iterator[None]:
-    """MLflow copies the URIs it is given into the environment; undo that, so the environment
-    stays the user's input and a later :func:`configure` (another zoo) is not redirected."""
+def environment_kept(*names: str) -> Iterator[None]:
+    """The environment variables ``names`` as they were before the block, whatever the block
+    set or removed: libraries that configure themselves through the environment (MLflow,
+    Ray Tune) then leave no trace on the caller's process."""
     saved = {n: os.environ.get(n) for n in names}
     try:
         yield
@@ -163,7 +164,9 @@ def configure(
     """Point MLflow (tracking and registry) at the resolved store and make the zoo's experiment
     active, creating it if needed. Returns where runs will go."""
     resolved = resolve_tracking(root, tracking_uri=tracking_uri, artifact_location=artifact_location)
-    with _environment_kept("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+    # MLflow copies the URIs it is given into the environment; undone, so the environment
+    # stays the user's input and a later configure() (another zoo) is not redirected.
+    with environment_kept("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         mlflow.set_tracking_uri(resolved.tracking_uri)
         mlflow.set_registry_uri(resolved.tracking_uri)
     name = experiment or default_experiment_name(root)
