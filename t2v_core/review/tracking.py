@@ -136,7 +136,9 @@ def _sqlite_uri(path: Path) -> str:
 
 
 def _artifact_uri(root: StorageRoot) -> str:
-    return Path(root.join("mlartifacts")).as_uri() if root.local else root.join("mlartifacts")
+    """``<root>/mlartifacts``; credentials in an object-store URI stay out of the tracking
+    store (the client authenticates through the usual AWS chain)."""
+    return Path(root.join("mlartifacts")).as_uri() if root.local else redact_uri(root.join("mlartifacts"))
 
 
 def resolve_tracking(
