@@ -384,7 +384,7 @@ def _as_metric(value: Any) -> float | None:
 
 def _run_name(kind: str) -> str:
     """``<kind> · <zoo> · <UTC time>``: runs of several zoos and refreshes told apart in one list."""
-    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return " · ".join(part for part in (kind, _current and _current.zoo, when) if part)
 
 
@@ -599,8 +599,9 @@ def _top_choices_markdown(recommendations: Any, limit: int = 20) -> str:
     frame = pd.DataFrame(recommendations)
     if frame.empty or not {"task_id", "expert_id"} <= set(frame.columns):
         return ""
-    top = frame.sort_values("rank").groupby("task_id", sort=True).head(1) if "rank" in frame else \
-        frame.groupby("task_id", sort=True).head(1)
+    # tasks in the frame's order, each with its best rank
+    top = (frame.loc[frame.groupby("task_id", sort=False)["rank"].idxmin()] if "rank" in frame
+           else frame.drop_duplicates("task_id"))
     columns = [c for c in ("task_id", "expert_id", "score", "true_error") if c in top.columns]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in top[columns].head(limit).itertuples(index=False):
@@ -624,11 +625,13 @@ def _results_description(client: MlflowClient, run_id: str) -> str:
 
     present = {a.path for folder in (None, "tables") for a in client.list_artifacts(run_id, folder)}
     parts = []
-    if "table1.md" in present:
-        parts.append(mlflow.artifacts.load_text(f"runs:/{run_id}/table1.md").strip())
-    if "tables/recommendations.json" in present:
-        stored = mlflow.artifacts.load_dict(f"runs:/{run_id}/tables/recommendations.json")
-        parts.append(_top_choices_markdown(pd.DataFrame(stored["data"], columns=stored["columns"])))
+    with _environment_kept("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # two small files
+        if "table1.md" in present:
+            parts.append(mlflow.artifacts.load_text(f"runs:/{run_id}/table1.md").strip())
+        if "tables/recommendations.json" in present:
+            stored = mlflow.artifacts.load_dict(f"runs:/{run_id}/tables/recommendations.json")
+            parts.append(_top_choices_markdown(pd.DataFrame(stored["data"], columns=stored["columns"])))
     return "\n\n".join(p for p in parts if p)
 
 
