@@ -252,8 +252,10 @@ def configure(
                                    zoo=zoo_name(store), root=redact_uri(store.uri))
     where = redact_uri(resolved.tracking_uri)
     if _uri_is_server(resolved.tracking_uri):
-        where = experiment_url(where, exp_id)
-    log.info("tracking to %s, experiment %r", where, name)
+        log.info("tracking to experiment %r, review at %s", name, experiment_url(where, exp_id))
+    else:
+        log.info("tracking to %s, experiment %r; review with `mlflow ui --backend-store-uri %s` "
+                 "at %s", where, name, where, experiment_url("http://127.0.0.1:5000", exp_id))
     return _current
 
 
