@@ -35,7 +35,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.matrix_cost
 
 lint: $(STAMP)
-	$(PY) -m ruff check t2v_core jobs tests benchmarks
+	$(PY) -m ruff check t2v_core jobs tests benchmarks scripts
 
 clean:
 	rm -rf $(ROOT) .pytest_cache

@@ -32,7 +32,7 @@ def test_stage_nests_under_the_pipeline_run(tmp_path, monkeypatch):
                      {"tasks_done": 3, "tasks_failed": 1})
         record_stage(_args(tmp_path, "--no-tracking"), "fill_matrix", {}, {"cells_ok": 1})
     runs = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert list(runs["tags.mlflow.runName"]) == ["embed_tasks"]
+    assert list(runs["tags.t2v.stage"]) == ["embed_tasks"]
     assert runs.iloc[0]["metrics.tasks_done"] == 3 and runs.iloc[0]["params.probe"] == "p"
 
 

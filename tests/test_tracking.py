@@ -145,11 +145,12 @@ def test_stage_run_on_server_logs_everything_to_s3(mlflow_server, moto_s3, zoo, 
         tracking.log_metrics({"relative_increase_pct": np.float64(6.5), "note": "skipped"})
         tracking.log_figures({"task_map": fig})
         tracking.log_table(recs, "recommendations")
-    assert mlflow.active_run() is None  # the pipeline run opened for the stage is closed too
+    assert mlflow.active_run() is None
 
     client = MlflowClient(mlflow_server)
     stage = client.get_run(run.info.run_id)
-    assert stage.info.status == "FINISHED" and stage.info.run_name == "embed_tasks"
+    assert stage.info.status == "FINISHED"
+    assert stage.info.run_name.startswith("embed_tasks · zoo · ")
     assert stage.data.params["probe"] == "resnet18"
     assert stage.data.params["method"] == "montecarlo"
     assert stage.data.params["zoo_hash"] == "abc123"
@@ -162,11 +163,12 @@ def test_stage_run_on_server_logs_everything_to_s3(mlflow_server, moto_s3, zoo, 
     assert stage.data.metrics["wall_time_s"] > 0
     assert stage.data.tags["ray_job_id"] == "02000000"
     assert stage.data.tags["t2v.stage"] == "embed_tasks"
-
-    parent = client.get_run(stage.data.tags["mlflow.parentRunId"])
-    assert parent.info.run_name == "pipeline" and parent.info.status == "FINISHED"
-    assert parent.info.experiment_id == cfg.experiment_id == stage.info.experiment_id
-    assert client.get_experiment(cfg.experiment_id).name == "zoo-a"
+    assert stage.data.tags["t2v.zoo"] == "zoo" and stage.data.tags["t2v.root"] == str(tmp_path / "zoo")
+    assert "mlflow.parentRunId" not in stage.data.tags  # a stage alone: no pipeline of one stage
+    assert stage.info.experiment_id == cfg.experiment_id
+    experiment = client.get_experiment(cfg.experiment_id)
+    assert experiment.name == "zoo-a"
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.MODEL_TRAINING_KIND
 
     listed = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert listed == {"plots/task_map.png"}
@@ -294,28 +296,130 @@ def test_failed_stage_ends_failed(tmp_path):
     client = MlflowClient(mlflow.get_tracking_uri())
     stage = client.get_run(run.info.run_id)
     assert stage.info.status == "FAILED" and "wall_time_s" in stage.data.metrics
-    assert client.get_run(stage.data.tags["mlflow.parentRunId"]).info.status == "FAILED"
+    with pytest.raises(ValueError, match="boom"), tracking.pipeline_run("refresh") as parent:
+        with tracking.stage_run("fill_matrix"):
+            raise ValueError("boom")
+    assert client.get_run(parent.info.run_id).info.status == "FAILED"
 
 
-def test_stages_nest_under_active_or_given_parent(tmp_path, monkeypatch):
-    tracking.configure(tmp_path / "zoo")
-    client = MlflowClient(mlflow.get_tracking_uri())
-    with tracking.pipeline_run("demo", {"preset": "small"}) as parent:
+def _parent(client, run) -> str | None:
+    return client.get_run(run.info.run_id).data.tags.get("mlflow.parentRunId")
+
+
+def _runs(client, experiment_id, kind):
+    return client.search_runs([experiment_id], f"tags.`t2v.kind` = '{kind}'")
+
+
+def test_experiment_is_model_training_also_when_it_existed(tmp_path):
+    root = tmp_path / "zoo"
+    uri = tracking.resolve_tracking(root).tracking_uri
+    name = tracking.default_experiment_name(root)
+    old = MlflowClient(uri).create_experiment(  # made before, here even marked as GenAI
+        name, tags={tracking.EXPERIMENT_KIND_TAG: "genai_development"})
+    for _ in range(2):  # idempotent
+        cfg = tracking.configure(root)
+    assert cfg.experiment_id == old
+    tags = MlflowClient(uri).get_experiment(old).tags
+    assert tags[tracking.EXPERIMENT_KIND_TAG] == tracking.MODEL_TRAINING_KIND == "custom_model_development"
+    assert tags["t2v.zoo"] == "zoo" and tags["t2v.root"] == str(root)
+    fresh = tracking.configure(tmp_path / "other")
+    assert MlflowClient(fresh.tracking_uri).get_experiment(fresh.experiment_id).tags[
+        tracking.EXPERIMENT_KIND_TAG] == tracking.MODEL_TRAINING_KIND
+
+
+def test_stages_inside_one_pipeline_nest_under_it_in_process_and_in_subprocesses(tmp_path):
+    root = tmp_path / "zoo"
+    cfg = tracking.configure(root)
+    client = MlflowClient(cfg.tracking_uri)
+    stage_in_child = (
+        "import sys; from t2v_core.review import tracking; tracking.configure(sys.argv[1]);\n"
+        "with tracking.stage_run('fill_matrix'): pass")
+    with tracking.pipeline_run("refresh", {"preset": "small"}) as parent:
+        assert os.environ[tracking.PARENT_RUN_ENV] == parent.info.run_id
         with tracking.stage_run("embed_tasks") as a:
             pass
-        with tracking.stage_run("fill_matrix") as b:
-            pass
-    for child in (a, b):
-        assert client.get_run(child.info.run_id).data.tags["mlflow.parentRunId"] == parent.info.run_id
+        subprocess.run([sys.executable, "-c", stage_in_child, str(root)], check=True,
+                       env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])), timeout=120)
+    assert tracking.PARENT_RUN_ENV not in os.environ  # only for the pipeline's duration
+    assert _parent(client, a) == parent.info.run_id
+    (child,) = client.search_runs([cfg.experiment_id], "tags.`t2v.stage` = 'fill_matrix'")
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert [r.info.run_id for r in _runs(client, cfg.experiment_id, "pipeline")] == [parent.info.run_id]
+    assert client.get_run(parent.info.run_id).info.run_name.startswith("refresh · zoo · ")
 
-    # A pipeline run opened by another process: stages nest under it and leave it open.
-    other = client.create_run(client.get_experiment_by_name(
-        tracking.default_experiment_name(tmp_path / "zoo")).experiment_id)
-    monkeypatch.setenv(tracking.PARENT_RUN_ENV, other.info.run_id)
-    with tracking.stage_run("recommend") as c:
+
+def test_parent_run_env_groups_stage_runs_of_separate_processes(tmp_path, monkeypatch):
+    cfg = tracking.configure(tmp_path / "zoo")
+    client = MlflowClient(cfg.tracking_uri)
+    outside = client.create_run(cfg.experiment_id, run_name="refresh")  # another process's run
+    monkeypatch.setenv(tracking.PARENT_RUN_ENV, outside.info.run_id)
+    with tracking.stage_run("embed_tasks") as a:  # one process ...
         pass
-    assert client.get_run(c.info.run_id).data.tags["mlflow.parentRunId"] == other.info.run_id
-    assert client.get_run(other.info.run_id).info.status == "RUNNING"
+    with tracking.stage_run("fill_matrix") as b:  # ... and the next, with nothing active
+        pass
+    assert _parent(client, a) == _parent(client, b) == outside.info.run_id
+    assert client.get_run(outside.info.run_id).info.status == "RUNNING"  # left to its owner
+    assert len(_runs(client, cfg.experiment_id, "pipeline")) == 0  # no pipeline made up
+
+
+def _submitted_as(monkeypatch, submission_id: str, job_id: str = "05000000") -> None:
+    """The environment Ray's job supervisor gives an entrypoint (``ray job submit``)."""
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+        {"runtime_env": {}, "metadata": {"job_submission_id": submission_id,
+                                         "job_name": submission_id}}))
+    monkeypatch.setenv("RAY_JOB_ID", job_id)
+
+
+def test_stages_of_one_ray_job_share_one_pipeline_and_a_stage_alone_has_none(tmp_path, monkeypatch):
+    cfg = tracking.configure(tmp_path / "zoo")
+    client = MlflowClient(cfg.tracking_uri)
+    with tracking.stage_run("train_experts") as alone:  # by hand, outside Ray
+        pass
+    assert _parent(client, alone) is None
+
+    _submitted_as(monkeypatch, "raysubmit_refresh1")
+    with tracking.stage_run("embed_tasks") as a:
+        pipeline_id = _parent(client, a)
+        assert client.get_run(pipeline_id).info.status == "RUNNING"
+    assert client.get_run(pipeline_id).info.status == "FINISHED"
+    with pytest.raises(RuntimeError), tracking.stage_run("fill_matrix") as b:
+        raise RuntimeError("out of memory")
+    with tracking.stage_run("evaluate") as c:
+        pass
+    assert _parent(client, b) == _parent(client, c) == pipeline_id
+    pipeline = client.get_run(pipeline_id)
+    assert pipeline.info.status == "FAILED"  # one stage of the refresh failed
+    assert pipeline.info.run_name.startswith("pipeline · zoo · ")
+    assert pipeline.data.tags["ray_submission_id"] == "raysubmit_refresh1"
+    stage = client.get_run(c.info.run_id)
+    assert stage.data.tags["ray_job_id"] == "05000000"
+    assert stage.data.tags["ray_submission_id"] == "raysubmit_refresh1"
+
+    _submitted_as(monkeypatch, "raysubmit_refresh2")  # the next night's refresh
+    with tracking.stage_run("embed_tasks") as d:
+        pass
+    assert _parent(client, d) not in (None, pipeline_id)
+    assert len(_runs(client, cfg.experiment_id, "pipeline")) == 2
+
+
+def test_run_names_and_tags_name_the_zoo_and_no_secret(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    root = f"s3://AKIAEXAMPLE:{SECRET}@t2v-test/zoos/cifar"
+    cfg = tracking.configure(root)
+    with tracking.pipeline_run("refresh") as parent, tracking.stage_run("embed_tasks") as stage:
+        pass
+    client = MlflowClient(cfg.tracking_uri)
+    experiment = client.get_experiment(cfg.experiment_id)
+    for run_id, kind in ((parent.info.run_id, "refresh"), (stage.info.run_id, "embed_tasks")):
+        run = client.get_run(run_id)
+        name, zoo, when = run.info.run_name.split(" · ")
+        assert (name, zoo) == (kind, "t2v-test/zoos/cifar") and when.endswith(" UTC")
+        assert run.data.tags["t2v.zoo"] == "t2v-test/zoos/cifar"
+        assert run.data.tags["t2v.root"] == "s3://t2v-test/zoos/cifar"
+        assert SECRET not in _all_values(run) + run.info.run_name + run.info.artifact_uri
+    assert client.get_run(stage.info.run_id).data.tags["t2v.stage"] == "embed_tasks"
+    assert SECRET not in json.dumps([experiment.name, experiment.tags, experiment.artifact_location])
+    assert tracking.zoo_name(tmp_path / "zoos" / "mnist") == "mnist"
 
 
 def test_safe_params_drops_credentials():
@@ -385,8 +489,8 @@ def test_small_demo_against_the_server(mlflow_server, moto_s3, ray_local, tmp_pa
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiments, filter_string="attributes.status = 'FINISHED'")
     # other tests of this module share the server: look only at the demo's own runs
-    (pipeline,) = [r.info.run_id for r in runs if r.info.run_name == "demo"]
-    by_name = {r.info.run_name: r for r in runs
+    (pipeline,) = [r.info.run_id for r in runs if r.data.tags.get("t2v.pipeline") == "demo"]
+    by_name = {r.data.tags["t2v.stage"]: r for r in runs
                if r.data.tags.get("mlflow.parentRunId") == pipeline}
     stages = ["train_experts", "embed_tasks", "fill_matrix", "train_model2vec", "evaluate",
               "data_efficiency"]

@@ -13,10 +13,20 @@ Where runs go (first match wins):
    ``MLFLOW_S3_ENDPOINT_URL``). Point several machines at one server instead when their
    runs must be seen together.
 
-Runs: one experiment per zoo (named after the storage root unless given), one parent run per
-pipeline and one nested run per job stage (:func:`stage_run`). Every run is tagged with the
-code version and, inside Ray, the Ray job id. Parameter and tag names that look like
-credentials are dropped before anything reaches the server.
+Runs: one experiment per zoo (named after the storage root unless given), marked as model
+training so MLflow's UI offers its runs view, and tagged with the zoo's name and (redacted) root.
+A run is named ``<stage> · <zoo> · <UTC start time>`` and tagged ``t2v.kind`` (pipeline or
+stage), ``t2v.stage``, ``t2v.zoo``, ``t2v.root``, the code version and, inside Ray, the Ray job
+and submission ids. How stage runs group under pipeline runs is told in :func:`stage_run`.
+Parameter and tag names that look like credentials are dropped before anything reaches the
+server.
+
+The page a reviewer should open is :func:`experiment_url`: MLflow 3.17's UI decides between its
+GenAI pages (an empty trace "Overview" for this project) and its model-training pages with a
+per-browser switch, default GenAI, that only the link's ``workflowType`` query overrides; the
+experiment's ``mlflow.experimentKind`` tag is what earlier 3.x UIs and the kind selector read.
+:func:`publish_to_pipeline` puts the newest Table 1 and recommendations on the pipeline run and
+points the experiment's description at it.
 
 This module sets MLflow's process-wide tracking URI and active experiment
 (:func:`configure`): jobs and notebooks are single-purpose processes that log to one place.
@@ -39,6 +49,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +62,14 @@ from t2v_core.storage import StorageRoot, redact_uri
 
 __all__ = [
     "DEFAULT_ROOT",
+    "EXPERIMENT_KIND_TAG",
+    "MODEL_TRAINING_KIND",
     "PARENT_RUN_ENV",
     "Tracking",
     "code_version",
     "configure",
     "default_experiment_name",
+    "experiment_url",
     "log_figures",
     "log_metrics",
     "log_params",
@@ -63,11 +77,13 @@ __all__ = [
     "log_task_counts",
     "metric_name",
     "pipeline_run",
+    "publish_to_pipeline",
     "ray_tags",
     "resolve_tracking",
     "safe_params",
     "stage_run",
     "table1_metrics",
+    "zoo_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,6 +91,15 @@ log = logging.getLogger(__name__)
 DEFAULT_ROOT = "./t2v-data"
 #: A run id to nest stage runs under when no run is active (a pipeline spread over processes).
 PARENT_RUN_ENV = "T2V_PARENT_RUN_ID"
+#: The experiment tag MLflow's UI reads for the kind of work an experiment holds, and the
+#: value of a model-training experiment (``ExperimentKind.CUSTOM_MODEL_DEVELOPMENT`` in the UI).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+#: The UI's switch to its model-training pages, as a link's query (3.17 reads no tag for it).
+_RUNS_VIEW_QUERY = "workflowType=machine_learning"
+_NOTE_TAG = "mlflow.note.content"  # a run's or experiment's description in the UI
+_LATEST_RUN_TAG = "t2v.latest_pipeline_run_id"
+_MAX_EXPERIMENT_TAG = 20000
 _REMOTE_HOME = "~/.t2v"
 _SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 _BAD_NAME_CHARS = re.compile(r"[^\w\-. /:]")
@@ -91,6 +116,12 @@ class Tracking:
     artifact_location: str | None  # for a newly created experiment; None = the server decides
     experiment_name: str | None = None
     experiment_id: str | None = None
+    zoo: str | None = None  # the zoo's short name, for run names
+    root: str | None = None  # the storage root, credentials removed
+
+
+#: Where :func:`configure` last pointed MLflow: run names and tags name this zoo.
+_current: Tracking | None = None
 
 
 # --------------------------------------------------------------------------- where runs go
@@ -105,7 +136,9 @@ def _sqlite_uri(path: Path) -> str:
 
 
 def _artifact_uri(root: StorageRoot) -> str:
-    return Path(root.join("mlartifacts")).as_uri() if root.local else root.join("mlartifacts")
+    """``<root>/mlartifacts``; credentials in an object-store URI stay out of the tracking
+    store (the client authenticates through the usual AWS chain)."""
+    return Path(root.join("mlartifacts")).as_uri() if root.local else redact_uri(root.join("mlartifacts"))
 
 
 def resolve_tracking(
@@ -118,7 +151,7 @@ def resolve_tracking(
 
     Creates the local directory that a default sqlite file needs; touches nothing remote.
     """
-    store = root if isinstance(root, StorageRoot) else StorageRoot(root or DEFAULT_ROOT)
+    store = _storage_root(root)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
     if uri:
         if artifact_location is None and not _uri_is_server(uri):
@@ -132,10 +165,29 @@ def resolve_tracking(
     return Tracking(_sqlite_uri(home / "mlflow.db"), artifact_location or _artifact_uri(store))
 
 
+def _storage_root(root: str | os.PathLike[str] | StorageRoot | None) -> StorageRoot:
+    return root if isinstance(root, StorageRoot) else StorageRoot(root or DEFAULT_ROOT)
+
+
 def default_experiment_name(root: str | os.PathLike[str] | StorageRoot | None = None) -> str:
     """One experiment per zoo: named after its storage root (credentials removed)."""
-    store = root if isinstance(root, StorageRoot) else StorageRoot(root or DEFAULT_ROOT)
-    return f"task2vec-zoo:{redact_uri(store.uri)}"
+    return f"task2vec-zoo:{redact_uri(_storage_root(root).uri)}"
+
+
+def zoo_name(root: str | os.PathLike[str] | StorageRoot | None = None) -> str:
+    """A zoo's short name for run names: a local root's last path component, or an object
+    store's ``bucket/prefix`` (credentials and query removed)."""
+    store = _storage_root(root)
+    if store.local:
+        return Path(store.path).name or store.path
+    return redact_uri(store.uri).split("://", 1)[-1].split("?", 1)[0].rstrip("/")
+
+
+def experiment_url(server_url: str, experiment_id: str) -> str:
+    """The page of an experiment's runs on an MLflow server (``mlflow server`` / ``mlflow ui``):
+    the link to hand a reviewer, because it opens the runs table even in a browser whose UI is
+    switched to GenAI (MLflow 3.17's default, which shows an empty trace overview)."""
+    return f"{server_url.rstrip('/')}/#/experiments/{experiment_id}/runs?{_RUNS_VIEW_QUERY}"
 
 
 @contextlib.contextmanager
@@ -154,6 +206,30 @@ def environment_kept(*names: str) -> Iterator[None]:
                 os.environ[name] = value
 
 
+def _experiment_tags(store: StorageRoot) -> dict[str, str]:
+    return {EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND, "t2v.zoo": zoo_name(store),
+            "t2v.root": redact_uri(store.uri)}
+
+
+def _ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None,
+                       tags: Mapping[str, str]) -> str:
+    """The id of experiment ``name``, created with ``tags`` if missing; an existing one gets
+    the tags it lacks or holds other values of (idempotent: an up-to-date one is not written)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location,
+                                            tags=dict(tags))
+        except MlflowException:  # created meanwhile by a concurrent job
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    for key, value in tags.items():
+        if exp.tags.get(key) != value:
+            client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
+
+
 def configure(
     root: str | os.PathLike[str] | StorageRoot | None = None,
     *,
@@ -162,29 +238,28 @@ def configure(
     artifact_location: str | None = None,
 ) -> Tracking:
     """Point MLflow (tracking and registry) at the resolved store and make the zoo's experiment
-    active, creating it if needed. Returns where runs will go."""
-    resolved = resolve_tracking(root, tracking_uri=tracking_uri, artifact_location=artifact_location)
+    active, creating it if needed and marking it as model training. Returns where runs go."""
+    global _current
+    store = _storage_root(root)
+    resolved = resolve_tracking(store, tracking_uri=tracking_uri, artifact_location=artifact_location)
     # MLflow copies the URIs it is given into the environment; undone, so the environment
     # stays the user's input and a later configure() (another zoo) is not redirected.
     with environment_kept("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         mlflow.set_tracking_uri(resolved.tracking_uri)
         mlflow.set_registry_uri(resolved.tracking_uri)
-    name = experiment or default_experiment_name(root)
+    name = experiment or default_experiment_name(store)
     client = MlflowClient(resolved.tracking_uri, resolved.tracking_uri)
-    exp = client.get_experiment_by_name(name)
-    if exp is None:
-        try:
-            exp_id = client.create_experiment(name, artifact_location=resolved.artifact_location)
-        except MlflowException:  # created meanwhile by a concurrent job
-            exp = client.get_experiment_by_name(name)
-            if exp is None:
-                raise
-            exp_id = exp.experiment_id
-    else:
-        exp_id = exp.experiment_id
+    exp_id = _ensure_experiment(client, name, resolved.artifact_location, _experiment_tags(store))
     mlflow.set_experiment(experiment_id=exp_id)
-    log.info("tracking to %s, experiment %r", redact_uri(resolved.tracking_uri), name)
-    return dataclasses.replace(resolved, experiment_name=name, experiment_id=exp_id)
+    _current = dataclasses.replace(resolved, experiment_name=name, experiment_id=exp_id,
+                                   zoo=zoo_name(store), root=redact_uri(store.uri))
+    where = redact_uri(resolved.tracking_uri)
+    if _uri_is_server(resolved.tracking_uri):
+        log.info("tracking to experiment %r, review at %s", name, experiment_url(where, exp_id))
+    else:
+        log.info("tracking to %s, experiment %r; review with `mlflow ui --backend-store-uri %s` "
+                 "at %s", where, name, where, experiment_url("http://127.0.0.1:5000", exp_id))
+    return _current
 
 
 # --------------------------------------------------------------------------- provenance
@@ -224,6 +299,10 @@ def code_version() -> str:
 def ray_tags() -> dict[str, str]:
     """``ray_job_id`` (and ``ray_submission_id`` under ``ray job submit``) when inside Ray.
 
+    Ray workers carry ``RAY_JOB_ID``; a job's entrypoint does not (the job supervisor strips
+    it as an internal flag) but learns its job id from Ray once connected, and finds the
+    submission id, the id ``ray job submit`` and the dashboard show, in the job config the
+    supervisor hands it as ``RAY_JOB_CONFIG_JSON_ENV_VAR`` (``metadata.job_submission_id``).
     Ray is only asked if the process already imported it: this library does not start Ray.
     """
     tags: dict[str, str] = {}
@@ -308,10 +387,17 @@ def _as_metric(value: Any) -> float | None:
 # --------------------------------------------------------------------------- runs
 
 
+def _run_name(kind: str) -> str:
+    """``<kind> · <zoo> · <UTC time>``: runs of several zoos and refreshes told apart in one list."""
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return " · ".join(part for part in (kind, _current and _current.zoo, when) if part)
+
+
 def _run_tags(tags: Mapping[str, Any] | None, **extra: str) -> dict[str, str]:
-    merged = {"t2v.code_version": code_version(), **ray_tags(), **extra}
+    zoo = {"t2v.zoo": _current.zoo, "t2v.root": _current.root} if _current and _current.zoo else {}
+    merged = {"t2v.code_version": code_version(), **zoo, **ray_tags(), **extra}
     merged.update(safe_params(tags, limit=_MAX_TAG))
-    return merged
+    return {k: v for k, v in merged.items() if v is not None}
 
 
 @contextlib.contextmanager
@@ -320,10 +406,80 @@ def pipeline_run(
     params: Mapping[str, Any] | None = None,
     tags: Mapping[str, Any] | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """The parent run that groups a pipeline's stages; ends FAILED if the block raises."""
-    with mlflow.start_run(run_name=name, tags=_run_tags(tags, **{"t2v.kind": "pipeline"})) as run:
+    """The parent run that groups a pipeline's stages; ends FAILED if the block raises.
+
+    While it is open ``$T2V_PARENT_RUN_ID`` holds its id, so stages run as functions or as
+    subprocesses inside it nest under this one run. A pipeline started inside another (an
+    active run, or ``$T2V_PARENT_RUN_ID`` from a parent process) nests under it.
+    """
+    active = mlflow.active_run()
+    parent = None if active else os.environ.get(PARENT_RUN_ENV) or None
+    run_tags = _run_tags(tags, **{"t2v.kind": "pipeline", "t2v.pipeline": name})
+    with (
+        mlflow.start_run(run_name=_run_name(name), nested=active is not None,
+                         parent_run_id=parent, tags=run_tags) as run,
+        environment_kept(PARENT_RUN_ENV),
+    ):
+        os.environ[PARENT_RUN_ENV] = run.info.run_id
         mlflow.log_params({"code_version": code_version(), **safe_params(params)})
         yield run
+
+
+def _submission_pipelines(experiment_id: str, submission_id: str) -> list[Any]:
+    """Pipeline runs of one Ray job submission, oldest first."""
+    found = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=f"tags.`t2v.kind` = 'pipeline' and tags.ray_submission_id = '{submission_id}'",
+        max_results=50,
+    )
+    return sorted(found, key=lambda r: (r.info.start_time, r.info.run_id))
+
+
+def _submission_pipeline_id(submission_id: str, name: str) -> str | None:
+    """The id of the pipeline run of this Ray job submission, opened if it is the first stage.
+
+    Two stages starting together may both open one: the younger is deleted, the oldest kept.
+    """
+    if _current is None or _current.experiment_id is None or "'" in submission_id:
+        return None  # not configured here, or an id the search syntax cannot quote
+    found = _submission_pipelines(_current.experiment_id, submission_id)
+    if found:
+        return found[0].info.run_id
+    client = MlflowClient()
+    tags = _run_tags(None, **{"t2v.kind": "pipeline", "t2v.pipeline": name})
+    mine = client.create_run(_current.experiment_id, run_name=_run_name(name), tags=tags)
+    client.log_param(mine.info.run_id, "code_version", code_version())
+    oldest = _submission_pipelines(_current.experiment_id, submission_id)[0].info.run_id
+    if oldest != mine.info.run_id:
+        client.delete_run(mine.info.run_id)
+    return oldest
+
+
+@contextlib.contextmanager
+def _pipeline_status_follows_stage(run_id: str) -> Iterator[None]:
+    """RUNNING while the stage runs; FAILED once any stage failed, FINISHED otherwise."""
+    client = MlflowClient()
+    if client.get_run(run_id).info.status != "FAILED":
+        client.update_run(run_id, status="RUNNING")
+    try:
+        yield
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    if client.get_run(run_id).info.status != "FAILED":
+        client.set_terminated(run_id, "FINISHED")
+
+
+def _stage_parent(parent_run_id: str | None, pipeline: str, stack: contextlib.ExitStack) -> str | None:
+    """Where a stage run goes when no run is active (steps 2 to 4 of :func:`stage_run`)."""
+    given = parent_run_id or os.environ.get(PARENT_RUN_ENV) or None
+    if given:
+        return given
+    submission = ray_tags().get("ray_submission_id")
+    parent = _submission_pipeline_id(submission, pipeline) if submission else None
+    if parent:
+        stack.enter_context(_pipeline_status_follows_stage(parent))
+    return parent
 
 
 @contextlib.contextmanager
@@ -335,25 +491,31 @@ def stage_run(
     pipeline: str = "pipeline",
     parent_run_id: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """A nested run for one job stage (``embed_tasks``, ``fill_matrix``, ...).
+    """A run for one job stage (``embed_tasks``, ``fill_matrix``, ...), under its pipeline's run.
 
-    The parent is, in order: the active run; ``parent_run_id`` or ``$T2V_PARENT_RUN_ID`` (a
-    pipeline run opened by another process, left open); or a new pipeline run named
-    ``pipeline`` that ends with the stage. Logs ``params`` (credential-like names dropped),
-    the code version and Ray tags, and ``wall_time_s`` when the stage ends; a stage that
-    raises ends FAILED, and so does a pipeline run opened for it.
+    The parent is, in order:
+
+    1. the active run: stages called as functions inside :func:`pipeline_run`;
+    2. ``parent_run_id`` or ``$T2V_PARENT_RUN_ID``: set by :func:`pipeline_run` for the
+       subprocesses it starts, or by hand for a pipeline spread over processes; its status is
+       left to whoever opened it;
+    3. inside a Ray job (``ray job submit``, a KubeRay RayJob: one refresh of the zoo), the
+       pipeline run of that submission, found by its ``ray_submission_id`` tag or opened by the
+       first stage as ``<pipeline> · <zoo> · <time>``: a refresh whose stages run as separate
+       processes of one entrypoint still shows as one pipeline. That run is RUNNING while a
+       stage runs, FAILED once one failed, FINISHED otherwise (needs :func:`configure`);
+    4. none: a stage run by hand is a top-level run of its own, named after the stage, rather
+       than a pipeline of one stage.
+
+    Logs ``params`` (credential-like names dropped), the code version and Ray tags, and
+    ``wall_time_s`` when the stage ends; a stage that raises ends FAILED.
     """
     started = time.monotonic()
     stage_tags = _run_tags(tags, **{"t2v.stage": name, "t2v.kind": "stage"})
     with contextlib.ExitStack() as stack:
-        parent_id = None
-        if mlflow.active_run() is None:
-            parent_id = parent_run_id or os.environ.get(PARENT_RUN_ENV) or None
-            if parent_id is None:
-                stack.enter_context(pipeline_run(pipeline))
-        run = stack.enter_context(
-            mlflow.start_run(run_name=name, nested=True, parent_run_id=parent_id, tags=stage_tags)
-        )
+        parent_id = None if mlflow.active_run() else _stage_parent(parent_run_id, pipeline, stack)
+        run = stack.enter_context(mlflow.start_run(
+            run_name=_run_name(name), nested=True, parent_run_id=parent_id, tags=stage_tags))
         mlflow.log_params({"code_version": code_version(), **safe_params(params)})
         try:
             yield run
@@ -430,3 +592,116 @@ def log_table(data: Any, name: str, run_id: str | None = None) -> str:
     artifact = name if name.endswith(".json") else f"tables/{name}.json"
     mlflow.log_table(data=frame, artifact_file=artifact, run_id=run_id)
     return artifact
+
+
+# --------------------------------------------------------------------------- what a reviewer sees
+
+
+def _top_choices_markdown(recommendations: Any, limit: int = 20) -> str:
+    """The first-ranked expert of each task as a markdown table (at most ``limit`` tasks)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(recommendations)
+    if frame.empty or not {"task_id", "expert_id"} <= set(frame.columns):
+        return ""
+    # tasks in the frame's order, each with its best rank
+    top = (frame.loc[frame.groupby("task_id", sort=False)["rank"].idxmin()] if "rank" in frame
+           else frame.drop_duplicates("task_id"))
+    columns = [c for c in ("task_id", "expert_id", "score", "true_error") if c in top.columns]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in top[columns].head(limit).itertuples(index=False):
+        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    more = len(top) - limit
+    if more > 0:
+        lines.append(f"\n… and {more} more tasks in `tables/recommendations.json`.")
+    return "**Recommended expert per task**\n\n" + "\n".join(lines)
+
+
+def _cut(text: str, limit: int) -> str:
+    tail = "\n\n… (cut here; the whole text is in the run's artifacts)"
+    return text if len(text) <= limit else text[: limit - len(tail)] + tail
+
+
+def _results_description(client: MlflowClient, run_id: str) -> str:
+    """Table 1 and the top expert per task, from the run's own artifacts: results published
+    by different stages (evaluate, recommend) add up rather than replace each other."""
+    import pandas as pd
+
+    present = {a.path for folder in (None, "tables") for a in client.list_artifacts(run_id, folder)}
+    parts = []
+    with environment_kept("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # two small files
+        if "table1.md" in present:
+            parts.append(mlflow.artifacts.load_text(f"runs:/{run_id}/table1.md").strip())
+        if "tables/recommendations.json" in present:
+            stored = mlflow.artifacts.load_dict(f"runs:/{run_id}/tables/recommendations.json")
+            parts.append(_top_choices_markdown(pd.DataFrame(stored["data"], columns=stored["columns"])))
+    return "\n\n".join(p for p in parts if p)
+
+
+def _publish_target(client: MlflowClient, run_id: str | None) -> str:
+    """``run_id``, else the pipeline run the active run belongs to (itself if a pipeline, a
+    stage alone: itself), else ``$T2V_PARENT_RUN_ID``."""
+    if run_id:
+        return run_id
+    active = mlflow.active_run()
+    if active is None:
+        given = os.environ.get(PARENT_RUN_ENV)
+        if given:
+            return given
+        raise ValueError("no run to publish to: call publish_to_pipeline inside stage_run or "
+                         f"pipeline_run, set ${PARENT_RUN_ENV}, or pass run_id")
+    tags = client.get_run(active.info.run_id).data.tags
+    if tags.get("t2v.kind") == "pipeline":
+        return active.info.run_id
+    return tags.get("mlflow.parentRunId") or active.info.run_id
+
+
+def publish_to_pipeline(
+    table1_markdown: str | None = None,
+    recommendations: Any = None,
+    *,
+    figures: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
+) -> str:
+    """Put the newest results where a reviewer lands, and return the run id they went to.
+
+    The run (``run_id``, else the pipeline run the active run belongs to, else
+    ``$T2V_PARENT_RUN_ID``; a stage run alone is its own) gets ``table1.md``,
+    ``tables/recommendations.json`` and ``plots/<name>.png`` as artifacts, and as its
+    description (the text its page opens with, also a column of the runs table) Table 1 and
+    each task's first-ranked expert, from what the run holds now: a stage publishing Table 1
+    and a later one publishing recommendations add up. The experiment's description becomes a link to that run
+    followed by the same text, and its tag ``t2v.latest_pipeline_run_id`` the run id: the runs
+    page shows the newest results before any run is opened.
+
+    Call it where the results are made, inside that stage's run, e.g. in ``jobs/evaluate.py``::
+
+        with tracking.stage_run("evaluate", params):
+            ...
+            tracking.publish_to_pipeline(report["markdown"])
+
+    and in ``jobs/recommend.py`` with ``recommendations=frame`` (a recommendations frame:
+    task_id, rank, expert_id, score[, true_error]). Either part may be None.
+    """
+    client = MlflowClient()
+    target = _publish_target(client, run_id)
+    if table1_markdown:
+        client.log_text(target, table1_markdown, "table1.md")
+    if recommendations is not None:
+        log_table(recommendations, "recommendations", run_id=target)
+    for name, fig in (figures or {}).items():
+        client.log_figure(target, fig, f"plots/{name}.png")
+    note = _results_description(client, target)
+    if note:
+        client.set_tag(target, _NOTE_TAG, _cut(note, _MAX_TAG))
+    run = client.get_run(target)
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    link = f"#/experiments/{run.info.experiment_id}/runs/{target}?{_RUNS_VIEW_QUERY}"
+    header = f"**Latest results:** [{run.info.run_name}]({link}), published {when}."
+    client.set_experiment_tag(run.info.experiment_id, _NOTE_TAG,
+                              _cut(f"{header}\n\n{note}".strip(), _MAX_EXPERIMENT_TAG))
+    client.set_experiment_tag(run.info.experiment_id, _LATEST_RUN_TAG, target)
+    log.info("published the results to run %s (%s)", target, run.info.run_name)
+    return target
