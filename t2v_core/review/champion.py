@@ -67,6 +67,12 @@ class Evaluation:
     repeats: int = 1
     error_floor: float = 0.02
 
+    @classmethod
+    def of(cls, data: MetaDataset, folds: str | int, **settings) -> Evaluation:
+        """The evaluation with ``folds`` on ``data``: K folds, at most one per task."""
+        return cls(folds="loo" if folds == "loo" else min(int(folds), len(data.task_ids)),
+                   **settings)
+
     def key(self, data: MetaDataset) -> str:
         """Names this evaluation of ``data``: numbers with the same key are comparable."""
         spec = {**asdict(self), "folds": str(self.folds), "data": data_digest(data),
