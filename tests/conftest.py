@@ -1,8 +1,15 @@
-"""Shared fixtures: a real moto S3 server and a real Ray on loopback, and tiny image trees."""
+"""Shared fixtures: a real moto S3 server, a real MLflow server and a real Ray on loopback, and
+tiny image trees."""
 
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,3 +128,49 @@ def image_folder():
 def write_png():
     """The :func:`write_image` helper."""
     return write_image
+
+
+@pytest.fixture(scope="session")
+def write_task_folder():
+    """The :func:`write_image_folder` helper, for fixtures of any scope (a zoo built once per
+    module)."""
+    return write_image_folder
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(moto_s3, tmp_path_factory):
+    """A real ``mlflow server --workers 1`` on 127.0.0.1 (free port): sqlite metadata, artifacts
+    proxied to the moto S3 server under a prefix of their own. Yields its URL."""
+    workdir = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["MLFLOW_S3_ENDPOINT_URL"] = moto_s3.endpoint_url
+    server_log = workdir / "server.log"
+    with open(server_log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--workers", "1", "--host", "127.0.0.1",
+             "--port", str(port), "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+             "--artifacts-destination", f"s3://{moto_s3.bucket}/mlflow-server-artifacts"],
+            cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"mlflow server did not come up: "
+                                       f"{server_log.read_text()[-3000:]}") from None
+                time.sleep(0.3)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and the workers it started
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)

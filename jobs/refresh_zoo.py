@@ -1,0 +1,380 @@
+"""Refresh the zoo: register new task folders, then do only the work they leave missing.
+
+    python -m jobs.refresh_zoo --root s3://bucket/zoo [--folders s3://bucket/tasks] [--shard i/n]
+
+The scheduled entrypoint. Each step runs only when it has something to do: register_zoo (new
+or changed folders of --folders), train_experts (--expert-tasks sources without an expert at
+their current hash), embed_tasks (missing embeddings), fill_matrix (missing cells, of shard
+i/n with --shard), then train_model2vec, evaluate (Table 1) and promote when the recommender's
+inputs (embeddings, matrix, recipe, evaluation) differ from the last refresh's, whose digest
+``refresh/state.json`` keeps. Promote moves ``@champion`` to the new version only if it is not
+worse than the champion on the same evaluation (:mod:`t2v_core.review.champion`); else the
+version stays registered without it, and the log and its tags say why, with both numbers.
+
+What is missing is found first, from the manifests, the stored embeddings and cells and that
+digest, in seconds; with nothing missing the run logs "up to date" and stops. The steps run in
+one MLflow pipeline run "refresh", a stage run each, all under the root's refresh lease
+(:mod:`t2v_core.lease`): a scheduled and a hand-submitted refresh never overlap.
+
+Exit status: 0 refreshed or up to date; 1 a step failed (the message names it; finished work
+is kept and a re-run resumes); 2 bad arguments; 75 (EX_TEMPFAIL) another refresh holds the
+lease: the message names the holder and until when; try again after that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import ray
+
+from jobs import embed_tasks, evaluate, fill_matrix, register_zoo, train_experts, train_model2vec
+from jobs._cli import (
+    CommonOptions,
+    add_common_args,
+    add_error_floor_arg,
+    parse_config,
+    run_stamp,
+    setup_logging,
+)
+from jobs._ray_util import add_ray_args, init_ray, submitted_job_config, worker_runtime_env
+from t2v_core.embedding.fisher import METHODS
+from t2v_core.embedding.probes import Probe, available_archs, build_probe, resolve_weights
+from t2v_core.embedding.store import plan_embeddings
+from t2v_core.lease import LeaseError, LeaseHeld, RefreshLease
+from t2v_core.matrix.experts import Recipe, base_head, state_digest
+from t2v_core.matrix.rows import done_cells, missing_cells
+from t2v_core.recommend.meta_dataset import MetaDataset, load_meta_dataset
+from t2v_core.review import tracking
+from t2v_core.review.champion import Decision, Evaluation, data_digest, gate
+from t2v_core.storage import StorageRoot, redact_uri
+from t2v_core.zoo.manifest import read_experts, read_tasks
+
+log = logging.getLogger("jobs.refresh_zoo")
+
+EX_TEMPFAIL = 75  # sysexits.h: a temporary failure, try again later
+STATE = "refresh/state.json"
+LEASE_TTL_S = 900.0  # renewed every third of it while the refresh runs
+_BUGS = (TypeError, AttributeError, KeyError, IndexError, NameError, AssertionError)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config(CommonOptions):
+    """The job's options, with those of :class:`CommonOptions`; field names are the flags'
+    dest names, defaults the flags'. An option passes to every stage that has one of the same
+    name (root, tracking, probe, weights, method, seed, shard, address, ...)."""
+
+    folders: str | None = None
+    probe: str = "efficientnet_lite0"
+    weights: str | None = "wheel"
+    method: str = "montecarlo"
+    image_size: int | None = None
+    expert_tasks: str = "representative"
+    expert_epochs: int = Recipe.epochs
+    num_samples: int = 4
+    shard: tuple[int, int] | None = None
+    model2vec_epochs: int = 500
+    folds: str = "5"
+    seed: int = 0
+    error_floor: float = 0.02
+    plots: bool = True
+    address: str | None = None
+    local_cpus: int | None = None
+    forward_env: bool = True
+
+    def __post_init__(self) -> None:
+        if self.folds != "loo" and not (self.folds.isdigit() and int(self.folds) >= 2):
+            raise ValueError(f"--folds must be 'loo' or a number of folds ≥ 2, got {self.folds!r}")
+
+
+@dataclass(frozen=True)
+class RefreshResult:
+    """What a refresh did: ids of the tasks registered (added or changed), experts trained and
+    tasks embedded, cells filled, the new model's version, the champion decision (None: no new
+    model, or tracking off) and what failed (the rest is done). All empty when up to date."""
+
+    up_to_date: bool
+    registered: tuple[str, ...] = ()
+    experts: tuple[str, ...] = ()
+    embedded: tuple[str, ...] = ()
+    cells: int = 0
+    model_version: str | None = None
+    decision: Decision | None = None
+    problems: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Plan:
+    probe: Probe
+    registered: register_zoo.RegisterResult | None
+    experts: tuple[str, ...]
+    embeddings: tuple[str, ...]
+    cells: int
+
+
+class StepFailed(RuntimeError):
+    """A step of the refresh raised; the message names it, ``__cause__`` is the error."""
+
+
+@contextlib.contextmanager
+def _step(name: str):
+    try:
+        yield
+    except (LeaseError, StepFailed):
+        raise
+    except Exception as exc:
+        raise StepFailed(f"{name} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def run(config: Config) -> RefreshResult:
+    """Refresh under the root's lease; raises :class:`LeaseHeld` while another refresh holds
+    it and :class:`StepFailed` naming a step that raised."""
+    started, root = time.perf_counter(), StorageRoot(config.root)
+    with RefreshLease(root, owner=_owner(), ttl_s=LEASE_TTL_S) as lease:
+        plan = _plan(config, root)
+        fans_out = bool(plan.experts or plan.embeddings or plan.cells)
+        with _step("planning"):
+            if not fans_out and _inputs(config, plan)[2] == _state(root).get("digest"):
+                log.info("zoo %s is up to date: nothing to register, train, embed, fill or "
+                         "retrain (checked in %.1fs)", redact_uri(root.uri),
+                         time.perf_counter() - started)
+                return RefreshResult(True)
+        own_ray = fans_out and init_ray(config.address, local_cpus=config.local_cpus,
+                                        runtime_env=worker_runtime_env(config.forward_env))
+        try:
+            with _pipeline(config, plan):
+                result = _refresh(config, root, plan, lease)
+        finally:
+            if own_ray:
+                ray.shutdown()
+    log.info("refreshed %s in %.1fs: %d task(s) registered, %d expert(s) trained, %d embedded, "
+             "%d cell(s) filled, model %s", redact_uri(root.uri), time.perf_counter() - started,
+             len(result.registered), len(result.experts), len(result.embedded), result.cells,
+             result.model_version or "unchanged")
+    return result
+
+
+def _plan(config: Config, root: StorageRoot) -> _Plan:
+    """Register the folders, then find what is missing, reading only manifests and keys."""
+    with _step("register_zoo"):
+        registered = config.folders and register_zoo.run(_stage_config(register_zoo, config))
+    with _step("planning"):
+        tasks, experts = read_tasks(root), read_experts(root)
+        if not tasks:
+            raise ValueError(f"no tasks registered under {redact_uri(root.uri)}: pass --folders")
+        probe = build_probe(config.probe, config.weights, seed=config.seed,
+                            input_size=config.image_size)
+        recipe = _stage_config(embed_tasks, config, image_size=probe.input_size).embed_config
+        embed = plan_embeddings(root, tasks, probe.probe_id, config.method,
+                                config=recipe.resolved(probe)).todo
+        cells = missing_cells(tasks, experts, done_cells(root, tasks, experts, "probe"),
+                              shard=config.shard)
+        train = _experts_todo(config, root, probe)
+    log.info("to do: %d expert(s) to train, %d task(s) to embed, %d cell(s) to fill%s",
+             len(train), len(embed), len(cells), " (shard {}/{})".format(*config.shard)
+             if config.shard else "")
+    return _Plan(probe, registered or None, train, tuple(t.task_id for t in embed), len(cells))
+
+
+def _experts_todo(config: Config, root: StorageRoot, base: Probe) -> tuple[str, ...]:
+    """What train_experts would train now: its own plan, on its own Config."""
+    cfg = _experts_config(config, base.input_size)
+    generic = not cfg.no_generic
+    head = generic and base_head(resolve_weights(cfg.arch, cfg.weights),
+                                 base.feature_dim) is not None
+    todo, _ = train_experts.plan(root, cfg.arch, state_digest(base.backbone),
+                                 train_experts.select_tasks(read_tasks(root), cfg.tasks),
+                                 cfg.recipe, cfg.prefix or cfg.arch, generic, head)
+    return tuple(job.expert_id for job in todo)
+
+
+def _refresh(config: Config, root: StorageRoot, plan: _Plan, lease: RefreshLease
+             ) -> RefreshResult:
+    size, problems, experts, embedded, cells = plan.probe.input_size, [], (), (), 0
+    if plan.registered and config.tracking:
+        with tracking.stage_run("register_zoo", {"folders": redact_uri(config.folders)}):
+            tracking.log_metrics({f"tasks_{k}": len(getattr(plan.registered, k))
+                                  for k in ("added", "updated", "unchanged", "skipped")})
+    if plan.experts:
+        with _step("train_experts"):
+            report = train_experts.run(_experts_config(config, size))
+        experts = tuple(report.trained)
+        problems += [f"expert {e} failed to train" for e in report.failed]
+        lease.check()
+    if plan.embeddings:
+        with _step("embed_tasks"):
+            summary = embed_tasks.run(_stage_config(embed_tasks, config, image_size=size))
+        embedded = tuple(summary.done)
+        problems += [f"task {t} failed to embed: {e}" for t, e in summary.failed.items()]
+        lease.check()
+    if plan.cells or experts:
+        with _step("fill_matrix"):
+            cells, problem = _fill(config, size)
+        problems += [problem] if problem else []
+        lease.check()
+    with _step("train_model2vec, evaluate and promote"):
+        version, decision = _recommender(config, root, plan)
+    if config.tracking:
+        tracking.log_metrics({"experts_trained": len(experts), "tasks_embedded": len(embedded),
+                              "cells_filled": cells, "problems": len(problems)})
+    registered = plan.registered.added + plan.registered.updated if plan.registered else ()
+    return RefreshResult(False, registered, experts, embedded, cells, version, decision,
+                         tuple(problems))
+
+
+def _fill(config: Config, size: int) -> tuple[int, str | None]:
+    """The one call of the matrix job: (cells filled, what went wrong or None)."""
+    result = fill_matrix.run(_stage_config(fill_matrix, config, mode="probe", image_size=size,
+                                           num_cpus=config.local_cpus))
+    problem = (f"fill_matrix: {result.cells_missing} cell(s) missing, {result.trials_errored} "
+               "trial(s) errored; a re-run fills them")
+    return result.planned - result.cells_missing, (
+        problem if result.trials_errored or result.cells_missing else None)
+
+
+def _inputs(config: Config, plan: _Plan) -> tuple[MetaDataset, Evaluation, str]:
+    """The meta-dataset MODEL2VEC learns from, the evaluation that judges it, and the digest
+    of both with the recipe: an unchanged digest leaves nothing to retrain."""
+    data = load_meta_dataset(config.root, plan.probe.probe_id, config.method, mode="probe")
+    evaluation = Evaluation.of(data, config.folds, seed=config.seed,
+                               error_floor=config.error_floor)
+    spec = {"data": data_digest(data), "evaluation": asdict(evaluation),
+            "recipe": [config.model2vec_epochs, config.seed]}
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    return data, evaluation, digest
+
+
+def _recommender(config: Config, root: StorageRoot, plan: _Plan
+                 ) -> tuple[str | None, Decision | None]:
+    """Train, evaluate and gate a new MODEL2VEC when its inputs changed; record them."""
+    data, evaluation, digest = _inputs(config, plan)
+    if digest == _state(root).get("digest"):
+        log.info("the recommender's inputs did not change: no new model")
+        return None, None
+    trained = train_model2vec.run(_stage_config(  # alias "": the gate below decides on it
+        train_model2vec, config, probe_id=data.probe_id, max_epochs=config.model2vec_epochs,
+        alias=""))
+    evaluate.run(_stage_config(evaluate, config, probe_id=data.probe_id, folds=evaluation.folds,
+                               image_size=plan.probe.input_size, features_seed=config.seed))
+    decision = None
+    if trained.registered_version is None:
+        log.info("tracking is off: model %s is stored under the root; no champion is chosen",
+                 trained.version)
+    else:
+        with tracking.stage_run("promote", asdict(evaluation)):
+            decision = gate(data, trained.registered_version, evaluation)
+            tracking.log_metrics({"promoted": int(decision.promoted),
+                                  "candidate_score": decision.candidate_score,
+                                  "champion_score": decision.champion_score})
+    state = {"digest": digest, "model_version": trained.version, "finished": run_stamp(),
+             "decision": decision and asdict(decision)}
+    root.write_bytes_atomic(STATE, json.dumps(state, indent=2).encode())
+    return trained.version, decision
+
+
+def _state(root: StorageRoot) -> dict:
+    """What the last refresh that got to a recommender left (empty: none did)."""
+    return json.loads(root.read_bytes(STATE)) if root.exists(STATE) else {}
+
+
+def _pipeline(config: Config, plan: _Plan):
+    if not config.tracking:
+        return contextlib.nullcontext()
+    tracking.configure(config.root, tracking_uri=config.tracking_uri)
+    return tracking.pipeline_run("refresh", {
+        "root": redact_uri(config.root), "folders": config.folders and redact_uri(config.folders),
+        "probe_id": plan.probe.probe_id, "method": config.method, "shard": config.shard,
+        "experts_to_train": len(plan.experts), "tasks_to_embed": len(plan.embeddings),
+        "cells_to_fill": plan.cells})
+
+
+def _stage_config(stage, config: Config, **values):
+    """``stage.Config`` from the refresh's options of the same names (and no progress bars),
+    then ``values``; a name among ``values`` the stage does not take is a TypeError."""
+    names = {f.name for f in dataclasses.fields(stage.Config)}
+    shared = {k: v for k, v in {**asdict(config), "no_progress": True}.items()
+              if k in names and k not in values}
+    return stage.Config(**shared, **values)
+
+
+def _experts_config(config: Config, size: int) -> train_experts.Config:
+    return _stage_config(train_experts, config, image_size=size, tasks=config.expert_tasks,
+                         arch=config.probe, epochs=config.expert_epochs)
+
+
+def _owner() -> str:
+    """Who the lease names: this job, and its Ray submission when it was submitted."""
+    submission = ((submitted_job_config() or {}).get("metadata") or {}).get("job_submission_id")
+    return f"refresh_zoo (ray job {submission})" if submission else "refresh_zoo"
+
+
+def _shard(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match or int(match[1]) >= int(match[2]):
+        raise argparse.ArgumentTypeError(f"expected i/n with 0 <= i < n, got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    p = argparse.ArgumentParser(prog="python -m jobs.refresh_zoo",
+                                description=__doc__.split("\n\n")[0], epilog="exit status: 0 "
+                                "done or up to date, 1 a step failed, 2 bad arguments, 75 "
+                                "another refresh holds the lease")
+    add_common_args(p)
+    p.add_argument("--folders", help="folder (local or s3://) of task folders to register "
+                   "first (default: the tasks the manifest lists)")
+    z = p.add_argument_group("probe, experts and matrix")
+    z.add_argument("--probe", default="efficientnet_lite0", choices=available_archs(),
+                   help="probe of the embeddings, also the experts' base")
+    z.add_argument("--weights", default="wheel",
+                   help="its weights: a path or URI, 'wheel' or 'none' (seeded random)")
+    z.add_argument("--method", default="montecarlo", choices=METHODS, help="Fisher estimator")
+    z.add_argument("--image-size", type=int, help="input size (default: the probe's)")
+    z.add_argument("--expert-tasks", default="representative",
+                   help="sources of experts, as jobs.train_experts --tasks")
+    z.add_argument("--expert-epochs", type=int, default=Recipe.epochs)
+    z.add_argument("--num-samples", type=int, default=4, help="configurations per cell")
+    z.add_argument("--shard", type=_shard, help="i/n: fill the missing cells of shard i of n")
+    r = p.add_argument_group("recommender and champion")
+    r.add_argument("--model2vec-epochs", type=int, default=500,
+                   help="of the model, and of its refits in the evaluation")
+    r.add_argument("--folds", default="5", help="'loo' or K folds over tasks (at most one "
+                   "per task) of Table 1 and of the champion comparison")
+    r.add_argument("--seed", type=int, default=0,
+                   help="of the probe, experts, matrix, MODEL2VEC and folds")
+    add_error_floor_arg(r)
+    r.add_argument("--no-plots", dest="plots", action="store_false", help="no Table-1 plots")
+    add_ray_args(p)
+    return parse_config(p, Config, argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    setup_logging(config.verbose)
+    try:
+        result = run(config)
+    except LeaseHeld as exc:
+        log.error("another refresh is running: %s", exc)
+        return EX_TEMPFAIL
+    except Exception as exc:  # the scheduler sees status 1 and this message
+        named = isinstance(exc, StepFailed | LeaseError)
+        cause = exc.__cause__ if isinstance(exc, StepFailed) else exc
+        log.error("refresh of %s stopped: %s", redact_uri(config.root),
+                  exc if named else f"{type(exc).__name__}: {exc}",
+                  exc_info=isinstance(cause, _BUGS))  # a traceback where code is at fault
+        return 1
+    for problem in result.problems:
+        log.error("%s", problem)
+    return 1 if result.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
