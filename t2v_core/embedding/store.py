@@ -6,12 +6,20 @@ Layout under a storage root (one dataset per probe and Fisher estimator)::
     embeddings/probe=<probe_id>/method=<m>/part-<hash>.parquet   one row per embedded task
     embedding_failures/probe=<probe_id>/method=<m>/part-<hash>.parquet
 
-Rows are keyed by (task_id, content_hash, probe, method): a task whose data changed gets a new
-row next to the old one, and readers pick the row that matches the manifest (or the newest).
+Rows are keyed by (task_id, content_hash, probe, method, max_per_class): a task whose data
+changed gets a new row next to the old one, and readers pick the row that matches the manifest
+(or the newest). ``max_per_class`` is the training-set size the embedding was computed on, at
+most that many images per class (null: all of them), as the matrix keys its cells: a task's
+full-data embedding and its embeddings on a few images per class sit side by side in one
+dataset, and each reader asks for one size. Rows written before the column existed read as
+full data, which is what they were used as.
 Each row is written as its own part file named after its key, so writing a key again (a re-run,
 or two runs started at the same time that both embed a task) replaces that file: on disk there
-is one row per key whatever the writers did. Parts of the earlier layout hold several keys
-each; they are read like any other part, and readers keep the newest row of a key.
+is one row per key whatever the writers did. A full-data part is named after the key without
+the size, so its name is the one the earlier layout gave it. Parts of the earlier layout hold
+several keys each; they are read like any other part, and readers keep the newest row of a key.
+Embeddings on capped subsets used to live under ``subsampled/max_per_class=<n>/`` with a copy
+of the task manifest; readers of that size still find them there.
 The filter names are long and identical for every task of a probe, so they are stored once;
 their file starts with ``_`` so that dataset readers (pyarrow, Spark, :class:`StorageRoot`)
 never mix it into the embedding rows. Failures live in a sibling tree for the same reason.
@@ -46,6 +54,10 @@ from t2v_core.zoo.manifest import TaskSpec
 log = logging.getLogger(__name__)
 
 KEY_COLUMNS = ("task_id", "content_hash", "probe", "method")
+#: The key of a row computed on a capped subset; full-data rows keep :data:`KEY_COLUMNS`.
+SIZED_KEY_COLUMNS = (*KEY_COLUMNS, "max_per_class")
+#: Where capped-subset embeddings were kept before the size joined the key.
+LEGACY_SUBSAMPLED_DIR = "subsampled"
 _TIMESTAMP = pa.timestamp("us", tz="UTC")
 
 #: The shared embeddings schema plus the recipe and bookkeeping columns of this dataset.
@@ -55,6 +67,7 @@ EMBEDDING_ROWS_SCHEMA = pa.schema(
         pa.field("filters_digest", pa.string()),  # sha256 of the filter names, see _filters.parquet
         pa.field("config", pa.string()),  # JSON recipe: image size, sample caps, seed, ...
         pa.field("seconds", pa.float64()),  # compute time of the task on its worker
+        pa.field("max_per_class", pa.int32()),  # training images per class; null: all
     ]
 )
 
@@ -69,6 +82,7 @@ FAILURES_SCHEMA = pa.schema(
         pa.field("transient", pa.bool_(), nullable=False),
         pa.field("config", pa.string()),
         pa.field("failed_at", _TIMESTAMP),
+        pa.field("max_per_class", pa.int32()),
     ]
 )
 
@@ -259,8 +273,10 @@ def embeddings_table(
     config: str | None = None,
     filters: str | None = None,
     created_at: dt.datetime | None = None,
+    max_per_class: int | None = None,
 ) -> pa.Table:
-    """Arrow rows of the successful outcomes (schema :data:`EMBEDDING_ROWS_SCHEMA`)."""
+    """Arrow rows of the successful outcomes (schema :data:`EMBEDDING_ROWS_SCHEMA`), computed
+    on at most ``max_per_class`` training images per class (None: all)."""
     ok = [o for o in outcomes if o.ok]
     created_at = created_at or _now()
     return pa.Table.from_pylist(
@@ -277,6 +293,7 @@ def embeddings_table(
                 "filters_digest": filters,
                 "config": config,
                 "seconds": float(o.seconds),
+                "max_per_class": max_per_class,
             }
             for o in ok
         ],
@@ -291,6 +308,7 @@ def failures_table(
     *,
     config: str | None = None,
     failed_at: dt.datetime | None = None,
+    max_per_class: int | None = None,
 ) -> pa.Table:
     failed_at = failed_at or _now()
     return pa.Table.from_pylist(
@@ -305,6 +323,7 @@ def failures_table(
                 "transient": bool(o.transient),
                 "config": config,
                 "failed_at": failed_at,
+                "max_per_class": max_per_class,
             }
             for o in outcomes
             if not o.ok
@@ -313,11 +332,44 @@ def failures_table(
     )
 
 
-def _read(root: StorageRoot, rel: str, schema: pa.Schema, columns: Sequence[str] | None = None):
-    if not root.exists(rel):
-        cols = schema if columns is None else pa.schema([schema.field(c) for c in columns])
-        return cols.empty_table()
-    return root.read_table(rel, schema=schema, columns=columns)
+def _read(root: StorageRoot, rel: str, schema: pa.Schema) -> pa.Table:
+    return root.read_table(rel, schema=schema) if root.exists(rel) else schema.empty_table()
+
+
+def part_keys(table: pa.Table) -> tuple[str, ...]:
+    """The columns a part's file name is made from: the size joins the key only when it is
+    set, so a full-data part keeps the name the earlier layout gave it."""
+    capped = table.column("max_per_class").null_count < table.num_rows
+    return SIZED_KEY_COLUMNS if capped else KEY_COLUMNS
+
+
+def legacy_path(rel: str, max_per_class: int) -> str:
+    """Where the earlier layout kept dataset ``rel`` of a capped size: under a root of its own."""
+    return f"{LEGACY_SUBSAMPLED_DIR}/max_per_class={int(max_per_class)}/{rel}"
+
+
+def _read_size(root: StorageRoot, rel: str, schema: pa.Schema, max_per_class: int | None,
+               columns: Sequence[str] | None = None) -> pa.Table:
+    """The rows of dataset ``rel`` computed at one training-set size (None: full data; rows
+    without the column count as full data), and for a capped size also the rows the earlier
+    layout kept for it under :func:`legacy_path`. Whole rows are read: parts written before
+    the size column existed lack it, and Parquet refuses to select a column a file lacks."""
+    table = _read(root, rel, schema)
+    size = table.column("max_per_class")
+    table = table.filter(pc.is_null(size) if max_per_class is None
+                         else pc.fill_null(pc.equal(size, max_per_class), False))
+    if max_per_class is not None:
+        legacy = _read(root, legacy_path(rel, max_per_class), schema)
+        sized = pa.array([max_per_class] * legacy.num_rows, pa.int32())
+        legacy = legacy.set_column(legacy.schema.get_field_index("max_per_class"),
+                                   "max_per_class", sized)
+        table = pa.concat_tables([legacy, table])
+    return table if columns is None else table.select(list(columns))
+
+
+def describe_size(max_per_class: int | None) -> str:
+    """A training-set size as log and error messages name it."""
+    return "all images" if max_per_class is None else f"{max_per_class} images per class"
 
 
 def _newest(table: pa.Table, keys: Sequence[str], time_column: str) -> pa.Table:
@@ -364,9 +416,10 @@ def write_filter_names(root: StorageRoot, probe_id: str, names: Sequence[str]) -
 
 
 # -- what is missing -----------------------------------------------------------------------
-def read_failures(root: StorageRoot, probe_id: str, method: str) -> pa.Table:
-    """Recorded failures, the newest per (task_id, content_hash)."""
-    table = _read(root, failures_path(probe_id, method), FAILURES_SCHEMA)
+def read_failures(root: StorageRoot, probe_id: str, method: str,
+                  max_per_class: int | None = None) -> pa.Table:
+    """Recorded failures at one training-set size, the newest per (task_id, content_hash)."""
+    table = _read_size(root, failures_path(probe_id, method), FAILURES_SCHEMA, max_per_class)
     return _newest(table, ["task_id", "content_hash"], "failed_at")
 
 
@@ -390,19 +443,19 @@ def plan_embeddings(
     retry_failed: bool = False,
 ) -> EmbedPlan:
     """Split ``tasks`` into those without an embedding at their current content hash (to do)
-    and the rest. A task that failed for good at its current hash is skipped unless
-    ``retry_failed``; one that failed transiently is always tried again."""
-    existing = _read(
-        root, dataset_path(probe_id, method), EMBEDDING_ROWS_SCHEMA,
-        columns=["task_id", "content_hash", "config"],
-    )
+    and the rest, at the training-set size of ``config`` (None: full data). A task that failed
+    for good at its current hash and size is skipped unless ``retry_failed``; one that failed
+    transiently is always tried again."""
+    cap = config.max_per_class if config is not None else None
+    existing = _read_size(root, dataset_path(probe_id, method), EMBEDDING_ROWS_SCHEMA, cap,
+                          columns=["task_id", "content_hash", "config"])
     have: dict[tuple[str, str], set[str | None]] = {}
     for t, h, c in zip(*(existing.column(n).to_pylist() for n in existing.column_names),
                        strict=True):
         have.setdefault((t, h), set()).add(c)
     failed: dict[tuple[str, str], str] = {}
     if not retry_failed:
-        for row in read_failures(root, probe_id, method).to_pylist():
+        for row in read_failures(root, probe_id, method, cap).to_pylist():
             if not row["transient"]:
                 failed[(row["task_id"], row["content_hash"])] = (
                     f"{row['error_type']}: {row['error']}"
@@ -421,8 +474,8 @@ def plan_embeddings(
             todo.append(spec)
     if other:
         log.warning(
-            "%d task(s) already have %s/%s embeddings made with another recipe; they are kept "
-            "(first: %s)", len(other), probe_id, method, other[0],
+            "%d task(s) already have %s/%s embeddings on %s made with another recipe; they are "
+            "kept (first: %s)", len(other), probe_id, method, describe_size(cap), other[0],
         )
     return EmbedPlan(tuple(todo), tuple(done), skipped, tuple(other))
 
@@ -481,6 +534,7 @@ class EmbeddingWriter:
         self.filter_names = tuple(filter_names)
         self.digest = filters_digest(self.filter_names)
         self.config = config.to_json() if config is not None else None
+        self.max_per_class = config.max_per_class if config is not None else None
         self.batch_size, self.max_wait_s = batch_size, max_wait_s
         self.write_retries, self.retry_backoff_s = write_retries, retry_backoff_s
         self.clock = clock
@@ -529,11 +583,12 @@ class EmbeddingWriter:
                 )
                 self._filters_ok = True
             table = embeddings_table(ok, self.probe_id, self.method, config=self.config,
-                                     filters=self.digest)
+                                     filters=self.digest, max_per_class=self.max_per_class)
             parts += self._write_per_key("embeddings", dataset_path(self.probe_id, self.method),
                                          table)
         if bad:
-            table = failures_table(bad, self.probe_id, self.method, config=self.config)
+            table = failures_table(bad, self.probe_id, self.method, config=self.config,
+                                   max_per_class=self.max_per_class)
             parts += self._write_per_key(
                 "failure records", failures_path(self.probe_id, self.method), table)
         self._pending.clear()
@@ -547,7 +602,7 @@ class EmbeddingWriter:
     def _write_per_key(self, what: str, dataset: str, table: pa.Table) -> list[str]:
         """One part per row, named after the row's key: a key written again replaces its file."""
         return [
-            self._retrying(what, lambda row=row: self.root.write_part(dataset, row, KEY_COLUMNS))
+            self._retrying(what, lambda row=row: self.root.write_part(dataset, row, part_keys(row)))
             for row in (table.slice(i, 1) for i in range(table.num_rows))
         ]
 
@@ -588,9 +643,11 @@ class EmbeddingMatrix:
         return self.vectors[self.task_ids.index(task_id)]
 
 
-def read_embedding_rows(root: StorageRoot, probe_id: str, method: str) -> pa.Table:
-    """Every stored row of a probe and method, duplicates and old content hashes included."""
-    return _read(root, dataset_path(probe_id, method), EMBEDDING_ROWS_SCHEMA)
+def read_embedding_rows(root: StorageRoot, probe_id: str, method: str,
+                        max_per_class: int | None = None) -> pa.Table:
+    """Every stored row of a probe and method at one training-set size (None: full data),
+    duplicates and old content hashes included."""
+    return _read_size(root, dataset_path(probe_id, method), EMBEDDING_ROWS_SCHEMA, max_per_class)
 
 
 def read_embeddings(
@@ -599,16 +656,18 @@ def read_embeddings(
     method: str,
     tasks: Sequence[TaskSpec] | None = None,
     *,
+    max_per_class: int | None = None,
     with_filter_names: bool = True,
 ) -> EmbeddingMatrix:
-    """The embeddings of a probe and method as a matrix.
+    """The embeddings of a probe and method as a matrix, those computed on at most
+    ``max_per_class`` training images per class (None: on all of them).
 
     Without ``tasks``: the newest row of every task id, sorted by id. With ``tasks`` (e.g. the
     manifest): in their order, the row at each task's current content hash; tasks without one
     are left out (and logged).
     """
     root = root if isinstance(root, StorageRoot) else StorageRoot(root)
-    table = read_embedding_rows(root, probe_id, method)
+    table = read_embedding_rows(root, probe_id, method, max_per_class)
     if tasks is None:
         table = _newest(table, ["task_id"], "created_at")
     else:
@@ -621,8 +680,9 @@ def read_embeddings(
         table = table.filter(pc.greater_equal(table.column("_order"), 0))
         table = table.sort_by("_order").drop_columns(["_order"])
         if table.num_rows < len(wanted):
-            log.info("%d of %d task(s) have no %s/%s embedding at their current content hash",
-                     len(wanted) - table.num_rows, len(wanted), probe_id, method)
+            log.info("%d of %d task(s) have no %s/%s embedding on %s at their current content "
+                     "hash", len(wanted) - table.num_rows, len(wanted), probe_id, method,
+                     describe_size(max_per_class))
     dims = set(table.column("dim").to_pylist())
     if len(dims) > 1:
         raise ValueError(f"{probe_id}/{method} rows have different dimensions {sorted(dims)}")

@@ -7,9 +7,9 @@ tasks' families. Only tasks that have both an embedding at their current content
 least one matrix cell take part.
 
 The same arrays exist per training-set size (``max_per_class``: the matrix rows trained on at
-most that many images per class). Task embeddings computed on such a subset live in a root of
-their own, :func:`subsample_root`, next to the root's full-data ``embeddings/``, so that
-:func:`resolve_embedding_set` still finds one set there.
+most that many images per class). Task embeddings computed on such a subset are stored beside
+the full-data ones, keyed by the same size (:mod:`t2v_core.embedding.store`), so one probe and
+method name them all and each size reads its own.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pyarrow as pa
 
-from t2v_core.embedding.store import read_embeddings
+from t2v_core.embedding.store import describe_size, read_embeddings
 from t2v_core.matrix.rows import pivot, read_matrix
 from t2v_core.storage import StorageRoot
 from t2v_core.zoo.manifest import read_experts, read_tasks
@@ -31,7 +31,6 @@ from t2v_core.zoo.manifest import read_experts, read_tasks
 log = logging.getLogger(__name__)
 
 _PARTITION = re.compile(r"^(?P<key>[a-z_]+)=(?P<value>.+)$")
-SUBSAMPLED_DIR = "subsampled"
 EMBEDDING_SOURCES = ("subsample", "full")
 
 
@@ -103,15 +102,6 @@ class MetaDataset:
         return tuple(e for e, m in zip(self.expert_ids, missing, strict=True) if m)
 
 
-def subsample_root(root: StorageRoot, max_per_class: int) -> StorageRoot:
-    """The root for task embeddings computed on at most ``max_per_class`` training images per
-    class: ``subsampled/max_per_class=<n>/`` under ``root``, holding a copy of the task
-    manifest (so the embedding job runs on it unchanged) and its own ``embeddings/``."""
-    if max_per_class < 1:
-        raise ValueError(f"max_per_class must be at least 1, got {max_per_class}")
-    return StorageRoot(root.join(f"{SUBSAMPLED_DIR}/max_per_class={int(max_per_class)}"))
-
-
 def _partitions(root: StorageRoot, rel: str, key: str) -> list[str]:
     values = []
     for name in root.list(rel):
@@ -157,9 +147,9 @@ def load_meta_dataset(
     """Read zoo, embeddings and matrix from ``root`` and align them.
 
     ``max_per_class`` picks the matrix of that training-set size (None: full data). With
-    ``task_embeddings="subsample"`` the tasks' embeddings come from :func:`subsample_root` of
-    that size, computed on the images its matrix cells were trained on; the experts' source
-    embeddings always come from full data, as each expert was trained on all of its source.
+    ``task_embeddings="subsample"`` the tasks' embeddings are those of that size, computed on
+    the images its matrix cells were trained on; the experts' source embeddings always come
+    from full data, as each expert was trained on all of its source.
     """
     root = root if isinstance(root, StorageRoot) else StorageRoot(root)
     if task_embeddings not in EMBEDDING_SOURCES:
@@ -174,7 +164,7 @@ def load_meta_dataset(
     full = read_embeddings(root, probe_id, method, tasks)
     emb = full
     if task_embeddings == "subsample":
-        emb = read_embeddings(subsample_root(root, max_per_class), probe_id, method, tasks)
+        emb = read_embeddings(root, probe_id, method, tasks, max_per_class=max_per_class)
     table = read_matrix(root, mode=mode, tasks=tasks, experts=experts, max_per_class=max_per_class)
     expert_ids = [e.expert_id for e in experts]
     errors, row_ids, _ = pivot(table, emb.task_ids, expert_ids, max_per_class=max_per_class)
@@ -184,10 +174,10 @@ def load_meta_dataset(
     test_sizes, _, _ = pivot(recorded, emb.task_ids, expert_ids, "n_test",
                              max_per_class=max_per_class)
     keep = np.isfinite(errors).any(axis=1)
-    size = "all images" if max_per_class is None else f"{max_per_class} images per class"
     if not keep.any():
         raise ValueError(f"no task under {root!r} has both a {probe_id}/{method} embedding "
-                         f"({task_embeddings} data) and a {mode} matrix cell ({size})")
+                         f"({task_embeddings} data) and a {mode} matrix cell "
+                         f"({describe_size(max_per_class)})")
     if (~keep).any():
         log.info("%d embedded task(s) have no matrix cell yet and are left out", int((~keep).sum()))
     by_id = {t.task_id: t for t in tasks}

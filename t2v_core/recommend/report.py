@@ -11,18 +11,22 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from t2v_core.recommend.diagnostics import FamilyRecovery, NormDifficulty
+from t2v_core.recommend.meta_dataset import MetaDataset
 from t2v_core.recommend.protocol import MIXED, EvaluationResult
 
 __all__ = [
     "PAPER_TABLE1",
+    "EfficiencySetting",
     "data_efficiency_markdown",
+    "data_efficiency_report",
     "folds_label",
+    "size_label",
     "to_json",
     "to_markdown",
 ]
@@ -137,6 +141,83 @@ def data_efficiency_markdown(
         ]
         lines.append(_row(cells))
     return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class EfficiencySetting:
+    """How a data-efficiency evaluation was run, as its report states it."""
+
+    mode: str  # the matrix: probe or finetune
+    task_embeddings: str  # "subsample" (embedded on each size's images) or "full"
+    folds: str | int
+    repeats: int
+    error_floor: float
+    seed: int  # of the image subsets
+
+
+def size_label(max_per_class: int | None) -> str:
+    """A training-set size as a column of the data-efficiency table: "5/class" or "all"."""
+    return "all" if max_per_class is None else f"{max_per_class}/class"
+
+
+def _oracle_error(errors: np.ndarray) -> float | None:
+    finite = np.isfinite(errors).any(axis=1)
+    return float(np.nanmin(errors[finite], axis=1).mean()) if finite.any() else None
+
+
+def _context_columns_line(columns: list[str]) -> str:
+    """Where the table's context columns read their inputs at a size."""
+    scores = [n for n in columns if n != "Brute force (val)"]
+    parts = [f"{', '.join(scores)}: each expert's features of the same images, as the matrix "
+             "job cached them at that size"] if scores else []
+    if "Brute force (val)" in columns:
+        parts.append("Brute force (val): the validation errors of that size's cells")
+    return "; ".join(parts) + "." if parts else ""
+
+
+def data_efficiency_report(results: Mapping[int | None, EvaluationResult],
+                           data: Mapping[int | None, MetaDataset], setting: EfficiencySetting,
+                           context_columns: list[str]) -> tuple[str, dict]:
+    """The Markdown and JSON of a data-efficiency evaluation: ``results`` and ``data`` map each
+    training-set size (images per class, None: all) to its evaluation and the meta-dataset it
+    ran on (the same tasks and experts at every size); ``context_columns`` are the rows that
+    read per-size inputs (LogME, LEEP, NCE, brute force)."""
+    first = next(iter(data.values()))
+    by_label = {size_label(size): res for size, res in results.items()}
+    oracle = {size_label(size): _oracle_error(d.errors) for size, d in data.items()}
+    if setting.task_embeddings == "subsample":
+        embedded = ("task embeddings computed on the same images (experts keep their "
+                    "full-data source embeddings)")
+    else:
+        embedded = ("LIMITATION: full-data task embeddings at every size, so the selectors "
+                    "see more of each task than its training did")
+    header = (f"## Data efficiency: expert selection by training-set size "
+              f"({len(first.task_ids)} tasks × {len(first.expert_ids)} experts, {setting.mode}-"
+              f"mode matrix, probe {first.probe_id}, {first.method} Fisher, "
+              f"{folds_label(setting.folds, setting.repeats)}, "
+              f"oracle errors floored at {setting.error_floor:g})")
+    sizes_line = (f"A column is a cap on training images per class (seeded subset, seed "
+                  f"{setting.seed}; 'all' = the whole training split), for the matrix cells and "
+                  f"the selectors alike; {embedded}.")
+    columns_line = _context_columns_line(context_columns)
+    oracle_line = "Mean test error of the oracle expert: " + ", ".join(
+        f"{k} {'–' if v is None else f'{v:.3f}'}" for k, v in oracle.items()) + "."
+    markdown = "\n\n".join([
+        header, sizes_line, *([columns_line] if columns_line else []),
+        data_efficiency_markdown(by_label).rstrip(),
+        data_efficiency_markdown(by_label, metric="top1_hit_rate").rstrip(),
+        oracle_line,
+    ]) + "\n"
+    payload = {
+        "sizes": list(by_label), "max_per_class": list(results),
+        "task_embeddings": setting.task_embeddings, "mode": setting.mode,
+        "probe_id": first.probe_id, "method": first.method, "folds": setting.folds,
+        "repeats": setting.repeats, "error_floor": setting.error_floor, "seed": setting.seed,
+        "task_ids": list(first.task_ids), "expert_ids": list(first.expert_ids),
+        "mean_oracle_error": oracle, "context_columns": list(context_columns),
+        "by_size": {label: json.loads(to_json(res)) for label, res in by_label.items()},
+    }
+    return markdown, payload
 
 
 def _jsonable(value: Any) -> Any:
