@@ -22,8 +22,9 @@ C = TypeVar("C")
 R = TypeVar("R")
 
 
-def opt(default: Any = MISSING, help: str | None = None, *, flag: str | tuple[str, ...] | None = None,
-        group: str | None = None, exclusive: bool = False, **argparse_kwargs: Any) -> Any:
+def opt(default: Any = MISSING, help: str | None = None, *,
+        flag: str | tuple[str, ...] | None = None, group: str | None = None,
+        exclusive: bool = False, **argparse_kwargs: Any) -> Any:
     """A Config field that is also a flag. The flag is ``--field-name`` unless ``flag`` names
     it; a bool defaulting to False is a ``store_true`` switch, one defaulting to True a
     ``store_false`` switch (``--no-field-name``); a field without default is a required flag.
@@ -65,7 +66,7 @@ def add_options(parser: argparse.ArgumentParser, config_type: type,
     the --help sections a job inherits (Ray) come after its own flags."""
     hints = typing.get_type_hints(config_type)
     own = config_type.__dict__.get("__annotations__", {})
-    chosen = sorted((f for f in dataclasses.fields(config_type) if names is None or f.name in names),
+    chosen = sorted([f for f in dataclasses.fields(config_type) if not names or f.name in names],
                     key=lambda f: bool(f.metadata.get("group")) and f.name not in own)
     titles = dict.fromkeys(f.metadata["group"] for f in chosen if f.metadata.get("group"))
     groups = {title: parser.add_argument_group(title) for title in titles}

@@ -15,24 +15,17 @@ import logging
 import sys
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from jobs._cli import EmbeddingSetOptions, opt, parse_config, run_main, run_stamp
-from t2v_core.embedding.probes import build_probe
-from t2v_core.embedding.store import EmbedConfig, embed_task, read_embeddings
 from t2v_core.matrix.rows import read_matrix
 from t2v_core.recommend.model_store import load_model
+from t2v_core.recommend.task_vectors import new_task_vectors, zoo_task_vectors
 from t2v_core.review.recommender_model import recommendations_frame
 from t2v_core.storage import StorageRoot
-from t2v_core.zoo.manifest import read_tasks, select_specs
 
 log = logging.getLogger("jobs.recommend")
-
-
-class RecommendError(ValueError):
-    """The tasks cannot be ranked: unknown, not embedded, or embedded by another probe."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,40 +72,6 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return parse_config(Config, argv)
 
 
-def _embed_new(config: Config, meta: dict) -> tuple[list[str], np.ndarray]:
-    from t2v_core.zoo.data import scan_task
-
-    probe = build_probe(config.probe, config.weights, input_size=config.image_size)
-    if probe.probe_id != meta["probe_id"]:
-        raise RecommendError(f"the recommender was trained on embeddings of probe "
-                             f"{meta['probe_id']}, but --probe/--weights give {probe.probe_id}")
-    embed_config = EmbedConfig(method=meta["method"], image_size=config.image_size,
-                               max_per_class=config.max_per_class)
-    ids, vectors = [], []
-    for uri in config.data:
-        spec, problems = scan_task(uri)
-        for problem in problems:
-            log.warning("%s: %s", spec.task_id, problem)
-        ids.append(spec.task_id)
-        vectors.append(embed_task(spec, probe, embed_config).vector)
-        log.info("embedded new task %s (%d classes)", spec.task_id, spec.n_classes)
-    return ids, np.stack(vectors)
-
-
-def _zoo_embeddings(root: StorageRoot, patterns: str, meta: dict) -> tuple[list[str], np.ndarray]:
-    try:
-        tasks = select_specs(read_tasks(root), patterns)
-    except ValueError as exc:
-        raise RecommendError(str(exc)) from exc
-    task_ids = [t.task_id for t in tasks]
-    emb = read_embeddings(root, meta["probe_id"], meta["method"], tasks, with_filter_names=False)
-    missing = [t for t in task_ids if t not in emb.task_ids]
-    if missing:
-        raise RecommendError(f"no current {meta['probe_id']}/{meta['method']} embedding for "
-                             f"{', '.join(missing)}: run jobs.embed_tasks first")
-    return task_ids, np.stack([emb.row(t) for t in task_ids])
-
-
 def _registered_model(config: Config, root: StorageRoot):
     from t2v_core.recommend.meta_dataset import resolve_embedding_set
     from t2v_core.review.recommender_model import load_recommender
@@ -134,9 +93,11 @@ def recommend(config: Config) -> pd.DataFrame:
     else:
         model, meta = load_model(root, config.version)
     if config.data:
-        task_ids, vectors = _embed_new(config, meta)
+        task_ids, vectors = new_task_vectors(
+            config.data, config.probe, config.weights, meta["probe_id"], meta["method"],
+            image_size=config.image_size, max_per_class=config.max_per_class)
     else:
-        task_ids, vectors = _zoo_embeddings(root, config.tasks, meta)
+        task_ids, vectors = zoo_task_vectors(root, config.tasks, meta["probe_id"], meta["method"])
     matrix = read_matrix(root).to_pandas() if root.exists("matrix") else None
     return recommendations_frame(model, vectors, task_ids, errors=matrix)
 
