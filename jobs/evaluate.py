@@ -25,13 +25,13 @@ import sys
 from dataclasses import dataclass
 
 from jobs._cli import (
-    add_common_args,
-    add_embedding_args,
-    add_error_floor_arg,
-    add_repeats_arg,
-    check_repeats,
+    MetaDatasetOptions,
+    opt,
+    parse_config,
+    repeats_option,
+    repeats_problem,
+    run_main,
     run_stamp,
-    setup_logging,
 )
 from t2v_core.recommend.meta_dataset import MetaDataset, load_meta_dataset
 from t2v_core.recommend.protocol import EvaluationResult
@@ -41,27 +41,46 @@ from t2v_core.storage import StorageRoot
 log = logging.getLogger("jobs.evaluate")
 
 
-@dataclass(frozen=True)
-class Config:
-    """The job's options; each field is a flag's destination (--model2vec-epochs →
-    model2vec_epochs), with the flag's default."""
+class FoldsError(argparse.ArgumentTypeError, ValueError):
+    """A --folds that is neither 'loo' nor a number: a usage error on the command line, a
+    ValueError from :func:`run`."""
 
-    root: str = "./t2v-data"
-    tracking: bool = True
-    tracking_uri: str | None = None
-    verbose: bool = False
-    probe_id: str | None = None
-    method: str | None = None
-    mode: str = "probe"
-    error_floor: float = 0.02
-    folds: str | int = "loo"  # 'loo' or a number of folds over tasks
-    repeats: int = 1
-    seed: int = 0
-    model2vec_epochs: int = 300
-    plots: bool = True
-    image_size: int | None = None  # of the matrix's cached features: LogME, LEEP, NCE
-    max_per_class: int | None = None
-    features_seed: int = 0
+
+def _folds(folds: str | int) -> str | int:
+    """'loo', or the number of folds as an int."""
+    if folds == "loo":
+        return folds
+    try:
+        return int(folds)
+    except (TypeError, ValueError):
+        raise FoldsError(f"folds must be 'loo' or a number of folds, got {folds!r}") from None
+
+
+TRANSFER = ("LogME, LEEP and NCE baselines (from the matrix job's cached expert features and "
+            "the experts' source heads)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config(MetaDatasetOptions):
+    """The job's options, one field per flag, with those of :class:`MetaDatasetOptions`."""
+
+    folds: str | int = opt("loo", type=_folds, help="'loo' (leave-one-task-out) or a number of "
+                           "folds over tasks")
+    repeats: int = repeats_option()
+    seed: int = opt(0)
+    model2vec_epochs: int = opt(300, help="MODEL2VEC epochs per fold (it is refitted for every "
+                                "held-out fold)")
+    plots: bool = opt(True)
+    image_size: int | None = opt(None, group=TRANSFER, help="image size the matrix was filled "
+                                 "with; enables the LogME column, and the LEEP and NCE columns "
+                                 "when every expert has a source head")
+    max_per_class: int | None = opt(None, group=TRANSFER)
+    features_seed: int = opt(0, group=TRANSFER)
+
+    def __post_init__(self) -> None:
+        problem = repeats_problem(self.repeats, self.folds)
+        if problem:
+            raise ValueError(problem)
 
 
 @dataclass(frozen=True)
@@ -77,42 +96,8 @@ class EvaluateResult:
     json_path: str
 
 
-def _folds(folds: str | int) -> str | int:
-    """'loo', or the number of folds as an int."""
-    if folds == "loo":
-        return folds
-    try:
-        return int(folds)
-    except (TypeError, ValueError):
-        raise ValueError(f"folds must be 'loo' or a number of folds, got {folds!r}") from None
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n\n")[0])
-    add_common_args(p)
-    add_embedding_args(p)
-    add_error_floor_arg(p)
-    p.add_argument("--folds", default="loo",
-                   help="'loo' (leave-one-task-out) or a number of folds over tasks")
-    add_repeats_arg(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model2vec-epochs", type=int, default=300,
-                   help="MODEL2VEC epochs per fold (it is refitted for every held-out fold)")
-    p.add_argument("--no-plots", dest="plots", action="store_false")
-    t = p.add_argument_group("LogME, LEEP and NCE baselines (from the matrix job's cached "
-                             "expert features and the experts' source heads)")
-    t.add_argument("--image-size", type=int, default=None,
-                   help="image size the matrix was filled with; enables the LogME column, and "
-                        "the LEEP and NCE columns when every expert has a source head")
-    t.add_argument("--max-per-class", type=int, default=None)
-    t.add_argument("--features-seed", type=int, default=0)
-    args = p.parse_args(argv)
-    try:
-        args.folds = _folds(args.folds)
-    except ValueError as exc:
-        p.error(str(exc))
-    check_repeats(p, args)
-    return args
+def parse_args(argv: list[str] | None = None) -> Config:
+    return parse_config(Config, argv)
 
 
 def write_report(root: StorageRoot, table: Table1Report) -> str:
@@ -182,15 +167,9 @@ def run(config: Config) -> EvaluateResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    setup_logging(args.verbose)
-    try:
-        outcome = run(Config(**vars(args)))
-    except ValueError as exc:  # nothing to evaluate, or options the data cannot meet
-        log.error("%s", exc)
-        return 1
-    print(outcome.markdown)
-    return 0
+    # ValueError: nothing to evaluate, or options the data cannot meet
+    return run_main(parse_args, run, argv, errors={ValueError: 1},
+                    report=lambda config, outcome: print(outcome.markdown))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from ray.tune.logger import JsonLoggerCallback
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from jobs._cli import add_tracking_args, record_stage, setup_logging
+from jobs._cli import opt, parse_config, record_stage, run_main, tracking_uri_option
 from jobs._ray_util import init_ray, worker_runtime_env
 from t2v_core.matrix import cells
 from t2v_core.matrix.finetune import HeadConfig, SearchSpace
@@ -64,45 +64,74 @@ class UsageError(ValueError):
 
 
 # -- configuration --------------------------------------------------------------------------
-@dataclass(frozen=True)
+def _range(text: str) -> tuple[float, float]:
+    lo, _, hi = text.partition(",")
+    return float(lo), float(hi or lo)
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected i/n, got {text!r}") from None
+    return i, n
+
+
+SEARCH, RECIPE, EXECUTION = "search", "recipe", "execution"
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
-    """The job's settings; each field is the flag of the same name (``--max-cells`` →
-    ``max_cells``) with the same default. ``layout`` "auto", ``epochs`` None and ``lr`` None
-    take the mode's own (batched/300 steps for probe, trial/10 epochs for finetune;
+    """The job's settings, one field per flag. ``layout`` "auto", ``epochs`` None and ``lr``
+    None take the mode's own (batched/300 steps for probe, trial/10 epochs for finetune;
     1e-3..1e-1)."""
 
-    root: str = "./t2v-data"
-    tracking_uri: str | None = None
-    tracking: bool = True
-    mode: str = "probe"
-    tasks: str | None = None
-    experts: str | None = None
-    shard: tuple[int, int] | None = None
-    max_cells: int | None = None
-    retry_failed: bool = False
-    num_samples: int = 4
-    lr: tuple[float, float] | None = None
-    weight_decay: tuple[float, float] = (1e-6, 1e-2)
-    layout: str = "auto"
-    cells_per_trial: int = 32
-    seed: int = 0
-    epochs: int | None = None
-    hidden: int = 0
-    batch_size: int = 32
-    image_size: int | None = None
-    max_per_class: int | None = None
-    max_test_per_class: int | None = None
-    val_fraction: float = 0.2
-    address: str | None = None
-    num_cpus: int | None = None
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    max_concurrent_trials: int | None = None
-    max_failures: int = 1
-    name: str | None = None
-    summary_json: str | None = None
-    no_progress: bool = False
-    verbose: bool = False
+    root: str = opt("./t2v-data", help="storage root (path or s3://bucket/prefix)")
+    tracking_uri: str | None = tracking_uri_option("only inside a pipeline run")
+    tracking: bool = opt(True, help="do not log to MLflow")
+    mode: str = opt("probe", choices=["probe", "finetune"], help="probe: head on frozen cached "
+                    "features; finetune: whole network")
+    tasks: str | None = opt(None, help="comma-separated task ids or glob patterns")
+    experts: str | None = opt(None, help="comma-separated expert ids or glob patterns")
+    shard: tuple[int, int] | None = opt(None, type=_shard, help="i/n: fill only the cells whose "
+                                        "key hash falls in shard i of n")
+    max_cells: int | None = opt(None, help="fill at most this many missing cells in this run")
+    retry_failed: bool = opt(False, help="re-train cells recorded as failed")
+    num_samples: int = opt(4, group=SEARCH, help="configurations per cell")
+    lr: tuple[float, float] | None = opt(None, group=SEARCH, type=_range, help="learning-rate "
+                                         "range LOW,HIGH (default 1e-3,1e-1)")
+    weight_decay: tuple[float, float] = opt((1e-6, 1e-2), group=SEARCH, type=_range,
+                                            help="range LOW,HIGH")
+    layout: str = opt("auto", group=SEARCH, choices=["auto", *cells.LAYOUTS], help="batched: "
+                      "many cells and configs per trial; trial: one (cell, config) per trial; "
+                      "auto: batched for probe, trial for finetune")
+    cells_per_trial: int = opt(32, group=SEARCH, help="cells per batched trial")
+    seed: int = opt(0, group=SEARCH)
+    epochs: int | None = opt(None, group=RECIPE, help="probe: full-batch Adam steps (300); "
+                             "finetune: epochs (10)")
+    hidden: int = opt(0, group=RECIPE, help="probe head hidden width (0: linear)")
+    batch_size: int = opt(32, group=RECIPE, help="finetune batch size")
+    image_size: int | None = opt(None, group=RECIPE, help="input size in pixels (default: the "
+                                 "expert architecture's)")
+    max_per_class: int | None = opt(None, group=RECIPE, help="cap on training images per class; "
+                                    "capped cells are kept apart from the full-data ones "
+                                    "(default: all images)")
+    max_test_per_class: int | None = opt(None, group=RECIPE, help="cap on test images/class")
+    val_fraction: float = opt(0.2, group=RECIPE, help="share of each class's training images "
+                              "used to pick the configuration")
+    address: str | None = opt(None, group=EXECUTION, help="Ray address to connect to ('auto', "
+                              "host:port); default: $RAY_ADDRESS, else a new local Ray")
+    num_cpus: int | None = opt(None, group=EXECUTION, help="CPUs of a local Ray")
+    cpus_per_trial: float = opt(1.0, group=EXECUTION)
+    gpus_per_trial: float = opt(0.0, group=EXECUTION)
+    max_concurrent_trials: int | None = opt(None, group=EXECUTION)
+    max_failures: int = opt(1, group=EXECUTION, help="retries of a crashed trial")
+    name: str | None = opt(None, group=EXECUTION, help="Tune experiment name (default: from the "
+                           "plan)")
+    summary_json: str | None = opt(None, group=EXECUTION, help="also write the run summary here")
+    no_progress: bool = opt(False, group=EXECUTION, help="no progress bar")
+    verbose: bool = opt(False, group=EXECUTION, flag=("-v", "--verbose"), help="debug logs and "
+                        "Tune's status table")
 
     def __post_init__(self) -> None:
         checks = [
@@ -472,7 +501,7 @@ def run(config: Config) -> FillResult:
     job = _job(config)
     progress = _Progress()
     already_done = planned = 0
-    with _tune_console():
+    with _tune_console(), logging_redirect_tqdm():
         if _resume(job, progress):
             already_done, planned = _fill_missing(job, progress)
     rows = cells.tally(job.fill, job.tasks, job.experts, job.requested)
@@ -514,97 +543,22 @@ def fill(config: Config) -> dict:
 
 
 # -- command line ---------------------------------------------------------------------------
-def _range(text: str) -> tuple[float, float]:
-    lo, _, hi = text.partition(",")
-    return float(lo), float(hi or lo)
-
-
-def _shard(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected i/n, got {text!r}") from None
-    return i, n
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.fill_matrix",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--root", default="./t2v-data", help="storage root (path or s3://bucket/prefix)")
-    add_tracking_args(p, default="only inside a pipeline run")
-    p.add_argument("--mode", choices=["probe", "finetune"], default="probe",
-                   help="probe: head on frozen cached features; finetune: whole network")
-    p.add_argument("--tasks", default=None, help="comma-separated task ids or glob patterns")
-    p.add_argument("--experts", default=None, help="comma-separated expert ids or glob patterns")
-    p.add_argument("--shard", type=_shard, default=None,
-                   help="i/n: fill only the cells whose key hash falls in shard i of n")
-    p.add_argument("--max-cells", type=int, default=None,
-                   help="fill at most this many missing cells in this run")
-    p.add_argument("--retry-failed", action="store_true", help="re-train cells recorded as failed")
-    g = p.add_argument_group("search")
-    g.add_argument("--num-samples", type=int, default=4, help="configurations per cell")
-    g.add_argument("--lr", type=_range, default=None,
-                   help="learning-rate range LOW,HIGH (default 1e-3,1e-1)")
-    g.add_argument("--weight-decay", type=_range, default=(1e-6, 1e-2), help="range LOW,HIGH")
-    g.add_argument("--layout", choices=["auto", *cells.LAYOUTS], default="auto",
-                   help="batched: many cells and configs per trial; trial: one (cell, config) "
-                        "per trial; auto: batched for probe, trial for finetune")
-    g.add_argument("--cells-per-trial", type=int, default=32, help="cells per batched trial")
-    g.add_argument("--seed", type=int, default=0)
-    r = p.add_argument_group("recipe")
-    r.add_argument("--epochs", type=int, default=None,
-                   help="probe: full-batch Adam steps (300); finetune: epochs (10)")
-    r.add_argument("--hidden", type=int, default=0, help="probe head hidden width (0: linear)")
-    r.add_argument("--batch-size", type=int, default=32, help="finetune batch size")
-    r.add_argument("--image-size", type=int, default=None,
-                   help="input size in pixels (default: the expert architecture's)")
-    r.add_argument("--max-per-class", type=int, default=None,
-                   help="cap on training images per class; capped cells are kept apart from "
-                        "the full-data ones (default: all images)")
-    r.add_argument("--max-test-per-class", type=int, default=None, help="cap on test images/class")
-    r.add_argument("--val-fraction", type=float, default=0.2,
-                   help="share of each class's training images used to pick the configuration")
-    x = p.add_argument_group("execution")
-    x.add_argument("--address", default=None,
-                   help="Ray address to connect to ('auto', host:port); default: $RAY_ADDRESS, "
-                        "else a new local Ray")
-    x.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray")
-    x.add_argument("--cpus-per-trial", type=float, default=1.0)
-    x.add_argument("--gpus-per-trial", type=float, default=0.0)
-    x.add_argument("--max-concurrent-trials", type=int, default=None)
-    x.add_argument("--max-failures", type=int, default=1, help="retries of a crashed trial")
-    x.add_argument("--name", default=None, help="Tune experiment name (default: from the plan)")
-    x.add_argument("--summary-json", default=None, help="also write the run summary here")
-    x.add_argument("--no-progress", action="store_true", help="no progress bar")
-    x.add_argument("-v", "--verbose", action="store_true",
-                   help="debug logs and Tune's status table")
-    return p
-
-
 def parse_args(argv: Sequence[str] | None = None) -> Config:
-    parser = _parser()
-    try:
-        return Config(**vars(parser.parse_args(argv)))
-    except UsageError as exc:
-        parser.error(str(exc))
+    return parse_config(Config, argv, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _exit_status(config: Config, result: FillResult) -> int:
     """0: every requested cell has a row (or --max-cells left the rest on purpose); 1: trials
-    errored or cells are missing; 2: bad usage; 130: interrupted (re-run to resume)."""
-    config = parse_args(argv)
-    setup_logging(config.verbose)
-    try:
-        with logging_redirect_tqdm():
-            result = run(config)
-    except UsageError as exc:
-        log.error("%s", exc)
-        return 2
+    errored or cells are missing; 130: interrupted (re-run to resume)."""
     if result.interrupted:
         return 130
     incomplete = result.cells_missing and config.max_cells is None
     return 1 if result.trials_errored or incomplete else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The exit status of :func:`_exit_status`, or 2 on bad usage."""
+    return run_main(parse_args, run, argv, errors={UsageError: 2}, report=_exit_status)
 
 
 if __name__ == "__main__":

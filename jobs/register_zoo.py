@@ -11,7 +11,6 @@ is registered, 1 when none could be, 2 on bad arguments.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from jobs._cli import add_root_arg, parse_config, setup_logging
+from jobs._cli import opt, parse_config, root_option, run_main
 from t2v_core.storage import redact_uri
 from t2v_core.zoo.data import DataError, Problem
 from t2v_core.zoo.register import register_folders
@@ -29,14 +28,17 @@ log = logging.getLogger("jobs.register_zoo")
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    """The job's options; field names are the flags' dest names, defaults the flags'."""
+    """The job's options, one field per flag."""
 
-    folders: str
-    root: str = "./t2v-data"
-    family_from: str = "name-prefix"
-    format: str = "auto"
-    no_progress: bool = False
-    verbose: bool = False
+    folders: str = opt(help="folder (local or s3://) holding one subfolder per task")
+    root: str = root_option()
+    family_from: str = opt("name-prefix", choices=["name-prefix", "parent"], help="task family "
+                           "when the task folder has no family.txt: the name up to the first "
+                           "'__' or '-' (name-prefix), or the name of the folder holding the "
+                           "tasks (parent)")
+    format: str = opt("auto", choices=["auto", "imagefolder", "parquet"])
+    no_progress: bool = opt(False, help="no progress bar")
+    verbose: bool = opt(False, flag=("-v", "--verbose"))
 
 
 @dataclass(frozen=True)
@@ -66,24 +68,7 @@ class NothingRegisteredError(RuntimeError):
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    p = argparse.ArgumentParser(
-        prog="python -m jobs.register_zoo", description=__doc__.split("\n\n")[0]
-    )
-    p.add_argument(
-        "--folders", required=True, help="folder (local or s3://) holding one subfolder per task"
-    )
-    add_root_arg(p)
-    p.add_argument(
-        "--family-from",
-        choices=["name-prefix", "parent"],
-        default="name-prefix",
-        help="task family when the task folder has no family.txt: the name up to the first "
-        "'__' or '-' (name-prefix), or the name of the folder holding the tasks (parent)",
-    )
-    p.add_argument("--format", choices=["auto", "imagefolder", "parquet"], default="auto")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("-v", "--verbose", action="store_true")
-    return parse_config(p, Config, argv)
+    return parse_config(Config, argv)
 
 
 def run(config: Config) -> RegisterResult:
@@ -116,14 +101,7 @@ def run(config: Config) -> RegisterResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
-    setup_logging(config.verbose)
-    try:
-        run(config)
-    except (DataError, NothingRegisteredError) as exc:
-        log.error("%s", exc)
-        return 1
-    return 0
+    return run_main(parse_args, run, argv, errors={DataError: 1, NothingRegisteredError: 1})
 
 
 if __name__ == "__main__":

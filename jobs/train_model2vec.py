@@ -10,21 +10,13 @@ MLflow registered model ``task2vec-recommender`` with alias ``champion``.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from jobs._cli import (
-    EmbeddingSetOptions,
-    add_common_args,
-    add_embedding_args,
-    add_error_floor_arg,
-    parse_config,
-    setup_logging,
-)
+from jobs._cli import MetaDatasetOptions, opt, parse_config, run_main
 from t2v_core.recommend.meta_dataset import load_meta_dataset
 from t2v_core.recommend.model2vec import Model2Vec
 from t2v_core.recommend.model_store import save_model
@@ -35,20 +27,23 @@ log = logging.getLogger("jobs.train_model2vec")
 
 
 @dataclass(frozen=True, kw_only=True)
-class Config(EmbeddingSetOptions):
-    """The job's options, with those of :class:`EmbeddingSetOptions`; field names are the
-    flags' dest names, defaults the flags'."""
+class Config(MetaDatasetOptions):
+    """The job's options, one field per flag, with those of :class:`MetaDatasetOptions`."""
 
-    error_floor: float = 0.02
-    seed: int = 0
-    max_epochs: int = 500
-    alpha: float = 0.15
-    learn_alpha: bool = True
-    l2: float = 1e-3
-    gamma: float = 1.0
-    learn_gamma: bool = True
-    register_name: str = "task2vec-recommender"
-    alias: str = "champion"
+    seed: int = opt(0)
+    max_epochs: int = opt(500)
+    alpha: float = opt(0.15, help="weight of the source-complexity term (start value; 0.15 = "
+                       "the paper's)")
+    learn_alpha: bool = opt(True, flag="--fixed-alpha", help="keep --alpha fixed instead of "
+                            "learning it")
+    l2: float = opt(1e-3, help="penalty on the mean square log-offset of the expert embeddings "
+                    "from their source tasks' (larger: experts stay nearer their source task)")
+    gamma: float = opt(1.0, help="sharpness of the per-filter comparison (start value; 1 = the "
+                       "paper's d_sym)")
+    learn_gamma: bool = opt(True, flag="--fixed-gamma", help="keep --gamma fixed instead of "
+                            "learning it")
+    register_name: str = opt("task2vec-recommender", help="MLflow registered model name")
+    alias: str = opt("champion", help="alias given to the new model version")
 
 
 @dataclass(frozen=True)
@@ -63,28 +58,7 @@ class Model2VecResult:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    p = argparse.ArgumentParser(prog="python -m jobs.train_model2vec",
-                                description=__doc__.split("\n\n")[0])
-    add_common_args(p)
-    add_embedding_args(p)
-    add_error_floor_arg(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-epochs", type=int, default=500)
-    p.add_argument("--alpha", type=float, default=0.15,
-                   help="weight of the source-complexity term (start value; 0.15 = the paper's)")
-    p.add_argument("--fixed-alpha", dest="learn_alpha", action="store_false",
-                   help="keep --alpha fixed instead of learning it")
-    p.add_argument("--l2", type=float, default=1e-3,
-                   help="penalty on the mean square log-offset of the expert embeddings from "
-                        "their source tasks' (larger: experts stay nearer their source task)")
-    p.add_argument("--gamma", type=float, default=1.0,
-                   help="sharpness of the per-filter comparison (start value; 1 = the paper's d_sym)")
-    p.add_argument("--fixed-gamma", dest="learn_gamma", action="store_false",
-                   help="keep --gamma fixed instead of learning it")
-    p.add_argument("--register-name", default="task2vec-recommender",
-                   help="MLflow registered model name")
-    p.add_argument("--alias", default="champion", help="alias given to the new model version")
-    return parse_config(p, Config, argv)
+    return parse_config(Config, argv)
 
 
 def run(config: Config) -> Model2VecResult:
@@ -133,14 +107,7 @@ def _register(config: Config, root: StorageRoot, model: Model2Vec, data, metrics
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
-    setup_logging(config.verbose)
-    try:
-        run(config)
-    except (ValueError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 1
-    return 0
+    return run_main(parse_args, run, argv, errors={ValueError: 1, FileNotFoundError: 1})
 
 
 if __name__ == "__main__":

@@ -510,12 +510,11 @@ def test_task_splits_partition_the_tasks() -> None:
 def test_the_jobs_config_mirrors_its_flags(tmp_path) -> None:
     from jobs import evaluate as job
 
-    assert job.Config(**vars(job.parse_args([]))) == job.Config()  # same defaults
+    assert job.parse_args([]) == job.Config()  # same defaults
     given = job.parse_args(["--folds", "5", "--repeats", "3", "--no-plots", "--image-size",
                             "32", "--model2vec-epochs", "9", "--no-tracking"])
-    assert job.Config(**vars(given)) == job.Config(folds=5, repeats=3, plots=False,
-                                                   image_size=32, model2vec_epochs=9,
-                                                   tracking=False)
+    assert given == job.Config(folds=5, repeats=3, plots=False, image_size=32,
+                               model2vec_epochs=9, tracking=False)
     with pytest.raises(SystemExit) as usage:
         job.parse_args(["--folds", "five"])
     assert usage.value.code == 2

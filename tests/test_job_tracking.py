@@ -1,21 +1,18 @@
 """The jobs' shared command line: flags become the job's Config (same names, same defaults),
 and batch jobs leave an MLflow record when there is somewhere to put it, and only then."""
 
-import argparse
+import dataclasses
 import importlib
 
 import mlflow
 import pytest
 
-from jobs._cli import add_tracking_args, parse_config, record_stage
+from jobs._cli import CommonOptions, config_parser, parse_config, record_stage
 from t2v_core.review import tracking
 
 
 def _args(root, *argv):
-    p = argparse.ArgumentParser()
-    p.add_argument("--root")
-    add_tracking_args(p)
-    return p.parse_args(["--root", str(root), *argv])
+    return parse_config(CommonOptions, ["--root", str(root), *argv])
 
 
 def test_no_record_without_a_tracking_target(tmp_path, monkeypatch):
@@ -59,6 +56,8 @@ REQUIRED = {
     "embed_tasks": ["--probe", "small_cnn"],
     "train_model2vec": [],
     "recommend": ["--tasks", "a*"],
+    "evaluate": [],
+    "fill_matrix": [],
 }
 
 
@@ -76,14 +75,39 @@ def test_flags_and_config_share_names_and_defaults(name, capsys):
         job.Config(**required, no_such_option=1)
 
 
+@pytest.mark.parametrize("name", sorted(REQUIRED))
+def test_every_config_field_is_a_flag(name):
+    job = importlib.import_module(f"jobs.{name}")
+    actions = {a.dest: a for a in config_parser(job.Config)._actions if a.dest != "help"}
+    fields = {f.name: f for f in dataclasses.fields(job.Config)}
+    assert sorted(actions) == sorted(fields)
+    for field in fields.values():
+        if isinstance(field.default, bool):  # each switch flips its field
+            flipped = job.parse_args([*REQUIRED[name], actions[field.name].option_strings[0]])
+            assert getattr(flipped, field.name) is not field.default, field.name
+        elif field.default is not dataclasses.MISSING:
+            assert actions[field.name].default == field.default, field.name
+
+
+def test_options_keep_their_own_spellings():
+    from jobs import embed_tasks, evaluate, fill_matrix, train_model2vec
+
+    fixed = train_model2vec.parse_args(["--fixed-alpha", "--fixed-gamma"])
+    assert not (fixed.learn_alpha or fixed.learn_gamma)
+    assert not embed_tasks.parse_args(["--probe", "small_cnn", "--no-forward-env"]).forward_env
+    assert not evaluate.parse_args(["--no-plots", "--no-tracking"]).tracking
+    config = fill_matrix.parse_args(["--shard", "1/4", "--weight-decay", "1e-4,1e-3", "-v",
+                                     "--lr", "0.01"])
+    assert (config.shard, config.weight_decay, config.lr) == ((1, 4), (1e-4, 1e-3), (0.01, 0.01))
+    assert config.verbose
+
+
 def test_values_a_config_refuses_are_usage_errors(capsys):
-    from jobs import train_experts
+    from jobs import recommend, train_experts
 
     with pytest.raises(SystemExit) as exit_info:
         train_experts.parse_args(["--epochs", "0"])
     assert exit_info.value.code == 2 and "epochs and batch_size must be" in capsys.readouterr().err
-    p = argparse.ArgumentParser()
-    p.add_argument("--root")
-    p.add_argument("--stray")
-    with pytest.raises(TypeError, match="no field for \\['stray'\\]"):
-        parse_config(p, train_experts.Config, [])
+    with pytest.raises(SystemExit) as exit_info:
+        recommend.parse_args(["--data", "x/"])
+    assert exit_info.value.code == 2 and "--data needs --probe" in capsys.readouterr().err

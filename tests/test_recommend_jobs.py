@@ -19,6 +19,7 @@ from t2v_core.embedding.synthetic_zoo import synthetic_zoo
 from t2v_core.matrix.rows import MatrixRow, write_rows
 from t2v_core.recommend import model_store
 from t2v_core.recommend.table1 import evaluate_table1
+from t2v_core.recommend.task_vectors import RecommendError
 from t2v_core.storage import StorageRoot
 from t2v_core.zoo.manifest import ExpertSpec, TaskSpec, write_experts, write_tasks
 
@@ -97,7 +98,7 @@ def test_train_evaluate_recommend_end_to_end(zoo_root):
 def test_recommend_names_what_is_missing(zoo_root, capsys, caplog):
     root, _, _ = zoo_root
     train_model2vec.main(["--root", root.uri, "--no-tracking", "--max-epochs", "20"])
-    with pytest.raises(recommend_job.RecommendError, match="no registered task matches 'nope'"):
+    with pytest.raises(RecommendError, match="no registered task matches 'nope'"):
         recommend_job.run(recommend_job.Config(root=root.uri, tracking=False, tasks="*,nope"))
     assert recommend_job.main(["--root", root.uri, "--no-tracking", "--tasks", "nope"]) == 1
     assert "no registered task matches 'nope'" in caplog.text
@@ -231,3 +232,21 @@ def test_report_has_the_oracle_noise_floor_when_the_matrix_records_test_sizes(zo
     expected = oracle_noise_floor(zoo.errors, sizes, error_floor=0.02)
     assert report.payload["oracle_noise_floor"] == asdict(expected)
     assert f"+{expected.mean_pct:.1f}% over the re-measured oracle" in report.markdown
+
+
+def test_new_task_folders_are_embedded_by_the_recommenders_own_probe(tmp_path, image_folder):
+    from t2v_core.embedding.probes import build_probe
+    from t2v_core.embedding.store import EmbedConfig, embed_task
+    from t2v_core.recommend.task_vectors import new_task_vectors
+    from t2v_core.zoo.data import scan_task
+
+    folder = str(image_folder(tmp_path, "shapes-new", {"a": 4, "b": 4}, {"a": 1, "b": 1},
+                              size=12))
+    ids, vectors = new_task_vectors([folder], "small_cnn", None, "small_cnn-random0",
+                                    "montecarlo", image_size=12)
+    expected = embed_task(scan_task(folder)[0], build_probe("small_cnn", None, input_size=12),
+                          EmbedConfig(method="montecarlo", image_size=12)).vector
+    assert ids == ["shapes-new"] and vectors.shape == (1, len(expected))
+    assert np.allclose(vectors[0], expected)
+    with pytest.raises(RecommendError, match="trained on embeddings of probe resnet-x, but"):
+        new_task_vectors([folder], "small_cnn", None, "resnet-x", "montecarlo", image_size=12)

@@ -218,7 +218,7 @@ def test_select_specs_takes_ids_and_globs_and_refuses_a_pattern_matching_nothing
 
 
 def test_train_experts_tasks_add_all_and_representative_to_the_shared_rule():
-    from jobs.train_experts import select_tasks
+    from t2v_core.matrix.expert_training import select_tasks
 
     specs = [TaskSpec(task_id=t, family=t.split("__")[0], data_uri=f"/x/{t}", format="imagefolder",
                       classes=tuple("abc"[:n]), n_train=4, n_test=2, content_hash="h")

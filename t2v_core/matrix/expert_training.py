@@ -1,0 +1,117 @@
+"""The experts a zoo is given: which source tasks get one, which of their experts are missing or
+stale, and the files of each (``experts/<expert_id>.pt`` and its source head beside it).
+
+An expert's content hash covers the architecture, the base weights, its source task's content
+hash and the recipe (:func:`~t2v_core.matrix.experts.expert_content_hash`), so an expert
+registered with the same hash whose files exist is done, and planning again skips it.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import torch
+
+from t2v_core.embedding.probes import build_probe
+from t2v_core.matrix.experts import (
+    HEAD_SUFFIX,
+    Recipe,
+    SourceHead,
+    expert_content_hash,
+    finetune,
+    state_digest,
+)
+from t2v_core.storage import StorageRoot
+from t2v_core.zoo.data import load_split
+from t2v_core.zoo.demo_world import representative_tasks
+from t2v_core.zoo.manifest import ExpertSpec, TaskSpec, read_experts, select_specs
+
+EXPERTS_DIR = "experts"
+GENERIC = "generic"
+
+
+@dataclass(frozen=True)
+class ExpertJob:
+    """One expert to make; ``task`` is None for the generic expert (the base weights)."""
+
+    expert_id: str
+    task: TaskSpec | None
+    content_hash: str
+
+    def spec(self, arch: str, weights_uri: str) -> ExpertSpec:
+        """The expert's manifest entry once its files are written."""
+        return ExpertSpec(self.expert_id, arch, weights_uri,
+                          None if self.task is None else self.task.task_id, self.content_hash)
+
+
+def select_tasks(specs: list[TaskSpec], selector: str) -> list[TaskSpec]:
+    """Comma-separated words, united in manifest order: ``all``, ``representative`` (per
+    family the task with the most classes), and task ids or globs (:func:`select_specs`: a
+    pattern matching nothing is an error). Empty selects all."""
+    words = [w.strip() for w in selector.split(",") if w.strip()]
+    if not words or "all" in words:
+        return list(specs)
+    wanted = set(representative_tasks(specs)) if "representative" in words else set()
+    patterns = [w for w in words if w != "representative"]
+    if patterns:
+        wanted |= {s.task_id for s in select_specs(specs, patterns)}
+    return [s for s in specs if s.task_id in wanted]
+
+
+def weights_rel(expert_id: str) -> str:
+    return f"{EXPERTS_DIR}/{expert_id}.pt"
+
+
+def head_rel(expert_id: str) -> str:
+    """The source head's file; :func:`t2v_core.matrix.experts.head_uri` finds it from the
+    weights URI."""
+    return f"{EXPERTS_DIR}/{expert_id}{HEAD_SUFFIX}"
+
+
+def write_expert(root: StorageRoot, expert_id: str, backbone: torch.nn.Module,
+                 head: SourceHead | None) -> str:
+    """Weights first, then the head: an expert counts as done only once both exist. Returns
+    the weights' URI."""
+    buf = io.BytesIO()
+    torch.save(backbone.state_dict(), buf)
+    uri = root.write_bytes_atomic(weights_rel(expert_id), buf.getvalue())
+    if head is not None:
+        root.write_bytes_atomic(head_rel(expert_id), head.to_bytes())
+    return uri
+
+
+def train_expert(root_uri: str, arch: str, weights: str | None, task: TaskSpec, recipe: Recipe,
+                 expert_id: str) -> dict:
+    """Fine-tune one expert on its source task and write its weights and source head."""
+    probe = build_probe(arch, weights, seed=recipe.seed, input_size=recipe.image_size)
+    images, labels = load_split(task, "train", recipe.image_size, recipe.max_per_class,
+                                seed=recipe.seed)
+    result = finetune(probe, images, labels, task.n_classes, recipe, name=expert_id)
+    head = SourceHead.from_linear(result.head, task.classes)
+    uri = write_expert(StorageRoot(root_uri), expert_id, result.backbone, head)
+    return {"expert_id": expert_id, "weights_uri": uri, "digest": state_digest(result.backbone),
+            "train_error": result.train_error, "seconds": result.seconds}
+
+
+def plan_experts(root: StorageRoot, arch: str, base_digest: str, tasks: list[TaskSpec],
+                 recipe: Recipe, prefix: str, generic: bool, generic_head: bool = False
+                 ) -> tuple[list[ExpertJob], list[ExpertJob]]:
+    """(experts to make, experts already done) of ``prefix__<task_id>`` for the tasks, and
+    ``prefix__generic`` with ``generic``. Every trained expert has a source head; the generic
+    one has one when ``generic_head`` (its base checkpoint has one)."""
+    jobs = [ExpertJob(f"{prefix}__{GENERIC}", None,
+                      expert_content_hash(arch, base_digest, None, None))] if generic else []
+    jobs += [ExpertJob(f"{prefix}__{t.task_id}", t,
+                       expert_content_hash(arch, base_digest, t.content_hash, recipe))
+             for t in tasks]
+    known = {e.expert_id: e for e in read_experts(root)}
+    todo, done = [], []
+    for job in jobs:
+        old = known.get(job.expert_id)
+        fresh = old is not None and old.content_hash == job.content_hash
+        files = [weights_rel(job.expert_id)]
+        if job.task is not None or generic_head:
+            files.append(head_rel(job.expert_id))
+        (done if fresh and all(root.exists(f) for f in files) else todo).append(job)
+    return todo, done
