@@ -235,13 +235,15 @@ def record_stage(args: Any, name: str, params: dict, metrics: dict) -> None:
 
     The batch jobs (embedding, matrix) run often and on clusters, so they log only when asked
     to by --tracking-uri or $MLFLOW_TRACKING_URI, or when called inside a pipeline run (the
-    demo). Tracking trouble is logged and never fails a job whose results are written.
+    demo, the refresh, or a stage started with $T2V_PARENT_RUN_ID). Tracking trouble is logged and never fails a job whose results are written.
     ``args`` is the job's Config: ``root``, ``tracking`` and ``tracking_uri`` are read.
     """
     import mlflow
 
+    from t2v_core.review.tracking import PARENT_RUN_ENV
+
     if not args.tracking or not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                                 or mlflow.active_run()):
+                                 or mlflow.active_run() or os.environ.get(PARENT_RUN_ENV)):
         return
     try:
         from t2v_core.review import tracking

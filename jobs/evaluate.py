@@ -142,6 +142,7 @@ def _track(config: Config, root: StorageRoot, data: MetaDataset, table: Table1Re
         mlflow.log_dict(table.payload, "table1.json")
         if config.plots:
             tracking.log_figures(_figures(data))
+        tracking.publish_to_pipeline(table.markdown)  # where a reviewer lands
 
 
 def run(config: Config) -> EvaluateResult:

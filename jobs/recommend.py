@@ -120,6 +120,7 @@ def run(config: Config) -> RecommendResult:
             tracking.log_table(frame, "recommendations")
             if "true_error" in frame and frame["true_error"].notna().any():
                 tracking.log_figures({"topk": plots.topk_bars(frame, k=config.top_k)})
+            tracking.publish_to_pipeline(recommendations=frame)  # where a reviewer lands
     return result
 
 
