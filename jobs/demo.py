@@ -11,7 +11,6 @@ missing. ``--small`` is a preset for tests: fewer tasks, fewer images, fewer epo
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import sys
@@ -32,7 +31,7 @@ from jobs import (
     train_experts,
     train_model2vec,
 )
-from jobs._cli import parse_config, setup_logging
+from jobs._cli import opt, parse_config, root_option, setup_logging
 from jobs._ray_util import init_ray
 from t2v_core.embedding.efficientnet_lite import pretrained_weights_path
 from t2v_core.storage import StorageRoot, redact_uri
@@ -61,17 +60,23 @@ JOBS = {"register_zoo": register_zoo, "train_experts": train_experts, "embed_tas
         "data_efficiency": data_efficiency}
 
 
+def _stage_list(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
 @dataclass(frozen=True)
 class Config:
-    """The demo's options (field names are the flags' dest names); the recipe follows from
-    the preset."""
+    """The demo's options, one field per flag; the recipe follows from the preset."""
 
-    root: str = "./t2v-data"
-    small: bool = False
-    stages: tuple[str, ...] = STAGE_NAMES
-    local_cpus: int | None = None
-    tracking: bool = True
-    verbose: bool = False
+    root: str = root_option()
+    small: bool = opt(False, help="small preset: 12 tasks in 6 families, few images, short "
+                      "training")
+    stages: tuple[str, ...] = opt(STAGE_NAMES, type=_stage_list, help="comma-separated "
+                                  "stages to run, in pipeline order "
+                                  f"({', '.join(STAGE_NAMES)})")
+    local_cpus: int | None = opt(None, help="CPUs of the local Ray (default: all)")
+    tracking: bool = opt(True, help="do not log to MLflow")
+    verbose: bool = opt(False, flag=("-v", "--verbose"), help="debug logging")
 
     def __post_init__(self) -> None:
         if unknown := sorted(set(self.stages) - set(STAGE_NAMES)):
@@ -230,22 +235,8 @@ def run(config: Config) -> DemoReport:
     return report
 
 
-def _stage_list(text: str) -> tuple[str, ...]:
-    return tuple(s.strip() for s in text.split(",") if s.strip())
-
-
 def parse_args(argv: list[str] | None = None) -> Config:
-    p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--root", default="./t2v-data", help="storage root (default ./t2v-data)")
-    p.add_argument("--small", action="store_true",
-                   help="small preset: 12 tasks in 6 families, few images, short training")
-    p.add_argument("--stages", type=_stage_list, default=STAGE_NAMES,
-                   help=f"comma-separated stages to run, in pipeline order ({', '.join(STAGE_NAMES)})")
-    p.add_argument("--local-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
-    p.add_argument("--no-tracking", dest="tracking", action="store_false",
-                   help="do not log to MLflow")
-    p.add_argument("-v", "--verbose", action="store_true")
-    return parse_config(p, Config, argv)
+    return parse_config(Config, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

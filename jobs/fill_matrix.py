@@ -31,7 +31,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -42,7 +42,14 @@ from ray.tune.logger import JsonLoggerCallback
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from jobs._cli import opt, parse_config, record_stage, run_main, tracking_uri_option
+from jobs._cli import (
+    opt,
+    parse_config,
+    record_stage,
+    root_option,
+    run_main,
+    tracking_uri_option,
+)
 from jobs._ray_util import init_ray, worker_runtime_env
 from t2v_core.matrix import cells
 from t2v_core.matrix.finetune import HeadConfig, SearchSpace
@@ -86,7 +93,7 @@ class Config:
     None take the mode's own (batched/300 steps for probe, trial/10 epochs for finetune;
     1e-3..1e-1)."""
 
-    root: str = opt("./t2v-data", help="storage root (path or s3://bucket/prefix)")
+    root: str = root_option()
     tracking_uri: str | None = tracking_uri_option("only inside a pipeline run")
     tracking: bool = opt(True, help="do not log to MLflow")
     mode: str = opt("probe", choices=["probe", "finetune"], help="probe: head on frozen cached "
@@ -534,12 +541,6 @@ def _report(config: Config, result: FillResult) -> None:
                   "max_per_class": config.max_per_class},
                  {k: getattr(result, k) for k in ("cells_ok", "cells_failed", "cells_missing",
                                                   "trials_run", "feature_hits", "feature_misses")})
-
-
-def fill(config: Config) -> dict:
-    """The run's summary as a plain dict (the fields of :class:`FillResult`), without an
-    MLflow record of its own."""
-    return asdict(run(replace(config, tracking=False)))
 
 
 # -- command line ---------------------------------------------------------------------------

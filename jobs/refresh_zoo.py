@@ -39,17 +39,19 @@ import ray
 from jobs import embed_tasks, evaluate, fill_matrix, register_zoo, train_experts, train_model2vec
 from jobs._cli import (
     CommonOptions,
-    add_common_args,
-    add_error_floor_arg,
+    RayOptions,
+    error_floor_option,
+    opt,
     parse_config,
     run_stamp,
     setup_logging,
 )
-from jobs._ray_util import add_ray_args, init_ray, submitted_job_config, worker_runtime_env
+from jobs._ray_util import init_ray, submitted_job_config, worker_runtime_env
 from t2v_core.embedding.fisher import METHODS
 from t2v_core.embedding.probes import Probe, available_archs, build_probe, resolve_weights
 from t2v_core.embedding.store import plan_embeddings
 from t2v_core.lease import LeaseError, LeaseHeld, RefreshLease
+from t2v_core.matrix.expert_training import plan_experts, select_tasks
 from t2v_core.matrix.experts import Recipe, base_head, state_digest
 from t2v_core.matrix.rows import done_cells, missing_cells
 from t2v_core.recommend.meta_dataset import MetaDataset, load_meta_dataset
@@ -66,29 +68,44 @@ LEASE_TTL_S = 900.0  # renewed every third of it while the refresh runs
 _BUGS = (TypeError, AttributeError, KeyError, IndexError, NameError, AssertionError)
 
 
-@dataclass(frozen=True, kw_only=True)
-class Config(CommonOptions):
-    """The job's options, with those of :class:`CommonOptions`; field names are the flags'
-    dest names, defaults the flags'. An option passes to every stage that has one of the same
-    name (root, tracking, probe, weights, method, seed, shard, address, ...)."""
+def _shard(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match or int(match[1]) >= int(match[2]):
+        raise argparse.ArgumentTypeError(f"expected i/n with 0 <= i < n, got {text!r}")
+    return int(match[1]), int(match[2])
 
-    folders: str | None = None
-    probe: str = "efficientnet_lite0"
-    weights: str | None = "wheel"
-    method: str = "montecarlo"
-    image_size: int | None = None
-    expert_tasks: str = "representative"
-    expert_epochs: int = Recipe.epochs
-    num_samples: int = 4
-    shard: tuple[int, int] | None = None
-    model2vec_epochs: int = 500
-    folds: str = "5"
-    seed: int = 0
-    error_floor: float = 0.02
-    plots: bool = True
-    address: str | None = None
-    local_cpus: int | None = None
-    forward_env: bool = True
+
+ZOO, RECOMMENDER = "probe, experts and matrix", "recommender and champion"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config(CommonOptions, RayOptions):
+    """The job's options, one field per flag, with those of :class:`CommonOptions` and
+    :class:`RayOptions`. An option passes to every stage that has one of the same name (root,
+    tracking, probe, weights, method, seed, shard, address, ...)."""
+
+    folders: str | None = opt(None, help="folder (local or s3://) of task folders to register "
+                              "first (default: the tasks the manifest lists)")
+    probe: str = opt("efficientnet_lite0", group=ZOO, choices=available_archs(),
+                     help="probe of the embeddings, also the experts' base")
+    weights: str | None = opt("wheel", group=ZOO, help="its weights: a path or URI, 'wheel' "
+                              "or 'none' (seeded random)")
+    method: str = opt("montecarlo", group=ZOO, choices=METHODS, help="Fisher estimator")
+    image_size: int | None = opt(None, group=ZOO, help="input size (default: the probe's)")
+    expert_tasks: str = opt("representative", group=ZOO, help="sources of experts, as "
+                            "jobs.train_experts --tasks")
+    expert_epochs: int = opt(Recipe.epochs, group=ZOO)
+    num_samples: int = opt(4, group=ZOO, help="configurations per cell")
+    shard: tuple[int, int] | None = opt(None, group=ZOO, type=_shard, help="i/n: fill the "
+                                        "missing cells of shard i of n")
+    model2vec_epochs: int = opt(500, group=RECOMMENDER, help="of the model, and of its refits "
+                                "in the evaluation")
+    folds: str = opt("5", group=RECOMMENDER, help="'loo' or K folds over tasks (at most one "
+                     "per task) of Table 1 and of the champion comparison")
+    seed: int = opt(0, group=RECOMMENDER, help="of the probe, experts, matrix, MODEL2VEC and "
+                    "folds")
+    error_floor: float = error_floor_option(group=RECOMMENDER)
+    plots: bool = opt(True, group=RECOMMENDER, help="no Table-1 plots")
 
     def __post_init__(self) -> None:
         if self.folds != "loo" and not (self.folds.isdigit() and int(self.folds) >= 2):
@@ -190,9 +207,9 @@ def _experts_todo(config: Config, root: StorageRoot, base: Probe) -> tuple[str, 
     generic = not cfg.no_generic
     head = generic and base_head(resolve_weights(cfg.arch, cfg.weights),
                                  base.feature_dim) is not None
-    todo, _ = train_experts.plan(root, cfg.arch, state_digest(base.backbone),
-                                 train_experts.select_tasks(read_tasks(root), cfg.tasks),
-                                 cfg.recipe, cfg.prefix or cfg.arch, generic, head)
+    todo, _ = plan_experts(root, cfg.arch, state_digest(base.backbone),
+                           select_tasks(read_tasks(root), cfg.tasks), cfg.recipe,
+                           cfg.prefix or cfg.arch, generic, head)
     return tuple(job.expert_id for job in todo)
 
 
@@ -316,44 +333,9 @@ def _owner() -> str:
     return f"refresh_zoo (ray job {submission})" if submission else "refresh_zoo"
 
 
-def _shard(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
-    if not match or int(match[1]) >= int(match[2]):
-        raise argparse.ArgumentTypeError(f"expected i/n with 0 <= i < n, got {text!r}")
-    return int(match[1]), int(match[2])
-
-
 def parse_args(argv: list[str] | None = None) -> Config:
-    p = argparse.ArgumentParser(prog="python -m jobs.refresh_zoo",
-                                description=__doc__.split("\n\n")[0], epilog="exit status: 0 "
-                                "done or up to date, 1 a step failed, 2 bad arguments, 75 "
-                                "another refresh holds the lease")
-    add_common_args(p)
-    p.add_argument("--folders", help="folder (local or s3://) of task folders to register "
-                   "first (default: the tasks the manifest lists)")
-    z = p.add_argument_group("probe, experts and matrix")
-    z.add_argument("--probe", default="efficientnet_lite0", choices=available_archs(),
-                   help="probe of the embeddings, also the experts' base")
-    z.add_argument("--weights", default="wheel",
-                   help="its weights: a path or URI, 'wheel' or 'none' (seeded random)")
-    z.add_argument("--method", default="montecarlo", choices=METHODS, help="Fisher estimator")
-    z.add_argument("--image-size", type=int, help="input size (default: the probe's)")
-    z.add_argument("--expert-tasks", default="representative",
-                   help="sources of experts, as jobs.train_experts --tasks")
-    z.add_argument("--expert-epochs", type=int, default=Recipe.epochs)
-    z.add_argument("--num-samples", type=int, default=4, help="configurations per cell")
-    z.add_argument("--shard", type=_shard, help="i/n: fill the missing cells of shard i of n")
-    r = p.add_argument_group("recommender and champion")
-    r.add_argument("--model2vec-epochs", type=int, default=500,
-                   help="of the model, and of its refits in the evaluation")
-    r.add_argument("--folds", default="5", help="'loo' or K folds over tasks (at most one "
-                   "per task) of Table 1 and of the champion comparison")
-    r.add_argument("--seed", type=int, default=0,
-                   help="of the probe, experts, matrix, MODEL2VEC and folds")
-    add_error_floor_arg(r)
-    r.add_argument("--no-plots", dest="plots", action="store_false", help="no Table-1 plots")
-    add_ray_args(p)
-    return parse_config(p, Config, argv)
+    return parse_config(Config, argv, epilog="exit status: 0 done or up to date, 1 a step "
+                        "failed, 2 bad arguments, 75 another refresh holds the lease")
 
 
 def main(argv: list[str] | None = None) -> int:

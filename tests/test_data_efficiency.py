@@ -274,7 +274,7 @@ def test_job_fills_embeds_and_evaluates_each_size(zoo_files, ray_local, tmp_path
         "embeddings": {"done": 0, "up_to_date": 6, "failed": 0}}
     client = MlflowClient(db)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                filter_string="attributes.run_name = 'data_efficiency'")
+                                filter_string="tags.`t2v.stage` = 'data_efficiency'")
     metrics = run.data.metrics
     assert metrics["data_efficiency/4_per_class/Oracle/relative_increase_pct"] == 0.0
     assert metrics["cells_filled"] == 0 and metrics["tasks_embedded"] == 0

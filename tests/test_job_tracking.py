@@ -58,6 +58,9 @@ REQUIRED = {
     "recommend": ["--tasks", "a*"],
     "evaluate": [],
     "fill_matrix": [],
+    "demo": [],
+    "data_efficiency": ["--probe", "small_cnn"],
+    "refresh_zoo": [],
 }
 
 
@@ -111,3 +114,14 @@ def test_values_a_config_refuses_are_usage_errors(capsys):
     with pytest.raises(SystemExit) as exit_info:
         recommend.parse_args(["--data", "x/"])
     assert exit_info.value.code == 2 and "--data needs --probe" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["demo", "fill_matrix", "refresh_zoo", "data_efficiency"])
+def test_a_relative_root_in_a_submitted_job_is_a_usage_error(name, monkeypatch, capsys):
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, "{}")
+    job = importlib.import_module(f"jobs.{name}")
+    with pytest.raises(SystemExit) as exit_info:
+        job.parse_args([*REQUIRED[name], "--root", "t2v-data"])
+    assert exit_info.value.code == 2 and "relative to" in capsys.readouterr().err
