@@ -3,6 +3,7 @@ tiny image trees."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -137,11 +138,11 @@ def write_task_folder():
     return write_image_folder
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(moto_s3, tmp_path_factory):
-    """A real ``mlflow server --workers 1`` on 127.0.0.1 (free port): sqlite metadata, artifacts
-    proxied to the moto S3 server under a prefix of their own. Yields its URL."""
-    workdir = tmp_path_factory.mktemp("mlflow-server")
+@contextlib.contextmanager
+def running_mlflow_server(moto_s3, workdir: Path, artifacts_prefix: str):
+    """A real ``mlflow server --workers 1`` on 127.0.0.1 (free port) for the block: sqlite
+    metadata in ``workdir``, artifacts proxied to the moto S3 server under
+    ``artifacts_prefix``. Yields its URL; stops the server and its workers afterwards."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -152,7 +153,7 @@ def mlflow_server(moto_s3, tmp_path_factory):
         proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--workers", "1", "--host", "127.0.0.1",
              "--port", str(port), "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
-             "--artifacts-destination", f"s3://{moto_s3.bucket}/mlflow-server-artifacts"],
+             "--artifacts-destination", f"s3://{moto_s3.bucket}/{artifacts_prefix}"],
             cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -174,3 +175,12 @@ def mlflow_server(moto_s3, tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(moto_s3, tmp_path_factory):
+    """One real ``mlflow server`` for the session (see :func:`running_mlflow_server`), artifacts
+    under ``mlflow-server-artifacts/``. Yields its URL."""
+    with running_mlflow_server(moto_s3, tmp_path_factory.mktemp("mlflow-server"),
+                               "mlflow-server-artifacts") as url:
+        yield url

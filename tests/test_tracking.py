@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import running_mlflow_server
 from mlflow.tracking import MlflowClient
 
 from t2v_core import __version__
@@ -56,50 +53,12 @@ def _isolated_mlflow(monkeypatch):
         mlflow.end_run()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(moto_s3, tmp_path_factory):
-    """A real ``mlflow server`` on 127.0.0.1: sqlite metadata, artifacts proxied to moto S3."""
-    workdir = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    env = dict(os.environ, MLFLOW_S3_ENDPOINT_URL=moto_s3.endpoint_url)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    logfile = open(workdir / "server.log", "wb")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--workers", "1", "--host", "127.0.0.1",
-         "--port", str(port), "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
-         "--artifacts-destination", f"s3://{moto_s3.bucket}/{SERVER_PREFIX}"],
-        cwd=workdir, env=env, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(workdir / 'server.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server not healthy: {(workdir / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.3)
+    """This module's own real ``mlflow server``, so its artifacts sit under SERVER_PREFIX alone."""
+    with running_mlflow_server(moto_s3, tmp_path_factory.mktemp("mlflow-server"),
+                               SERVER_PREFIX) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and the workers it started
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        logfile.close()
 
 
 @pytest.fixture(scope="module")
