@@ -1,6 +1,7 @@
 """A real Ray head for tests that submit jobs: ``ray start --head`` on 127.0.0.1 with free
 ports, the venv first on PATH and no AWS_*/MLFLOW_* in its environment. Test modules import
-the ``ray_head`` fixture from here."""
+:func:`running_ray_head` into a fixture of their own (a conftest.py here would shadow
+tests/conftest.py for ``from conftest import ...``)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -64,8 +64,7 @@ def _stop(proc: subprocess.Popen, temp_dir: str) -> None:
     proc.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def ray_head():
+def running_ray_head():
     """``ray start --head --block`` on 127.0.0.1 with free ports and a temp dir of its own,
     the venv first on PATH (so a job's ``python`` is the venv's) and no AWS_*/MLFLOW_* in its
     environment: what a submitted job sees of those comes from the submission alone."""

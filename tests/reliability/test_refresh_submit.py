@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 from mlflow.tracking import MlflowClient
-from ray_cluster import REPO, VENV_BIN, Head
+from ray_cluster import REPO, VENV_BIN, Head, running_ray_head
 from test_refresh_zoo import ARGS, NAME, PROBE_ID, STAGES, write_task, write_zoo
 
 from t2v_core.embedding.store import dataset_path, read_embedding_rows
@@ -24,6 +24,12 @@ from t2v_core.matrix.rows import read_matrix
 from t2v_core.review import tracking
 from t2v_core.storage import StorageRoot
 from t2v_core.zoo.manifest import read_tasks
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    yield from running_ray_head()
+
 
 PASSED = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_URI")
 

@@ -17,9 +17,15 @@ import time
 from pathlib import Path
 
 import pytest
-from ray_cluster import REPO, VENV_BIN, Head
+from ray_cluster import REPO, VENV_BIN, Head, running_ray_head
 
 from jobs._ray_util import checked_root, worker_runtime_env
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    yield from running_ray_head()
+
 
 ENTRYPOINTS = Path(__file__).resolve().parent / "submitted"
 
@@ -48,7 +54,7 @@ def test_checked_root_refuses_ray_working_dir_copies(tmp_path, monkeypatch):
     assert checked_root(str(tmp_path / "t2v-data")) == str(tmp_path / "t2v-data")
 
 
-# -- a real head (the ray_head fixture of conftest.py) -------------------------------------
+# -- a real head (the ray_head fixture of ray_cluster.py) -------------------------------------
 def _submit(head: Head, script: str, *args: str, env_vars: dict | None = None):
     cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", head.address,
            "--working-dir", str(ENTRYPOINTS)]
