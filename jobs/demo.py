@@ -16,7 +16,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import ray
 from tqdm import tqdm
@@ -74,6 +74,8 @@ class Config:
     stages: tuple[str, ...] = opt(STAGE_NAMES, type=_stage_list, help="comma-separated "
                                   "stages to run, in pipeline order "
                                   f"({', '.join(STAGE_NAMES)})")
+    image_size: int | None = opt(None, help="render the world and run every stage at this "
+                                 "many pixels (default: the preset's, 32)")
     local_cpus: int | None = opt(None, help="CPUs of the local Ray (default: all)")
     tracking: bool = opt(True, help="do not log to MLflow")
     verbose: bool = opt(False, flag=("-v", "--verbose"), help="debug logging")
@@ -84,11 +86,8 @@ class Config:
 
     @property
     def world(self) -> demo_world.WorldConfig:
-        return demo_world.PRESETS["small" if self.small else "default"]
-
-    @property
-    def image_size(self) -> int:
-        return self.world.image_size
+        preset = demo_world.PRESETS["small" if self.small else "default"]
+        return replace(preset, image_size=self.image_size) if self.image_size else preset
 
     @property
     def expert_epochs(self) -> int:
@@ -103,13 +102,13 @@ class Config:
 def fill_matrix_config(config: Config) -> fill_matrix.Config:
     """The demo's matrix: a linear head on each expert's frozen features, one configuration
     per cell (the centre of the search range: enough for the demo)."""
-    return fill_matrix.Config(root=config.root, mode="probe", image_size=config.image_size,
+    return fill_matrix.Config(root=config.root, mode="probe", image_size=config.world.image_size,
                               num_samples=1, tracking=config.tracking)
 
 
 def stage_configs(config: Config) -> dict[str, object]:
     """Every job stage's Config, made without running anything."""
-    root, tracking, size = config.root, config.tracking, config.image_size
+    root, tracking, size = config.root, config.tracking, config.world.image_size
     probe = {"root": root, "probe": PROBE_ARCH, "weights": config.weights, "image_size": size}
     return {
         "register_zoo": register_zoo.Config(folders=demo_world.tasks_uri(root), root=root),
@@ -210,7 +209,7 @@ def _tracking(config: Config) -> Iterator[Callable[[str, float], None]]:
 
     tracking.configure(config.root)
     params = {"preset": config.world.preset, "probe": PROBE_ARCH,
-              "image_size": config.image_size, "expert_epochs": config.expert_epochs}
+              "image_size": config.world.image_size, "expert_epochs": config.expert_epochs}
     with tracking.pipeline_run("demo", params=params):
         yield lambda name, seconds: mlflow.log_metric(f"stage_seconds.{name}", seconds)
 

@@ -336,6 +336,6 @@ def test_the_demo_runs_the_job_after_evaluate():
         cfg = demo.Config(root="/tmp/unused", small=small)
         config = demo.stage_configs(cfg)["data_efficiency"]
         assert isinstance(config, data_efficiency.Config) and config.embeds_subsets
-        assert (config.probe, config.image_size) == (demo.PROBE_ARCH, cfg.image_size)
+        assert (config.probe, config.image_size) == (demo.PROBE_ARCH, cfg.world.image_size)
         caps = config.sizes
         assert caps[-1] is None and all(0 < c < cfg.world.n_train for c in caps[:-1])

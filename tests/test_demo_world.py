@@ -265,6 +265,11 @@ def test_every_stage_config_is_made_for_both_presets(small):
     assert configs["evaluate"].folds == (3 if small else 5)
     assert not any(c.tracking for c in demo.stage_configs(
         demo.Config(small=small, tracking=False)).values() if hasattr(c, "tracking"))
+    # --image-size renders the world and runs every stage at that size
+    bigger = demo.stage_configs(demo.Config(root="/tmp/unused", small=small, image_size=64))
+    assert {bigger[n].image_size for n in ("train_experts", "embed_tasks", "fill_matrix",
+                                           "evaluate", "data_efficiency")} == {64}
+    assert demo.Config(small=small, image_size=64).world.image_size == 64
 
 
 def test_a_failing_stage_stops_the_demo_with_the_job_s_reason(tmp_path):
