@@ -24,7 +24,15 @@ from matplotlib.figure import Figure
 from sklearn.manifold import TSNE
 
 from t2v_core.embedding.distance import d_sym
+from t2v_core.recommend.diagnostics import (
+    ALL_TASKS,
+    WITHIN_FAMILY,
+    NormCorrelates,
+    norm_correlates_of,
+)
+from t2v_core.recommend.meta_dataset import MetaDataset
 from t2v_core.storage import StorageRoot
+from t2v_core.zoo.manifest import TaskSpec
 
 __all__ = [
     "TaskMap",
@@ -33,6 +41,8 @@ __all__ = [
     "error_matrix_heatmap",
     "family_order",
     "new_figure",
+    "norm_correlates_figure",
+    "norm_report",
     "norm_vs_error",
     "png_bytes",
     "save_png",
@@ -340,3 +350,105 @@ def topk_bars(
         ax.set_visible(False)
     fig.suptitle(title, fontsize="medium")
     return fig
+
+
+def _correlation_bars(ax, result: NormCorrelates, scope: str, colors: Mapping[str, tuple]) -> None:
+    """Horizontal bars of Spearman ρ with their intervals: one group per task variable, one
+    bar per norm."""
+    norms, variables = list(result.norms), list(result.variables)
+    height = 0.8 / len(norms)
+    for a, norm in enumerate(norms):
+        rows = [result.get(norm, var, scope) for var in variables]
+        y = np.arange(len(variables)) + (a - (len(norms) - 1) / 2) * height
+        rho = np.array([r.spearman for r in rows])
+        err = np.abs(np.array([[r.low for r in rows], [r.high for r in rows]]) - rho)
+        ax.barh(y, np.nan_to_num(rho), height=height * 0.9, color=colors[norm], label=norm,
+                xerr=np.nan_to_num(err), error_kw={"elinewidth": 0.8, "capsize": 2})
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_yticks(np.arange(len(variables)), variables)
+    ax.invert_yaxis()
+    lows = [c.low for c in result.correlations if np.isfinite(c.low)]
+    ax.set_xlim(min([-0.25, *lows]) - 0.05, 1.0)
+    ax.set_xlabel("Spearman ρ (bars: bootstrap interval)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(f"Norm vs task variables, {scope}")
+
+
+def _family_share_bars(ax, result: NormCorrelates, colors: Mapping[str, tuple]) -> None:
+    shares = list(result.family)
+    y = np.arange(len(shares))
+    eta = np.array([f.eta_squared for f in shares])
+    err = np.abs(np.array([[f.low for f in shares], [f.high for f in shares]]) - eta)
+    ax.barh(y, eta, color=[colors[f.norm] for f in shares], xerr=err,
+            error_kw={"elinewidth": 0.8, "capsize": 2})
+    ax.axvline(shares[0].chance, color="tab:red", linestyle="--", linewidth=1,
+               label=f"chance ({shares[0].chance:.2f})")
+    ax.set_yticks(y, [f.norm for f in shares])
+    ax.invert_yaxis()
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("η² of the norm's ranks on family")
+    ax.legend(fontsize="small", loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title("Share of the norm explained by the family")
+
+
+def _norm_scatter(ax, result: NormCorrelates, norm: str) -> None:
+    values, best = result.norms[norm], result.variables["oracle error"]
+    colors = _family_colors(result.families)
+    for name, color in colors.items():
+        mask = np.array([f == name for f in result.families])
+        ax.scatter(values[mask], best[mask], color=color, s=28, edgecolors="black",
+                   linewidths=0.3, label=name)
+    if norm != "mean log10" and np.all(values > 0) and values.max() > 100 * values.min():
+        ax.set_xscale("log")
+    pooled, within = result.get(norm, "oracle error"), result.get(norm, "oracle error", WITHIN_FAMILY)
+    ax.set_title(f"{norm} norm vs oracle error: ρ = {pooled.spearman:.2f} over all tasks, "
+                 f"{within.spearman:.2f} within family")
+    ax.set_xlabel(f"{norm} norm of the task embedding")
+    ax.set_ylabel("oracle (best expert) test error")
+    ax.legend(title="family", fontsize="small", title_fontsize="small", ncols=3,
+              loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+
+
+def _alike_variables(result: NormCorrelates, threshold: float = 0.95) -> str:
+    """The pairs of task variables whose ranks agree almost fully, as a phrase ("" if none)."""
+    names = list(result.between_variables)
+    pairs = [f"{a} and {b} (ρ = {result.between_variables[a][b]:.2f})"
+             for i, a in enumerate(names) for b in names[i + 1:]
+             if abs(result.between_variables[a][b]) >= threshold]
+    return "; ".join(pairs)
+
+
+def norm_correlates_figure(result: NormCorrelates, norm: str = "L1") -> Figure:
+    """What the embedding's norm tracks, on one page: the ``norm`` against each task's oracle
+    error coloured by family; the family's share of every norm against its chance level; and
+    every norm's Spearman ρ with each task variable over all tasks and within families."""
+    if norm not in result.norms:
+        raise ValueError(f"norm must be one of {list(result.norms)}, got {norm!r}")
+    from matplotlib import colormaps
+
+    palette = colormaps["Set2"]
+    colors = {n: to_rgba(palette(i % palette.N)) for i, n in enumerate(result.norms)}
+    fig = new_figure(13.0, 9.5)
+    (scatter, family), (pooled, within) = fig.subplots(2, 2)
+    _norm_scatter(scatter, result, norm)
+    _family_share_bars(family, result, colors)
+    _correlation_bars(pooled, result, ALL_TASKS, colors)
+    _correlation_bars(within, result, WITHIN_FAMILY, colors)
+    within.legend(*pooled.get_legend_handles_labels(), title="norm", fontsize="small",
+                  loc="center left", bbox_to_anchor=(1.0, 0.5))
+    if twins := _alike_variables(result):
+        fig.supxlabel("Ranked alike, so no norm can tell them apart: " + twins,
+                      fontsize="small")
+    fig.suptitle(f"What the task embedding's norm tracks ({result.n_tasks} tasks, "
+                 f"{result.confidence:.0%} intervals from {result.n_boot} bootstrap resamples)")
+    return fig
+
+
+def norm_report(data: MetaDataset, tasks: Sequence[TaskSpec] | None = None, *,
+                norm: str = "L1", **kwargs) -> tuple[NormCorrelates, Figure]:
+    """The norm's correlates on a meta-dataset (classes and training images from the task
+    manifest entries ``tasks`` when given; ``kwargs`` go to
+    :func:`t2v_core.recommend.diagnostics.norm_correlates`) and their figure."""
+    result = norm_correlates_of(data, tasks, **kwargs)
+    return result, norm_correlates_figure(result, norm)
