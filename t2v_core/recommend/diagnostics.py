@@ -119,8 +119,8 @@ DEPTH_NAMES = {1: ("all",), 2: ("early", "late"), 3: ("early", "middle", "late")
 class NormCorrelation:
     """Spearman ρ between one norm of the embedding and one task variable, with a percentile
     bootstrap interval over resampled tasks. ``scope`` is ``"all tasks"``, or ``"within
-    family"``: ρ of the ranks less their family's mean rank, the association left once the
-    domain is known."""
+    family"``: ρ of the ranks inside each family, pooled over the families (each centred on
+    its mean rank), the association left once the domain is known."""
 
     norm: str
     variable: str
@@ -248,6 +248,18 @@ def _family_centred(ranks: np.ndarray, codes: np.ndarray, n_families: int) -> np
     return ranks - means[:, codes]
 
 
+def _within_family_ranks(rows: np.ndarray, codes: np.ndarray, n_families: int) -> np.ndarray:
+    """Each row ranked inside every family and centred on the family's mean rank: pooled
+    over families, their correlation is the within-family Spearman ρ."""
+    out = np.zeros_like(rows, dtype=np.float64)
+    for c in range(n_families):
+        members = codes == c
+        if members.any():
+            ranks = _ranks(rows[:, members])
+            out[:, members] = ranks - ranks.mean(axis=1, keepdims=True)
+    return out
+
+
 def _row_corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pearson r of every row of ``a`` with every row of ``b`` (NaN where one is constant)."""
     a = a - a.mean(axis=1, keepdims=True)
@@ -274,7 +286,8 @@ def _statistics(norms: np.ndarray, variables: np.ndarray, codes: np.ndarray, k: 
     """(ρ over all tasks, ρ within family, η² of the norms) for one set of tasks."""
     rn, rv = _ranks(norms), _ranks(variables)
     pooled = _row_corr(rn, rv)
-    within = _row_corr(_family_centred(rn, codes, k), _family_centred(rv, codes, k))
+    within = _row_corr(_within_family_ranks(norms, codes, k),
+                       _within_family_ranks(variables, codes, k))
     return pooled, within, _eta_squared(rn, codes, k)
 
 
