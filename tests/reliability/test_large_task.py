@@ -21,6 +21,8 @@ import pyarrow.dataset as ds
 import pytest
 from PIL import Image, PngImagePlugin
 
+from t2v_core.zoo.manifest import read_tasks
+
 REPO = Path(__file__).resolve().parents[2]
 IMAGE_SIZE = 32  # the probe's input: 50,000 decoded images would be 600 MB of float32
 MAX_PER_CLASS = 20
@@ -127,9 +129,10 @@ def test_50k_image_task_registers_and_embeds_in_the_memory_of_a_500_image_one(tm
         assert embedded["done"] == [name] and not embedded["failed"]
         growth["embed", name] = embedded["growth"]
 
-    # nothing duplicated, and a re-run of the large task has nothing left to do
+    # one row each, and a re-run of the large task has nothing left to do
     tasks, root = tmp_path / "large" / "tasks", tmp_path / "large" / "root"
-    assert _case("register", tasks, root)["unchanged"] == ["large"]
+    assert [(t.task_id, t.n_train, t.n_test) for t in read_tasks(root)] == [
+        ("large", 49_980, 20)]
     again = _case("embed", tasks, root)
     assert again["done"] == [] and again["up_to_date"] == ["large"]
     assert _embedding_keys(root) == ["large"]
