@@ -45,6 +45,7 @@ import math
 import numbers
 import os
 import re
+import ssl
 import subprocess
 import sys
 import time
@@ -110,7 +111,7 @@ _BAD_NAME_CHARS = re.compile(r"[^\w\-. /:]")
 _MAX_PARAM = 6000
 _MAX_TAG = 8000
 _MAX_KEY = 250
-_PROBE_TIMEOUT_S = 5.0
+_PROBE_TIMEOUT_S = 10.0
 
 
 class TrackingUnavailable(MlflowException):
@@ -154,6 +155,8 @@ def require_reachable(uri: str, timeout_s: float = _PROBE_TIMEOUT_S) -> None:
         return  # it answered (auth, a proxy's 404): MLflow's own calls say what is wrong
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ssl.SSLError):
+            return  # a TLS handshake: it is up; MLflow has its own certificate settings
         raise TrackingUnavailable(
             f"MLflow server {redact_uri(uri)} is unreachable ({reason}); nothing was "
             "recorded there") from exc

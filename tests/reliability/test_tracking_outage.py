@@ -5,7 +5,9 @@ and a re-run once the server is back records itself and embeds nothing again."""
 from __future__ import annotations
 
 import contextlib
+import http.server
 import logging
+import threading
 import time
 
 import pyarrow.dataset as ds
@@ -41,6 +43,22 @@ def test_unreachable_server_fails_fast_and_names_it():
         tracking.require_reachable("http://127.0.0.1:9")
     assert time.monotonic() - started < 10  # MLflow's own client would retry for minutes
     tracking.require_reachable("sqlite:///nowhere.db")  # not a server: nothing to probe
+
+
+def test_any_http_answer_counts_as_up():
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the handler's protocol)
+            self.send_error(401)  # a server behind a login, or a proxy without /health
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            tracking.require_reachable(f"http://127.0.0.1:{server.server_port}")
+        finally:
+            server.shutdown()
 
 
 @pytest.mark.slow
