@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.distances
 	$(PY) -m benchmarks.embed_scaling
 	$(PY) -m benchmarks.matrix_cost
+	$(PY) -m benchmarks.embed_load
 
 lint: $(STAMP)
 	$(PY) -m ruff check t2v_core jobs tests benchmarks scripts

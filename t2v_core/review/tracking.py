@@ -45,9 +45,12 @@ import math
 import numbers
 import os
 import re
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,6 +69,7 @@ __all__ = [
     "MODEL_TRAINING_KIND",
     "PARENT_RUN_ENV",
     "Tracking",
+    "TrackingUnavailable",
     "code_version",
     "configure",
     "default_experiment_name",
@@ -78,6 +82,7 @@ __all__ = [
     "metric_name",
     "pipeline_run",
     "publish_to_pipeline",
+    "require_reachable",
     "ray_tags",
     "resolve_tracking",
     "safe_params",
@@ -106,6 +111,11 @@ _BAD_NAME_CHARS = re.compile(r"[^\w\-. /:]")
 _MAX_PARAM = 6000
 _MAX_TAG = 8000
 _MAX_KEY = 250
+_PROBE_TIMEOUT_S = 10.0
+
+
+class TrackingUnavailable(MlflowException):
+    """The tracking server does not answer; nothing was recorded, nothing else is affected."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +139,27 @@ _current: Tracking | None = None
 
 def _uri_is_server(uri: str) -> bool:
     return uri.split(":", 1)[0].lower() in ("http", "https", "databricks")
+
+
+def require_reachable(uri: str, timeout_s: float = _PROBE_TIMEOUT_S) -> None:
+    """Raise :class:`TrackingUnavailable` at once when the ``http(s)`` server ``uri`` cannot
+    be connected to. MLflow's client retries a refused connection for minutes (7 retries with
+    exponential backoff) before it fails, which would hold a finished job that long only to
+    report that its record is missing. Any HTTP answer, an error status too, counts as up."""
+    if uri.split(":", 1)[0].lower() not in ("http", "https"):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered (auth, a proxy's 404): MLflow's own calls say what is wrong
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ssl.SSLError):
+            return  # a TLS handshake: it is up; MLflow has its own certificate settings
+        raise TrackingUnavailable(
+            f"MLflow server {redact_uri(uri)} is unreachable ({reason}); nothing was "
+            "recorded there") from exc
 
 
 def _sqlite_uri(path: Path) -> str:
@@ -238,7 +269,8 @@ def configure(
     artifact_location: str | None = None,
 ) -> Tracking:
     """Point MLflow (tracking and registry) at the resolved store and make the zoo's experiment
-    active, creating it if needed and marking it as model training. Returns where runs go."""
+    active, creating it if needed and marking it as model training. Returns where runs go;
+    raises :class:`TrackingUnavailable` within seconds when a tracking server does not answer."""
     global _current
     store = _storage_root(root)
     resolved = resolve_tracking(store, tracking_uri=tracking_uri, artifact_location=artifact_location)
@@ -248,6 +280,7 @@ def configure(
         mlflow.set_tracking_uri(resolved.tracking_uri)
         mlflow.set_registry_uri(resolved.tracking_uri)
     name = experiment or default_experiment_name(store)
+    require_reachable(resolved.tracking_uri)
     client = MlflowClient(resolved.tracking_uri, resolved.tracking_uri)
     exp_id = _ensure_experiment(client, name, resolved.artifact_location, _experiment_tags(store))
     mlflow.set_experiment(experiment_id=exp_id)
@@ -508,9 +541,11 @@ def stage_run(
        than a pipeline of one stage.
 
     Logs ``params`` (credential-like names dropped), the code version and Ray tags, and
-    ``wall_time_s`` when the stage ends; a stage that raises ends FAILED.
+    ``wall_time_s`` when the stage ends; a stage that raises ends FAILED. A tracking server
+    that does not answer raises :class:`TrackingUnavailable` before the stage's block runs.
     """
     started = time.monotonic()
+    require_reachable(mlflow.get_tracking_uri())
     stage_tags = _run_tags(tags, **{"t2v.stage": name, "t2v.kind": "stage"})
     with contextlib.ExitStack() as stack:
         parent_id = None if mlflow.active_run() else _stage_parent(parent_run_id, pipeline, stack)

@@ -68,9 +68,33 @@ def _permission_bits_apply(tmp_path: Path) -> bool:
     return False
 
 
+def _chattr(flag: str, folder: Path) -> bool:
+    if shutil.which("chattr") is None:
+        return False
+    return subprocess.run(["chattr", flag, str(folder)], capture_output=True,
+                          check=False).returncode == 0
+
+
+@contextlib.contextmanager
+def _unwritable(folder: Path, tmp_path: Path) -> Iterator[None]:
+    """``folder`` refuses new files for the block: read-only permission bits, or for root
+    (which ignores them) the immutable attribute (``chattr +i``), which binds root too."""
+    if _permission_bits_apply(tmp_path):
+        folder.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+    elif _chattr("+i", folder):
+        try:
+            yield
+        finally:
+            _chattr("-i", folder)
+    else:
+        pytest.skip("this user writes into read-only folders and cannot set chattr +i")
+
+
 def test_read_only_root_fails_clearly_and_keeps_the_manifest(tmp_path, image_folder):
-    if not _permission_bits_apply(tmp_path):
-        pytest.skip("this user writes into read-only folders (root): nothing to test")
     tasks = _tasks(tmp_path / "tasks", image_folder, "ant")
     root = tmp_path / "root"
     register_folders(str(tasks), str(root))
@@ -78,14 +102,11 @@ def test_read_only_root_fails_clearly_and_keeps_the_manifest(tmp_path, image_fol
     manifest = (root / TASKS_MANIFEST).read_bytes()
     _tasks(tasks, image_folder, "ant", "bee")
     zoo_dir = root / "zoo"
-    zoo_dir.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP)
-    try:
+    with _unwritable(zoo_dir, tmp_path):
         with pytest.raises(PermissionError, match=str(zoo_dir)):
             register_folders(str(tasks), str(root))
         assert _files(root) == before
         assert (root / TASKS_MANIFEST).read_bytes() == manifest
-    finally:
-        zoo_dir.chmod(0o755)
     assert register_folders(str(tasks), str(root)).upsert.added == ("bee",)
     assert [t.task_id for t in read_tasks(root)] == ["ant", "bee"]
 
