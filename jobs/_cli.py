@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import logging
-import os
+import re
 import sys
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -146,6 +146,17 @@ def tracking_uri_option(default: str = "a sqlite store under the root") -> Any:
     return opt(None, help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else {default})")
 
 
+def _shard(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match or int(match[1]) >= int(match[2]):
+        raise argparse.ArgumentTypeError(f"expected i/n with 0 <= i < n, got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def shard_option(what: str, group: str | None = None) -> Any:
+    return opt(None, group=group, type=_shard, help=f"i/n: {what}")
+
+
 def repeats_option(group: str | None = None) -> Any:
     """Repeated k-fold: one fold assignment moves the table by several points on a few dozen
     tasks."""
@@ -212,30 +223,13 @@ def repeats_problem(repeats: int, folds: str | int) -> str | None:
     return None
 
 
-def record_stage(args: Any, name: str, params: dict, metrics: dict) -> None:
-    """Log a finished batch job as an MLflow stage run, where there is somewhere to log it.
+def record_stage(config: Any, name: str, params: dict, metrics: dict) -> None:
+    """:func:`t2v_core.review.tracking.record_stage` for a job's Config (MLflow, heavy, is
+    imported only here: Tune's workers import the jobs)."""
+    from t2v_core.review.tracking import record_stage as record
 
-    The batch jobs (embedding, matrix) run often and on clusters, so they log only when asked
-    to by --tracking-uri or $MLFLOW_TRACKING_URI, or when called inside a pipeline run (the
-    demo, the refresh, or a stage started with $T2V_PARENT_RUN_ID). Tracking trouble is logged and never fails a job whose results are written.
-    ``args`` is the job's Config: ``root``, ``tracking`` and ``tracking_uri`` are read.
-    """
-    import mlflow
-
-    from t2v_core.review.tracking import PARENT_RUN_ENV
-
-    if not args.tracking or not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                                 or mlflow.active_run() or os.environ.get(PARENT_RUN_ENV)):
-        return
-    try:
-        from t2v_core.review import tracking
-
-        if mlflow.active_run() is None:
-            tracking.configure(args.root, tracking_uri=args.tracking_uri)
-        with tracking.stage_run(name, params):
-            tracking.log_metrics(metrics)
-    except Exception as exc:  # the stage's results are stored; the record is a convenience
-        logging.getLogger(__name__).warning("could not log %s to MLflow: %s", name, exc)
+    record(config.root, name, params, metrics, enabled=config.tracking,
+           tracking_uri=config.tracking_uri)
 
 
 def run_stamp() -> str:

@@ -6,10 +6,9 @@ The scheduled entrypoint. Each step runs only when it has something to do: regis
 or changed folders of --folders), train_experts (--expert-tasks sources without an expert at
 their current hash), embed_tasks (missing embeddings), fill_matrix (missing cells, of shard
 i/n with --shard), then train_model2vec, evaluate (Table 1) and promote when the recommender's
-inputs (embeddings, matrix, recipe, evaluation) differ from the last refresh's, whose digest
-``refresh/state.json`` keeps. Promote moves ``@champion`` to the new version only if it is not
-worse than the champion on the same evaluation (:mod:`t2v_core.review.champion`); else the
-version stays registered without it, and the log and its tags say why, with both numbers.
+inputs differ from the last refresh's (:mod:`t2v_core.review.refresh_state`). Promote moves
+``@champion`` to the new version only if it is not worse than the champion on the same
+evaluation (:mod:`t2v_core.review.champion`); the log and the version's tags say why.
 
 What is missing is found first, from the manifests, the stored embeddings and cells and that
 digest, in seconds; with nothing missing the run logs "up to date" and stops. The steps run in
@@ -18,18 +17,14 @@ one MLflow pipeline run "refresh", a stage run each, all under the root's refres
 
 Exit status: 0 refreshed or up to date; 1 a step failed (the message names it; finished work
 is kept and a re-run resumes); 2 bad arguments; 75 (EX_TEMPFAIL) another refresh holds the
-lease: the message names the holder and until when; try again after that.
+lease: the message names the holder and until when.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import hashlib
-import json
 import logging
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -43,36 +38,28 @@ from jobs._cli import (
     error_floor_option,
     opt,
     parse_config,
-    run_stamp,
     setup_logging,
+    shard_option,
 )
 from jobs._ray_util import init_ray, submitted_job_config, worker_runtime_env
 from t2v_core.embedding.fisher import METHODS
-from t2v_core.embedding.probes import Probe, available_archs, build_probe, resolve_weights
+from t2v_core.embedding.probes import Probe, available_archs, build_probe
 from t2v_core.embedding.store import plan_embeddings
 from t2v_core.lease import LeaseError, LeaseHeld, RefreshLease
-from t2v_core.matrix.expert_training import plan_experts, select_tasks
-from t2v_core.matrix.experts import Recipe, base_head, state_digest
+from t2v_core.matrix.expert_training import plan_expert_run
+from t2v_core.matrix.experts import Recipe
 from t2v_core.matrix.rows import done_cells, missing_cells
-from t2v_core.recommend.meta_dataset import MetaDataset, load_meta_dataset
 from t2v_core.review import tracking
-from t2v_core.review.champion import Decision, Evaluation, data_digest, gate
+from t2v_core.review.champion import Decision, gate
+from t2v_core.review.refresh_state import RecommenderInputs, last_state, record_state
 from t2v_core.storage import StorageRoot, redact_uri
 from t2v_core.zoo.manifest import read_experts, read_tasks
 
 log = logging.getLogger("jobs.refresh_zoo")
 
 EX_TEMPFAIL = 75  # sysexits.h: a temporary failure, try again later
-STATE = "refresh/state.json"
 LEASE_TTL_S = 900.0  # renewed every third of it while the refresh runs
 _BUGS = (TypeError, AttributeError, KeyError, IndexError, NameError, AssertionError)
-
-
-def _shard(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
-    if not match or int(match[1]) >= int(match[2]):
-        raise argparse.ArgumentTypeError(f"expected i/n with 0 <= i < n, got {text!r}")
-    return int(match[1]), int(match[2])
 
 
 ZOO, RECOMMENDER = "probe, experts and matrix", "recommender and champion"
@@ -96,8 +83,7 @@ class Config(CommonOptions, RayOptions):
                             "jobs.train_experts --tasks")
     expert_epochs: int = opt(Recipe.epochs, group=ZOO)
     num_samples: int = opt(4, group=ZOO, help="configurations per cell")
-    shard: tuple[int, int] | None = opt(None, group=ZOO, type=_shard, help="i/n: fill the "
-                                        "missing cells of shard i of n")
+    shard: tuple[int, int] | None = shard_option("fill the missing cells of shard i of n", ZOO)
     model2vec_epochs: int = opt(500, group=RECOMMENDER, help="of the model, and of its refits "
                                 "in the evaluation")
     folds: str = opt("5", group=RECOMMENDER, help="'loo' or K folds over tasks (at most one "
@@ -159,7 +145,7 @@ def run(config: Config) -> RefreshResult:
         plan = _plan(config, root)
         fans_out = bool(plan.experts or plan.embeddings or plan.cells)
         with _step("planning"):
-            if not fans_out and _inputs(config, plan)[2] == _state(root).get("digest"):
+            if not fans_out and _inputs(config, plan).digest == last_state(root).get("digest"):
                 log.info("zoo %s is up to date: nothing to register, train, embed, fill or "
                          "retrain (checked in %.1fs)", redact_uri(root.uri),
                          time.perf_counter() - started)
@@ -204,13 +190,9 @@ def _plan(config: Config, root: StorageRoot) -> _Plan:
 def _experts_todo(config: Config, root: StorageRoot, base: Probe) -> tuple[str, ...]:
     """What train_experts would train now: its own plan, on its own Config."""
     cfg = _experts_config(config, base.input_size)
-    generic = not cfg.no_generic
-    head = generic and base_head(resolve_weights(cfg.arch, cfg.weights),
-                                 base.feature_dim) is not None
-    todo, _ = plan_experts(root, cfg.arch, state_digest(base.backbone),
-                           select_tasks(read_tasks(root), cfg.tasks), cfg.recipe,
-                           cfg.prefix or cfg.arch, generic, head)
-    return tuple(job.expert_id for job in todo)
+    plan = plan_expert_run(root, cfg.arch, cfg.weights, cfg.tasks, cfg.recipe, prefix=cfg.prefix,
+                           generic=not cfg.no_generic, base=base)
+    return tuple(job.expert_id for job in plan.todo)
 
 
 def _refresh(config: Config, root: StorageRoot, plan: _Plan, lease: RefreshLease
@@ -257,23 +239,18 @@ def _fill(config: Config, size: int) -> tuple[int, str | None]:
         problem if result.trials_errored or result.cells_missing else None)
 
 
-def _inputs(config: Config, plan: _Plan) -> tuple[MetaDataset, Evaluation, str]:
-    """The meta-dataset MODEL2VEC learns from, the evaluation that judges it, and the digest
-    of both with the recipe: an unchanged digest leaves nothing to retrain."""
-    data = load_meta_dataset(config.root, plan.probe.probe_id, config.method, mode="probe")
-    evaluation = Evaluation.of(data, config.folds, seed=config.seed,
-                               error_floor=config.error_floor)
-    spec = {"data": data_digest(data), "evaluation": asdict(evaluation),
-            "recipe": [config.model2vec_epochs, config.seed]}
-    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-    return data, evaluation, digest
+def _inputs(config: Config, plan: _Plan) -> RecommenderInputs:
+    return RecommenderInputs.load(config.root, plan.probe.probe_id, config.method,
+                                  folds=config.folds, seed=config.seed,
+                                  error_floor=config.error_floor, epochs=config.model2vec_epochs)
 
 
 def _recommender(config: Config, root: StorageRoot, plan: _Plan
                  ) -> tuple[str | None, Decision | None]:
     """Train, evaluate and gate a new MODEL2VEC when its inputs changed; record them."""
-    data, evaluation, digest = _inputs(config, plan)
-    if digest == _state(root).get("digest"):
+    inputs = _inputs(config, plan)
+    data, evaluation = inputs.data, inputs.evaluation
+    if inputs.digest == last_state(root).get("digest"):
         log.info("the recommender's inputs did not change: no new model")
         return None, None
     trained = train_model2vec.run(_stage_config(  # alias "": the gate below decides on it
@@ -291,15 +268,8 @@ def _recommender(config: Config, root: StorageRoot, plan: _Plan
             tracking.log_metrics({"promoted": int(decision.promoted),
                                   "candidate_score": decision.candidate_score,
                                   "champion_score": decision.champion_score})
-    state = {"digest": digest, "model_version": trained.version, "finished": run_stamp(),
-             "decision": decision and asdict(decision)}
-    root.write_bytes_atomic(STATE, json.dumps(state, indent=2).encode())
+    record_state(root, inputs.digest, trained.version, decision)
     return trained.version, decision
-
-
-def _state(root: StorageRoot) -> dict:
-    """What the last refresh that got to a recommender left (empty: none did)."""
-    return json.loads(root.read_bytes(STATE)) if root.exists(STATE) else {}
 
 
 def _pipeline(config: Config, plan: _Plan):

@@ -30,17 +30,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from jobs._cli import CommonOptions, RayOptions, opt, parse_config, run_main
 from jobs._ray_util import get_or_error, init_ray, iter_ready, worker_runtime_env
-from t2v_core.embedding.probes import available_archs, build_probe, resolve_weights
-from t2v_core.matrix.expert_training import (
-    ExpertJob,
-    plan_experts,
-    select_tasks,
-    train_expert,
-    write_expert,
-)
-from t2v_core.matrix.experts import Recipe, base_head, state_digest
+from t2v_core.embedding.probes import available_archs
+from t2v_core.matrix.expert_training import ExpertJob, plan_expert_run, train_expert, write_expert
+from t2v_core.matrix.experts import Recipe
 from t2v_core.storage import StorageRoot, redact_uri
-from t2v_core.zoo.manifest import read_tasks, upsert_experts
+from t2v_core.zoo.manifest import upsert_experts
 
 log = logging.getLogger("jobs.train_experts")
 
@@ -124,15 +118,10 @@ def _tracked(config: Config):
 
 
 def _make_experts(config: Config) -> TrainReport:
-    recipe = config.recipe
     root = StorageRoot(config.root)
-    weights_uri = resolve_weights(config.arch, config.weights)
-    base = build_probe(config.arch, weights_uri, seed=recipe.seed, input_size=recipe.image_size)
-    generic = not config.no_generic
-    generic_head = base_head(weights_uri, base.feature_dim) if generic else None
-    selected = select_tasks(read_tasks(root), config.tasks)
-    todo, done = plan_experts(root, config.arch, state_digest(base.backbone), selected, recipe,
-                              config.prefix or config.arch, generic, generic_head is not None)
+    plan = plan_expert_run(root, config.arch, config.weights, config.tasks, config.recipe,
+                           prefix=config.prefix, generic=not config.no_generic)
+    base, generic_head, done, todo = plan.base, plan.generic_head, plan.done, plan.todo
     report = TrainReport(skipped=[j.expert_id for j in done], base_probe_id=base.probe_id)
     for job in done:
         log.info("expert %s is up to date; skipped", job.expert_id)
@@ -148,7 +137,7 @@ def _make_experts(config: Config) -> TrainReport:
                  else f"source head with {generic_head.n_classes} classes")
     remote = [j for j in todo if j.task is not None]
     if remote:
-        _train_on_ray(config, root, weights_uri, remote, register, report)
+        _train_on_ray(config, root, plan.weights_uri, remote, register, report)
     return report
 
 

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from t2v_core.embedding.probes import build_probe
+from t2v_core.embedding.probes import Probe, build_probe, resolve_weights
 from t2v_core.matrix.experts import (
     HEAD_SUFFIX,
     Recipe,
     SourceHead,
+    base_head,
     expert_content_hash,
     finetune,
     state_digest,
@@ -25,7 +26,7 @@ from t2v_core.matrix.experts import (
 from t2v_core.storage import StorageRoot
 from t2v_core.zoo.data import load_split
 from t2v_core.zoo.demo_world import representative_tasks
-from t2v_core.zoo.manifest import ExpertSpec, TaskSpec, read_experts, select_specs
+from t2v_core.zoo.manifest import ExpertSpec, TaskSpec, read_experts, read_tasks, select_specs
 
 EXPERTS_DIR = "experts"
 GENERIC = "generic"
@@ -115,3 +116,31 @@ def plan_experts(root: StorageRoot, arch: str, base_digest: str, tasks: list[Tas
             files.append(head_rel(job.expert_id))
         (done if fresh and all(root.exists(f) for f in files) else todo).append(job)
     return todo, done
+
+
+@dataclass(frozen=True)
+class ExpertPlan:
+    """The base the experts are made from, the generic expert's source head (None: the base
+    checkpoint has no classifier, or no generic expert) and the experts to make and done."""
+
+    base: Probe
+    weights_uri: str | None
+    generic_head: SourceHead | None
+    todo: list[ExpertJob]
+    done: list[ExpertJob]
+
+
+def plan_expert_run(root: StorageRoot, arch: str, weights: str | None, tasks: str,
+                    recipe: Recipe, *, prefix: str | None = None, generic: bool = True,
+                    base: Probe | None = None) -> ExpertPlan:
+    """:func:`plan_experts` for the registered tasks ``tasks`` selects (:func:`select_tasks`)
+    on ``weights`` (resolved as :func:`~t2v_core.embedding.probes.resolve_weights` does);
+    ``base`` is that probe when the caller has built it already."""
+    weights_uri = resolve_weights(arch, weights)
+    if base is None:
+        base = build_probe(arch, weights_uri, seed=recipe.seed, input_size=recipe.image_size)
+    head = base_head(weights_uri, base.feature_dim) if generic else None
+    todo, done = plan_experts(root, arch, state_digest(base.backbone),
+                              select_tasks(read_tasks(root), tasks), recipe, prefix or arch,
+                              generic, head is not None)
+    return ExpertPlan(base, weights_uri, head, todo, done)
