@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import logging
 import re
 import sys
@@ -17,6 +16,7 @@ from dataclasses import MISSING, dataclass
 from typing import Any, TypeVar
 
 from jobs._ray_util import checked_root
+from t2v_core.review.reports import run_stamp  # noqa: F401 (the jobs' run folders)
 
 C = TypeVar("C")
 R = TypeVar("R")
@@ -30,7 +30,8 @@ def opt(default: Any = MISSING, help: str | None = None, *,
     ``store_false`` switch (``--no-field-name``); a field without default is a required flag.
     ``group`` titles its --help section, ``exclusive`` makes it one of the job's required
     either-or flags; the rest (type, choices, metavar, nargs) goes to ``add_argument``. Without
-    ``type``, an int or float field (or an optional one) parses as that."""
+    ``type``, an int or float field (or an optional one) parses as that. The help shows a
+    default other than None unless it speaks of the default itself."""
     return dataclasses.field(default=default, metadata={
         "help": help, "flag": flag, "group": group, "exclusive": exclusive,
         "argparse": argparse_kwargs})
@@ -46,6 +47,9 @@ def add_option(parser: argparse.ArgumentParser | argparse._ActionsContainer, nam
     """The flag of one :func:`opt` field, whose value lands in ``name``."""
     meta = field.metadata
     kwargs = {"dest": name, "help": meta.get("help"), **meta.get("argparse", {})}
+    if (field.default not in (None, MISSING) and not isinstance(field.default, bool)
+            and "default" not in (kwargs["help"] or "")):
+        kwargs["help"] = f"{kwargs['help'] or ''} (default: %(default)s)".lstrip()
     flags = meta.get("flag") or f"--{name.replace('_', '-')}"
     if isinstance(field.default, bool):
         kwargs["action"] = "store_false" if field.default else "store_true"
@@ -230,8 +234,3 @@ def record_stage(config: Any, name: str, params: dict, metrics: dict) -> None:
 
     record(config.root, name, params, metrics, enabled=config.tracking,
            tracking_uri=config.tracking_uri)
-
-
-def run_stamp() -> str:
-    """UTC time to the second: the sortable name of a run's output folder under the root."""
-    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")

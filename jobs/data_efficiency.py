@@ -27,12 +27,9 @@ interrupted while filling the matrix (re-run to resume).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from dataclasses import dataclass, field
-
-import ray
 
 from jobs import embed_tasks, fill_matrix
 from jobs._cli import (
@@ -42,9 +39,9 @@ from jobs._cli import (
     repeats_option,
     repeats_problem,
     run_main,
-    run_stamp,
 )
-from jobs._ray_util import init_ray, worker_runtime_env
+from jobs._ray_util import ray_session, worker_runtime_env
+from t2v_core.embedding.embed_run import ZooSelectionError
 from t2v_core.embedding.probes import WeightsError, build_probe
 from t2v_core.embedding.store import EmbeddingStorageError
 from t2v_core.recommend.efficiency import (
@@ -55,6 +52,7 @@ from t2v_core.recommend.efficiency import (
 )
 from t2v_core.recommend.meta_dataset import resolve_embedding_set
 from t2v_core.recommend.report import EfficiencySetting, size_label
+from t2v_core.review.reports import log_report, write_report
 from t2v_core.storage import StorageRoot
 from t2v_core.zoo.manifest import read_tasks
 
@@ -198,7 +196,7 @@ def embed_size(config: Config, size: int, method: str) -> dict:
             root=config.root, probe=config.probe, weights=config.weights, method=method,
             max_per_class=size, seed=config.seed, image_size=config.image_size,
             no_progress=config.no_progress, tracking=config.tracking))
-    except (embed_tasks.JobError, WeightsError, EmbeddingStorageError) as exc:
+    except (ZooSelectionError, WeightsError, EmbeddingStorageError) as exc:
         raise JobError(f"embedding the {size_label(size)} subsets: {exc}") from exc
     return {"done": len(summary.done), "up_to_date": len(summary.up_to_date),
             "failed": len(summary.failed) + len(summary.failed_before)}
@@ -227,26 +225,6 @@ def compute(config: Config, root: StorageRoot) -> tuple[list[SizeWork], str, str
     return work, probe_id, method
 
 
-def track(config: Config, root: StorageRoot, out: EfficiencyResult) -> None:
-    """One MLflow stage run with the table's numbers and files."""
-    import mlflow
-
-    from t2v_core.review import tracking
-
-    payload = out.report.payload
-    tracking.configure(root, tracking_uri=config.tracking_uri)
-    params = {"sizes": ",".join(payload["sizes"]), "task_embeddings": config.embeddings,
-              "mode": config.mode, "folds": config.folds, "repeats": config.repeats,
-              "n_tasks": len(payload["task_ids"])}
-    with tracking.stage_run(REPORT_NAME, params):
-        tracking.log_metrics(efficiency_metrics(out.report.results))
-        tracking.log_metrics({
-            "cells_filled": sum(w.matrix.get("planned", 0) for w in out.work),
-            "tasks_embedded": sum(w.embeddings.get("done", 0) for w in out.work)})
-        mlflow.log_text(out.markdown, f"{REPORT_NAME}.md")
-        mlflow.log_dict(payload, f"{REPORT_NAME}.json")
-
-
 def run(config: Config) -> EfficiencyResult:
     """Compute what is missing, evaluate every size, write the report and, with tracking, log
     it. Raises :class:`JobError` when no table can be made, :class:`Interrupted` when filling
@@ -255,13 +233,9 @@ def run(config: Config) -> EfficiencyResult:
     if not read_tasks(root):
         raise JobError(f"no tasks registered under {root!r}; run jobs.register_zoo first")
     # The matrix job's Tune trials run under this driver's Ray and take its runtime_env.
-    started = init_ray(config.address, local_cpus=config.local_cpus,
-                       runtime_env=worker_runtime_env())
-    try:
+    with ray_session(config.address, local_cpus=config.local_cpus,
+                     runtime_env=worker_runtime_env()):
         work, probe_id, method = compute(config, root)
-    finally:
-        if started:
-            ray.shutdown()
     try:
         data, dropped = load_sizes(root, probe_id, method, config.sizes, mode=config.mode,
                                    task_embeddings=config.embeddings)
@@ -274,14 +248,19 @@ def run(config: Config) -> EfficiencyResult:
     report.payload["work"] = {size_label(w.size): {"matrix": w.matrix,
                                                    "embeddings": w.embeddings} for w in work}
     out = EfficiencyResult(report, work, bool(dropped) or any(w.incomplete for w in work))
-    out.folder = f"evaluation/{run_stamp()}"
-    root.write_bytes_atomic(f"{out.folder}/{REPORT_NAME}.md", out.markdown.encode())
-    root.write_bytes_atomic(f"{out.folder}/{REPORT_NAME}.json",
-                            json.dumps(report.payload, indent=2, allow_nan=False).encode())
+    out.folder = write_report(root, REPORT_NAME, out.markdown, report.payload)
     log.info("wrote %s/%s.md and .json", root.join(out.folder), REPORT_NAME)
     if config.tracking:
+        payload = report.payload
+        params = {"sizes": ",".join(payload["sizes"]), "task_embeddings": config.embeddings,
+                  "mode": config.mode, "folds": config.folds, "repeats": config.repeats,
+                  "n_tasks": len(payload["task_ids"])}
+        counts = {"cells_filled": sum(w.matrix.get("planned", 0) for w in work),
+                  "tasks_embedded": sum(w.embeddings.get("done", 0) for w in work)}
         try:
-            track(config, root, out)
+            log_report(root, REPORT_NAME, out.markdown, payload, params,
+                       efficiency_metrics(report.results), counts,
+                       tracking_uri=config.tracking_uri)
         except Exception as exc:  # the table is written; the MLflow record is a convenience
             log.warning("could not log the table to MLflow: %s", exc)
     return out

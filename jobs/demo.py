@@ -32,7 +32,7 @@ from jobs import (
     train_model2vec,
 )
 from jobs._cli import opt, parse_config, root_option, setup_logging
-from jobs._ray_util import init_ray
+from jobs._ray_util import ray_session
 from t2v_core.embedding.efficientnet_lite import pretrained_weights_path
 from t2v_core.storage import StorageRoot, redact_uri
 from t2v_core.zoo import demo_world
@@ -219,18 +219,13 @@ def run(config: Config) -> DemoReport:
     stage that fails (:class:`StageFailed`)."""
     configs = stage_configs(config)
     report = DemoReport()
-    started_ray = init_ray(None, local_cpus=config.local_cpus)
-    try:
-        with _tracking(config) as record:
-            for name in (n for n in STAGE_NAMES if n in config.stages):
-                log.info("── stage %s: %s", name, STAGE_HELP[name])
-                stage = run_stage(name, config, configs)
-                report.stages.append(stage)
-                record(name, stage.seconds)
-                log.info("── stage %s %s in %.1fs", name, stage.status, stage.seconds)
-    finally:
-        if started_ray:
-            ray.shutdown()
+    with ray_session(None, local_cpus=config.local_cpus), _tracking(config) as record:
+        for name in (n for n in STAGE_NAMES if n in config.stages):
+            log.info("── stage %s: %s", name, STAGE_HELP[name])
+            stage = run_stage(name, config, configs)
+            report.stages.append(stage)
+            record(name, stage.seconds)
+            log.info("── stage %s %s in %.1fs", name, stage.status, stage.seconds)
     return report
 
 

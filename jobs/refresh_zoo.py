@@ -29,8 +29,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-import ray
-
 from jobs import embed_tasks, evaluate, fill_matrix, register_zoo, train_experts, train_model2vec
 from jobs._cli import (
     CommonOptions,
@@ -41,7 +39,7 @@ from jobs._cli import (
     setup_logging,
     shard_option,
 )
-from jobs._ray_util import init_ray, submitted_job_config, worker_runtime_env
+from jobs._ray_util import ray_session, submitted_job_config, worker_runtime_env
 from t2v_core.embedding.fisher import METHODS
 from t2v_core.embedding.probes import Probe, available_archs, build_probe
 from t2v_core.embedding.store import plan_embeddings
@@ -54,6 +52,7 @@ from t2v_core.review.champion import Decision, gate
 from t2v_core.review.refresh_state import RecommenderInputs, last_state, record_state
 from t2v_core.storage import StorageRoot, redact_uri
 from t2v_core.zoo.manifest import read_experts, read_tasks
+from t2v_core.zoo.register import RegisterResult
 
 log = logging.getLogger("jobs.refresh_zoo")
 
@@ -83,7 +82,8 @@ class Config(CommonOptions, RayOptions):
                             "jobs.train_experts --tasks")
     expert_epochs: int = opt(Recipe.epochs, group=ZOO)
     num_samples: int = opt(4, group=ZOO, help="configurations per cell")
-    shard: tuple[int, int] | None = shard_option("fill the missing cells of shard i of n", ZOO)
+    shard: tuple[int, int] | None = shard_option("fill the missing cells of shard i of n",
+                                                 group=ZOO)
     model2vec_epochs: int = opt(500, group=RECOMMENDER, help="of the model, and of its refits "
                                 "in the evaluation")
     folds: str = opt("5", group=RECOMMENDER, help="'loo' or K folds over tasks (at most one "
@@ -117,7 +117,7 @@ class RefreshResult:
 @dataclass(frozen=True)
 class _Plan:
     probe: Probe
-    registered: register_zoo.RegisterResult | None
+    registered: RegisterResult | None
     experts: tuple[str, ...]
     embeddings: tuple[str, ...]
     cells: int
@@ -150,14 +150,11 @@ def run(config: Config) -> RefreshResult:
                          "retrain (checked in %.1fs)", redact_uri(root.uri),
                          time.perf_counter() - started)
                 return RefreshResult(True)
-        own_ray = fans_out and init_ray(config.address, local_cpus=config.local_cpus,
-                                        runtime_env=worker_runtime_env(config.forward_env))
-        try:
-            with _pipeline(config, plan):
-                result = _refresh(config, root, plan, lease)
-        finally:
-            if own_ray:
-                ray.shutdown()
+        ray_env = (ray_session(config.address, local_cpus=config.local_cpus,
+                               runtime_env=worker_runtime_env(config.forward_env))
+                   if fans_out else contextlib.nullcontext())
+        with ray_env, _pipeline(config, plan):
+            result = _refresh(config, root, plan, lease)
     log.info("refreshed %s in %.1fs: %d task(s) registered, %d expert(s) trained, %d embedded, "
              "%d cell(s) filled, model %s", redact_uri(root.uri), time.perf_counter() - started,
              len(result.registered), len(result.experts), len(result.embedded), result.cells,

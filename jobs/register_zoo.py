@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from jobs._cli import opt, parse_config, root_option, run_main
 from t2v_core.storage import redact_uri
-from t2v_core.zoo.data import DataError, Problem
-from t2v_core.zoo.register import register_folders
+from t2v_core.zoo.data import DataError
+from t2v_core.zoo.register import RegisterResult, register_folders
 
 log = logging.getLogger("jobs.register_zoo")
 
@@ -39,24 +39,6 @@ class Config:
     format: str = opt("auto", choices=["auto", "imagefolder", "parquet"])
     no_progress: bool = opt(False, help="no progress bar")
     verbose: bool = opt(False, flag=("-v", "--verbose"))
-
-
-@dataclass(frozen=True)
-class RegisterResult:
-    """Task ids by outcome, skipped folders with their reason, the problems left out of the
-    registered tasks, and the closing summary (headline, then one line per skip and problem)."""
-
-    root: str
-    added: tuple[str, ...] = ()
-    updated: tuple[str, ...] = ()
-    unchanged: tuple[str, ...] = ()
-    skipped: dict[str, str] = field(default_factory=dict)
-    problems: tuple[Problem, ...] = ()
-    summary: tuple[str, ...] = ()
-
-    @property
-    def registered(self) -> tuple[str, ...]:
-        return self.added + self.updated + self.unchanged
 
 
 class NothingRegisteredError(RuntimeError):
@@ -82,17 +64,13 @@ def run(config: Config) -> RegisterResult:
     with logging_redirect_tqdm():
         report = register_folders(config.folders, config.root, family_from=config.family_from,
                                   format=config.format, progress=progress)
-    where = redact_uri(config.root)
-    up = report.upsert
-    problems = report.problem_lines()
-    result = RegisterResult(where, up.added, up.updated, up.unchanged, dict(report.skipped),
-                            tuple(report.problems), (report.headline(where), *problems))
+    result = RegisterResult.of(report, redact_uri(config.root))
     log.info("%s", result.summary[0])
-    for task_id in up.added:
+    for task_id in result.added:
         log.info("added %s", task_id)
-    for task_id in up.updated:
+    for task_id in result.updated:
         log.info("updated %s", task_id)
-    for line in problems:
+    for line in result.summary[1:]:
         log.warning("%s", line)
     if not report.registered:
         raise NothingRegisteredError(

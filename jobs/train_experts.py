@@ -21,33 +21,21 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import ray
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from jobs._cli import CommonOptions, RayOptions, opt, parse_config, run_main
-from jobs._ray_util import get_or_error, init_ray, iter_ready, worker_runtime_env
+from jobs._ray_util import get_or_error, iter_ready, ray_session, worker_runtime_env
 from t2v_core.embedding.probes import available_archs
-from t2v_core.matrix.expert_training import ExpertJob, plan_expert_run, train_expert, write_expert
+from t2v_core.matrix.expert_training import ExpertJob, TrainReport, plan_expert_run, train_expert
 from t2v_core.matrix.experts import Recipe
 from t2v_core.storage import StorageRoot, redact_uri
 from t2v_core.zoo.manifest import upsert_experts
 
 log = logging.getLogger("jobs.train_experts")
-
-@dataclass
-class TrainReport:
-    """Expert ids by outcome, and the training error of each expert trained now."""
-
-    trained: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
-    train_error: dict[str, float] = field(default_factory=dict)
-    base_probe_id: str = ""
-
 
 @dataclass(frozen=True, kw_only=True)
 class Config(CommonOptions, RayOptions):
@@ -121,31 +109,20 @@ def _make_experts(config: Config) -> TrainReport:
     root = StorageRoot(config.root)
     plan = plan_expert_run(root, config.arch, config.weights, config.tasks, config.recipe,
                            prefix=config.prefix, generic=not config.no_generic)
-    base, generic_head, done, todo = plan.base, plan.generic_head, plan.done, plan.todo
-    report = TrainReport(skipped=[j.expert_id for j in done], base_probe_id=base.probe_id)
-    for job in done:
+    report = TrainReport(skipped=[j.expert_id for j in plan.done],
+                         base_probe_id=plan.base.probe_id)
+    for job in plan.done:
         log.info("expert %s is up to date; skipped", job.expert_id)
-
-    def register(job: ExpertJob, uri: str) -> None:
-        upsert_experts(root, [job.spec(config.arch, uri)])
-        report.trained.append(job.expert_id)
-
-    for job in [j for j in todo if j.task is None]:
-        register(job, write_expert(root, job.expert_id, base.backbone, generic_head))
-        log.info("generic expert %s = the base weights (%s), %s", job.expert_id, base.probe_id,
-                 "no source head (the base weights have no classifier)" if generic_head is None
-                 else f"source head with {generic_head.n_classes} classes")
-    remote = [j for j in todo if j.task is not None]
+    report.trained += plan.write_generic(root, config.arch)
+    remote = [j for j in plan.todo if j.task is not None]
     if remote:
-        _train_on_ray(config, root, plan.weights_uri, remote, register, report)
+        _train_on_ray(config, root, plan.weights_uri, remote, report)
     return report
 
 
 def _train_on_ray(config: Config, root: StorageRoot, weights_uri: str | None,
-                  jobs: list[ExpertJob], register: Callable[[ExpertJob, str], None],
-                  report: TrainReport) -> None:
-    started = init_ray(config.address, local_cpus=config.local_cpus)
-    try:
+                  jobs: list[ExpertJob], report: TrainReport) -> None:
+    with ray_session(config.address, local_cpus=config.local_cpus):
         task_fn = ray.remote(train_expert).options(
             name="train_expert", num_cpus=1, max_retries=2,
             runtime_env=worker_runtime_env(config.forward_env))
@@ -153,23 +130,20 @@ def _train_on_ray(config: Config, root: StorageRoot, weights_uri: str | None,
                                   j.expert_id): j for j in jobs}
         with tqdm(total=len(pending), desc="training experts", unit="expert",
                   disable=config.no_progress) as bar:
-            for ready in iter_ready(list(pending)):
-                for ref in ready:
-                    job = pending.pop(ref)
-                    result, error = get_or_error(ref)
-                    if error is not None:  # one failed expert must not lose the others
-                        log.error("expert %s failed: %s: %s", job.expert_id,
-                                  type(error).__name__, error)
-                        report.failed.append(job.expert_id)
-                    else:
-                        register(job, result["weights_uri"])
-                        report.train_error[job.expert_id] = result["train_error"]
-                        log.info("expert %s: train error %.3f in %.1fs", job.expert_id,
-                                 result["train_error"], result["seconds"])
-                    bar.update(1)
-    finally:
-        if started:
-            ray.shutdown()
+            for ref in (ref for ready in iter_ready(list(pending)) for ref in ready):
+                job = pending.pop(ref)
+                result, error = get_or_error(ref)
+                if error is not None:  # one failed expert must not lose the others
+                    log.error("expert %s failed: %s: %s", job.expert_id,
+                              type(error).__name__, error)
+                    report.failed.append(job.expert_id)
+                else:
+                    upsert_experts(root, [job.spec(config.arch, result["weights_uri"])])
+                    report.trained.append(job.expert_id)
+                    report.train_error[job.expert_id] = result["train_error"]
+                    log.info("expert %s: train error %.3f in %.1fs", job.expert_id,
+                             result["train_error"], result["seconds"])
+                bar.update(1)
 
 
 def parse_args(argv: list[str] | None = None) -> Config:

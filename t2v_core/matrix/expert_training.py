@@ -9,7 +9,8 @@ registered with the same hash whose files exist is done, and planning again skip
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,7 +27,16 @@ from t2v_core.matrix.experts import (
 from t2v_core.storage import StorageRoot
 from t2v_core.zoo.data import load_split
 from t2v_core.zoo.demo_world import representative_tasks
-from t2v_core.zoo.manifest import ExpertSpec, TaskSpec, read_experts, read_tasks, select_specs
+from t2v_core.zoo.manifest import (
+    ExpertSpec,
+    TaskSpec,
+    read_experts,
+    read_tasks,
+    select_specs,
+    upsert_experts,
+)
+
+log = logging.getLogger(__name__)
 
 EXPERTS_DIR = "experts"
 GENERIC = "generic"
@@ -128,6 +138,31 @@ class ExpertPlan:
     generic_head: SourceHead | None
     todo: list[ExpertJob]
     done: list[ExpertJob]
+
+    def write_generic(self, root: StorageRoot, arch: str) -> list[str]:
+        """Write and register the generic expert if it is to do: the base weights themselves,
+        with the base checkpoint's classifier as its head. Returns its id (or none)."""
+        written = []
+        for job in (j for j in self.todo if j.task is None):
+            uri = write_expert(root, job.expert_id, self.base.backbone, self.generic_head)
+            upsert_experts(root, [job.spec(arch, uri)])
+            written.append(job.expert_id)
+            log.info("generic expert %s = the base weights (%s), %s", job.expert_id,
+                     self.base.probe_id, "no source head (the base weights have no classifier)"
+                     if self.generic_head is None
+                     else f"source head with {self.generic_head.n_classes} classes")
+        return written
+
+
+@dataclass
+class TrainReport:
+    """Expert ids by outcome, and the training error of each expert trained now."""
+
+    trained: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    train_error: dict[str, float] = field(default_factory=dict)
+    base_probe_id: str = ""
 
 
 def plan_expert_run(root: StorageRoot, arch: str, weights: str | None, tasks: str,

@@ -4,13 +4,13 @@ judges a new model, the recipe), so a refresh whose inputs did not change trains
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 from dataclasses import asdict, dataclass
 
 from t2v_core.recommend.meta_dataset import MetaDataset, load_meta_dataset
 from t2v_core.review.champion import Decision, Evaluation, data_digest
+from t2v_core.review.reports import run_stamp
 from t2v_core.storage import StorageRoot
 
 STATE = "refresh/state.json"
@@ -43,7 +43,6 @@ def last_state(root: StorageRoot) -> dict:
 
 def record_state(root: StorageRoot, digest: str, model_version: str,
                  decision: Decision | None) -> None:
-    finished = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    state = {"digest": digest, "model_version": model_version, "finished": finished,
+    state = {"digest": digest, "model_version": model_version, "finished": run_stamp(),
              "decision": decision and asdict(decision)}
     root.write_bytes_atomic(STATE, json.dumps(state, indent=2).encode())
