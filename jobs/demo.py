@@ -2,11 +2,10 @@
 
     python -m jobs.demo --root ./t2v-data [--small] [--stages world,register_zoo,...]
 
-The stages (:data:`STAGE_HELP`, in order) are each a call of a job's ``run(Config)``, or for
-the world of the library. Every stage's Config is made before the first stage runs
-(:func:`stage_configs`), so an option a job does not take fails the demo at once, not after an
-hour of earlier stages. Every stage is idempotent, so re-running the demo only does what is
-missing. ``--small`` is a preset for tests: fewer tasks, fewer images, fewer epochs.
+Each stage (:data:`STAGE_HELP`) is a call of a job's ``run(Config)``, or for the world of the
+library. Every Config is made before the first stage runs (:func:`stage_configs`), so an
+option a job does not take fails at once. Stages are idempotent: a re-run does only what is
+missing. ``--small`` is a preset for tests: fewer tasks, images and epochs.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from jobs import (
     train_experts,
     train_model2vec,
 )
-from jobs._cli import opt, parse_config, root_option, setup_logging
+from jobs._cli import config_reader, opt, root_option, setup_logging
 from jobs._ray_util import ray_session
 from t2v_core.embedding.efficientnet_lite import pretrained_weights_path
 from t2v_core.storage import StorageRoot, redact_uri
@@ -229,8 +228,7 @@ def run(config: Config) -> DemoReport:
     return report
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    return parse_config(Config, argv)
+parse_args = config_reader(Config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,19 +3,16 @@
     python -m jobs.embed_tasks --root s3://bucket/prefix --probe resnet34 \\
         --weights s3://bucket/probes/resnet34.pt --method montecarlo --num-gpus 1
 
-Reads the task manifest, skips tasks that already have an embedding at their current content
-hash for this probe and method, and fans the rest out over Ray. The probe's weights go into
-the object store once; each worker process builds the probe once and reuses it. Results are
-written every ``--batch`` tasks or ``--flush-seconds``, whichever comes first, one part file
-per (task, content hash) named after it: a crash loses at most one batch, a re-run does only
-what is missing, and runs that overlap rewrite the same files instead of adding rows.
-Transient errors (I/O, S3, a lost worker or node) are retried; a task that still fails is
-recorded under ``embedding_failures/`` with its error and does not stop the others.
+Tasks with an embedding at their current content hash are skipped; the probe's weights go
+into the object store once, and each worker process builds the probe once. Results are
+written every ``--batch`` tasks or ``--flush-seconds``, one part file per key
+(:mod:`t2v_core.embedding.store`): a crash loses at most one batch and a re-run does only what
+is missing. Transient errors (I/O, S3, a lost worker or node) are retried; a task that still
+fails is recorded under ``embedding_failures/`` and does not stop the others.
 
-Exit status: 0 when every selected task has its embedding, 3 when the run finished but some
-tasks failed (now, or before at the same content hash and were skipped), 1 when the job could
-not run (storage unreachable, empty zoo, unknown --tasks, unusable weights), 2 on bad
-arguments.
+Exit status: 0 every selected task has its embedding; 3 some tasks failed (now, or before at
+the same content hash); 1 the job could not run (storage unreachable, empty zoo, unknown
+--tasks, unusable weights); 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -33,8 +30,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from jobs._cli import (
     CommonOptions,
     RayOptions,
+    config_reader,
     opt,
-    parse_config,
     record_stage,
     run_main,
     tracking_uri_option,
@@ -116,8 +113,7 @@ class Config(CommonOptions, RayOptions):
         )
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    return parse_config(Config, argv)
+parse_args = config_reader(Config)
 
 
 # -- worker side ---------------------------------------------------------------------------

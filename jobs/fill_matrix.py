@@ -21,7 +21,6 @@ running trials. Workers get the driver's AWS variables through the Ray ``runtime
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -41,8 +40,8 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from jobs._cli import (
+    config_reader,
     opt,
-    parse_config,
     record_stage,
     root_option,
     run_main,
@@ -317,78 +316,45 @@ def _tuner(config: Config, job: MatrixRun, name: str, grid: cells.TrialGrid | No
     )
 
 
-def _execute(config: Config, job: MatrixRun, counts: TrialCounts, name: str,
-             grid: cells.TrialGrid | None, n_trials: int) -> None:
-    """Run (or restore) one experiment and write the rows its trials left unwritten; an
-    interrupted one keeps the pointer, for the next run to resume it."""
-    job.point_at(name, n_trials)
-    since = int(time.time())
-    results = _tuner(config, job, name, grid).fit()
-    outcomes = counts.add(((r.error, r.metrics) for r in results), since)
-    job.settle(counts, outcomes, set(grid.expected) if grid else {o.key for o in outcomes})
-    # Tune creates trials lazily, so an interrupted grid simply has fewer trials.
-    if results.num_terminated + results.num_errors < n_trials:
-        log.warning("run interrupted; re-run the same command to resume %s", name)
-        counts.interrupted = True
-    else:
-        job.point_at(name)
+class _TuneRunner:
+    """The experiments of one run as Tune experiments under ``<root>/tune``."""
 
+    def __init__(self, config: Config, job: MatrixRun):
+        self.config, self.job = config, job
+        self.storage_path, self.fs = tune_storage(job.fill.storage())
 
-def _resume(config: Config, job: MatrixRun, counts: TrialCounts) -> None:
-    """Finish the experiment an earlier run left unfinished, if any."""
-    state = job.unfinished()
-    storage_path, fs = tune_storage(job.fill.storage())
-    if not state or not tune.Tuner.can_restore(f"{storage_path}/{state['name']}",
-                                               storage_filesystem=fs):
-        return
-    init_ray(config.address, local_cpus=config.num_cpus, runtime_env=worker_runtime_env())
-    counts.resumed = True
-    try:
-        _execute(config, job, counts, state["name"], None, state["trials"])
-    except Exception as exc:  # unreadable state: the matrix itself says what is left
-        log.warning("cannot resume %s (%s: %s); planning the missing cells afresh",
-                    state["name"], type(exc).__name__, exc)
-        counts.resumed = False
+    def can_restore(self, name: str) -> bool:
+        return tune.Tuner.can_restore(f"{self.storage_path}/{name}", storage_filesystem=self.fs)
 
-
-def _fill_missing(config: Config, job: MatrixRun, counts: TrialCounts) -> tuple[int, int]:
-    """Plan and train the cells still missing; returns (already done, planned now)."""
-    plan = cells.plan_cells(job.fill, job.requested, retry_failed=config.retry_failed,
-                            skip=counts.attempted, max_cells=config.max_cells)
-    log.info("%d tasks × %d experts (%s per class): %d cells requested, %d done, %d to fill now "
-             "(%s layout)", len(job.tasks), len(job.experts),
-             config.max_per_class or "all images", len(plan.requested), plan.already_done,
-             len(plan.todo), job.fill.layout)
-    if plan.todo:
-        init_ray(config.address, local_cpus=config.num_cpus, runtime_env=worker_runtime_env())
-        grid = cells.plan_trials(plan.todo, job.fill, config.cells_per_trial)
-        name = job.experiment_name(grid)
-        log.info("Tune experiment %s: %d trials", name, grid.n_trials)
-        _execute(config, job, counts, name, grid, grid.n_trials)
-    return plan.already_done, len(plan.todo)
+    def run(self, name: str, grid: cells.TrialGrid | None) -> tuple[list, int]:
+        results = _tuner(self.config, self.job, name, grid).fit()
+        # Tune creates trials lazily, so an interrupted grid simply has fewer trials.
+        return ([(r.error, r.metrics) for r in results],
+                results.num_terminated + results.num_errors)
 
 
 def run(config: Config) -> FillResult:
     """Plan, run (or resume) and record the missing cells of the selection. Raises
     :class:`UsageError` for a selection that matches nothing."""
-    started, fill = time.time(), config.fill_config()
+    started, settings = time.time(), config.fill_config()
     try:
-        job = MatrixRun.select(fill, config.tasks, config.experts, shard=config.shard,
+        job = MatrixRun.select(settings, config.tasks, config.experts, shard=config.shard,
                                name=config.name, threads=max(1, int(config.cpus_per_trial)),
                                cells_per_trial=config.cells_per_trial)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     counts = TrialCounts()
-    already_done = planned = 0
     with _tune_console(), logging_redirect_tqdm():
-        _resume(config, job, counts)
-        if not counts.interrupted:
-            already_done, planned = _fill_missing(config, job, counts)
+        already_done, planned = fill(
+            job, _TuneRunner(config, job), counts, retry_failed=config.retry_failed,
+            max_cells=config.max_cells, cells_per_trial=config.cells_per_trial,
+            before_run=lambda: init_ray(config.address, local_cpus=config.num_cpus,
+                                        runtime_env=worker_runtime_env()))
     rows = job.tally()
     for task_id, expert_id, error in rows.failures:
         log.warning("cell %s × %s failed: %s", task_id, expert_id, error)
     result = FillResult(
-        root=redact_uri(fill.root), mode=fill.mode, layout=fill.layout,
+        root=redact_uri(settings.root), mode=settings.mode, layout=settings.layout,
         max_per_class=config.max_per_class, experiment=job.base, tasks=len(job.tasks),
         experts=len(job.experts), requested=len(job.requested), already_done=already_done,
         planned=planned, cells_ok=rows.ok, cells_failed=rows.failed,
@@ -406,8 +372,7 @@ def run(config: Config) -> FillResult:
 
 
 # -- command line ---------------------------------------------------------------------------
-def parse_args(argv: Sequence[str] | None = None) -> Config:
-    return parse_config(Config, argv, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parse_args = config_reader(Config)
 
 
 def _exit_status(config: Config, result: FillResult) -> int:

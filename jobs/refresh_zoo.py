@@ -33,9 +33,9 @@ from jobs import embed_tasks, evaluate, fill_matrix, register_zoo, train_experts
 from jobs._cli import (
     CommonOptions,
     RayOptions,
+    config_reader,
     error_floor_option,
     opt,
-    parse_config,
     setup_logging,
     shard_option,
 )
@@ -300,9 +300,8 @@ def _owner() -> str:
     return f"refresh_zoo (ray job {submission})" if submission else "refresh_zoo"
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    return parse_config(Config, argv, epilog="exit status: 0 done or up to date, 1 a step "
-                        "failed, 2 bad arguments, 75 another refresh holds the lease")
+parse_args = config_reader(Config, epilog="exit status: 0 done or up to date, 1 a step "
+                           "failed, 2 bad arguments, 75 another refresh holds the lease")
 
 
 def main(argv: list[str] | None = None) -> int:

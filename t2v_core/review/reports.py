@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 from t2v_core.storage import StorageRoot
+
+log = logging.getLogger(__name__)
 
 REPORTS_DIR = "evaluation"
 
@@ -30,14 +33,18 @@ def write_report(root: StorageRoot, name: str, markdown: str, payload: dict) -> 
 def log_report(root: StorageRoot, name: str, markdown: str, payload: dict,
                params: Mapping[str, Any], *metrics: Mapping[str, Any],
                tracking_uri: str | None = None) -> None:
-    """One MLflow stage run ``name`` with ``params``, ``metrics`` and the report's files."""
+    """One MLflow stage run ``name`` with ``params``, ``metrics`` and the report's files.
+    Tracking trouble is logged, never raised: the report is written already."""
     import mlflow  # the MLflow client, only when tracking
 
     from t2v_core.review import tracking
 
-    tracking.configure(root, tracking_uri=tracking_uri)
-    with tracking.stage_run(name, params):
-        for values in metrics:
-            tracking.log_metrics(values)
-        mlflow.log_text(markdown, f"{name}.md")
-        mlflow.log_dict(payload, f"{name}.json")
+    try:
+        tracking.configure(root, tracking_uri=tracking_uri)
+        with tracking.stage_run(name, params):
+            for values in metrics:
+                tracking.log_metrics(values)
+            mlflow.log_text(markdown, f"{name}.md")
+            mlflow.log_dict(payload, f"{name}.json")
+    except Exception as exc:  # the record is a convenience
+        log.warning("could not log %s to MLflow: %s", name, exc)
