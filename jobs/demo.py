@@ -31,7 +31,7 @@ from jobs import (
     train_model2vec,
 )
 from jobs._cli import config_reader, opt, root_option, setup_logging
-from jobs._ray_util import ray_session
+from jobs._ray_util import iter_ready, ray_session
 from t2v_core.embedding.efficientnet_lite import pretrained_weights_path
 from t2v_core.storage import StorageRoot, redact_uri
 from t2v_core.zoo import demo_world
@@ -150,14 +150,11 @@ def build_world(config: Config) -> None:
     root = StorageRoot(config.root)
     plan = demo_world.plan_world(config.world)
     build = ray.remote(num_cpus=1)(demo_world.build_task)
-    pending = {build.remote(root.uri, task, config.world): task.task_id for task in plan}
     built = 0
-    with tqdm(total=len(pending), desc="demo world", unit="task") as bar:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            pending.pop(ready[0])
-            built += bool(ray.get(ready[0]))
-            bar.update(1)
+    with tqdm(total=len(plan), desc="demo world", unit="task") as bar:
+        for ready in iter_ready([build.remote(root.uri, task, config.world) for task in plan]):
+            built += sum(bool(ray.get(ref)) for ref in ready)
+            bar.update(len(ready))
     log.info("demo world (%s): %d tasks, %d generated, %d reused, in %s", config.world.preset,
              len(plan), built, len(plan) - built, demo_world.tasks_uri(root))
 
@@ -199,18 +196,16 @@ def run_stage(name: str, config: Config, configs: dict[str, object]) -> StageRep
 def _tracking(config: Config) -> Iterator[Callable[[str, float], None]]:
     """A parent MLflow run for the demo (stages that track nest under it); yields a function
     recording a stage's wall time. A no-op when tracking is off."""
-    if not config.tracking:
-        yield lambda name, seconds: None
-        return
-    import mlflow  # the MLflow client, only when tracking
+    import mlflow
 
     from t2v_core.review import tracking
 
-    tracking.configure(config.root)
     params = {"preset": config.world.preset, "probe": PROBE_ARCH,
               "image_size": config.world.image_size, "expert_epochs": config.expert_epochs}
-    with tracking.pipeline_run("demo", params=params):
-        yield lambda name, seconds: mlflow.log_metric(f"stage_seconds.{name}", seconds)
+    with tracking.tracked("demo", params, root=config.root, enabled=config.tracking,
+                          pipeline=True) as run:
+        yield ((lambda name, seconds: mlflow.log_metric(f"stage_seconds.{name}", seconds))
+               if run else (lambda name, seconds: None))
 
 
 def run(config: Config) -> DemoReport:

@@ -44,7 +44,6 @@ from t2v_core.embedding.store import (
     TRANSIENT_ERRORS,
     EmbedConfig,
     EmbeddingStorageError,
-    EmbeddingWriter,
     EmbedSummary,
     TaskOutcome,
     is_transient,
@@ -160,7 +159,7 @@ def run(config: Config) -> EmbedSummary:
                            retry_failed=config.retry_failed, batch_size=config.batch,
                            max_wait_s=config.flush_seconds, write_retries=config.write_retries)
     if embed.plan.todo:
-        _fan_out(config, probe, recipe, embed.plan.todo, embed.writer)
+        _fan_out(config, probe, recipe, embed)
     embed.log_summary()
     summary = embed.writer.summary
     record_stage(config, "embed_tasks",
@@ -172,8 +171,7 @@ def run(config: Config) -> EmbedSummary:
     return summary
 
 
-def _fan_out(config: Config, probe: Probe, recipe: EmbedConfig, todo: tuple[TaskSpec, ...],
-             writer: EmbeddingWriter) -> None:
+def _fan_out(config: Config, probe: Probe, recipe: EmbedConfig, embed: EmbedRun) -> None:
     # Under ``python -m`` this file is ``__main__``, whose functions Ray would pickle by value;
     # the importable module makes workers import the same code by name.
     worker = importlib.import_module("jobs.embed_tasks")
@@ -185,38 +183,13 @@ def _fan_out(config: Config, probe: Probe, recipe: EmbedConfig, todo: tuple[Task
             max_retries=config.max_retries, retry_exceptions=list(TRANSIENT_ERRORS),
             runtime_env=worker_runtime_env(config.forward_env))
         pending = {remote.remote(spec, handle, recipe, config.num_gpus > 0): spec
-                   for spec in todo}
+                   for spec in embed.plan.todo}
+        batches = ([_outcome(pending.pop(ref), *get_or_error(ref)) for ref in ready]
+                   for ready in iter_ready(list(pending), timeout_s=min(5.0, config.flush_seconds)))
         redirect = contextlib.nullcontext() if config.no_progress else logging_redirect_tqdm()
         with redirect, tqdm(total=len(pending), desc="embedding", unit="task",
                             disable=config.no_progress) as bar:
-            _collect(pending, writer, bar, min(5.0, config.flush_seconds))
-
-
-def _collect(pending: dict, writer: EmbeddingWriter, bar: tqdm, poll_s: float) -> None:
-    """Hand outcomes to the writer as they arrive, polling it for time-due writes meanwhile."""
-    try:
-        for ready in iter_ready(list(pending), timeout_s=poll_s):
-            for ref in ready:
-                spec = pending.pop(ref)
-                outcome = _outcome(spec, *get_or_error(ref))
-                if not outcome.ok:
-                    log.warning("task %s failed: %s: %s", spec.task_id,
-                                outcome.error_type, outcome.error)
-                writer.add(outcome)
-                bar.update(1)
-            writer.flush_if_due()
-        writer.flush()
-    except EmbeddingStorageError:
-        cancel(pending)
-        raise
-    except BaseException:
-        # interrupted: keep what is done, then stop the rest
-        cancel(pending)
-        try:
-            writer.flush()
-        except Exception as exc:
-            log.error("could not write the last batch: %s", exc)
-        raise
+            embed.collect(batches, progress=bar.update, stop=lambda: cancel(pending))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,15 +49,8 @@ from jobs._cli import (
     tracking_uri_option,
 )
 from jobs._ray_util import init_ray, worker_runtime_env
-from t2v_core.matrix import cells
-from t2v_core.matrix.experiment import (
-    SKIPPED_REPORT,
-    FillResult,
-    MatrixRun,
-    TrialCounts,
-    reported_outcomes,
-    unit_report,
-)
+from t2v_core.matrix import cells, experiment
+from t2v_core.matrix.experiment import FillResult, MatrixRun
 from t2v_core.matrix.finetune import HeadConfig, SearchSpace
 from t2v_core.matrix.rows import written
 from t2v_core.storage import StorageRoot, redact_uri
@@ -179,11 +172,11 @@ def run_trial(trial: dict) -> None:
     if written(fill.storage(), unit.tasks, unit.expert, fill.mode, fill.max_per_class):
         # A restored experiment whose state predates this trial's completion (the driver
         # was killed): the rows are in the matrix, nothing to recompute.
-        tune.report(dict(SKIPPED_REPORT))
+        tune.report(dict(experiment.SKIPPED_REPORT))
         return
     on_epoch = _report_epoch if fill.mode == "finetune" else None
     configs = [HeadConfig(**c) for c in trial["configs"]]
-    tune.report(unit_report(cells.train_unit(fill, unit, configs, on_epoch)))
+    tune.report(experiment.unit_report(cells.train_unit(fill, unit, configs, on_epoch)))
 
 
 def _report_epoch(metrics: dict) -> None:
@@ -233,7 +226,7 @@ class MatrixWriter(tune.Callback):
         if result.get("skipped"):  # its rows were in the matrix already
             self.rows.mark(cells.CellUnit.from_dict(trial.config["unit"]).keys())
         else:
-            self.rows.add(reported_outcomes(result))
+            self.rows.add(experiment.reported_outcomes(result))
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         log.warning("trial %s failed; its cells stay missing and are retried on the next run",
@@ -343,9 +336,9 @@ def run(config: Config) -> FillResult:
                                cells_per_trial=config.cells_per_trial)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    counts = TrialCounts()
+    counts = experiment.TrialCounts()
     with _tune_console(), logging_redirect_tqdm():
-        already_done, planned = fill(
+        already_done, planned = experiment.fill(
             job, _TuneRunner(config, job), counts, retry_failed=config.retry_failed,
             max_cells=config.max_cells, cells_per_trial=config.cells_per_trial,
             before_run=lambda: init_ray(config.address, local_cpus=config.num_cpus,

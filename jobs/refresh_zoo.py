@@ -48,7 +48,7 @@ from t2v_core.matrix.expert_training import plan_expert_run
 from t2v_core.matrix.experts import Recipe
 from t2v_core.matrix.rows import done_cells, missing_cells
 from t2v_core.review import tracking
-from t2v_core.review.champion import Decision, gate
+from t2v_core.review.champion import Decision, promote
 from t2v_core.review.refresh_state import RecommenderInputs, last_state, record_state
 from t2v_core.storage import StorageRoot, redact_uri
 from t2v_core.zoo.manifest import read_experts, read_tasks
@@ -260,24 +260,18 @@ def _recommender(config: Config, root: StorageRoot, plan: _Plan
         log.info("tracking is off: model %s is stored under the root; no champion is chosen",
                  trained.version)
     else:
-        with tracking.stage_run("promote", asdict(evaluation)):
-            decision = gate(data, trained.registered_version, evaluation)
-            tracking.log_metrics({"promoted": int(decision.promoted),
-                                  "candidate_score": decision.candidate_score,
-                                  "champion_score": decision.champion_score})
+        decision = promote(data, trained.registered_version, evaluation)
     record_state(root, inputs.digest, trained.version, decision)
     return trained.version, decision
 
 
 def _pipeline(config: Config, plan: _Plan):
-    if not config.tracking:
-        return contextlib.nullcontext()
-    tracking.configure(config.root, tracking_uri=config.tracking_uri)
-    return tracking.pipeline_run("refresh", {
+    return tracking.tracked("refresh", {
         "root": redact_uri(config.root), "folders": config.folders and redact_uri(config.folders),
         "probe_id": plan.probe.probe_id, "method": config.method, "shard": config.shard,
         "experts_to_train": len(plan.experts), "tasks_to_embed": len(plan.embeddings),
-        "cells_to_fill": plan.cells})
+        "cells_to_fill": plan.cells}, root=config.root, enabled=config.tracking,
+        tracking_uri=config.tracking_uri, pipeline=True)
 
 
 def _stage_config(stage, config: Config, **values):

@@ -12,7 +12,6 @@ registered at their current content hash with their files are skipped
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import time
@@ -75,11 +74,14 @@ def run(config: Config) -> TrainReport:
     with tracking, record the stage in MLflow. An expert that fails is reported in
     ``failed`` and does not stop the others; an unusable zoo, --tasks or base weights raise."""
     started = time.perf_counter()
-    with _tracked(config) as tracked, logging_redirect_tqdm():
+    from t2v_core.review import tracking
+
+    params = {"arch": config.arch, "weights": config.weights, "tasks": config.tasks,
+              "recipe": asdict(config.recipe)}
+    with tracking.tracked("train_experts", params, root=config.root, enabled=config.tracking,
+                          tracking_uri=config.tracking_uri) as tracked, logging_redirect_tqdm():
         report = _make_experts(config)
         if tracked is not None:
-            from t2v_core.review import tracking
-
             tracking.log_task_counts(len(report.trained), len(report.failed),
                                      len(report.skipped))
             tracking.log_metrics({f"train_error.{k}": v for k, v in report.train_error.items()})
@@ -87,17 +89,6 @@ def run(config: Config) -> TrainReport:
              redact_uri(config.root), report.base_probe_id, len(report.trained),
              len(report.skipped), len(report.failed), time.perf_counter() - started)
     return report
-
-
-def _tracked(config: Config):
-    if not config.tracking:
-        return contextlib.nullcontext(None)
-    from t2v_core.review import tracking
-
-    tracking.configure(config.root, tracking_uri=config.tracking_uri)
-    params = {"arch": config.arch, "weights": config.weights, "tasks": config.tasks,
-              "recipe": asdict(config.recipe)}
-    return tracking.stage_run("train_experts", params)
 
 
 def _make_experts(config: Config) -> TrainReport:

@@ -93,11 +93,10 @@ def _register(config: Config, root: StorageRoot, model: Model2Vec, data, metrics
     from t2v_core.review import tracking
     from t2v_core.review.recommender_model import register_recommender
 
-    tracking.configure(root, tracking_uri=config.tracking_uri)
     params = {"probe_id": data.probe_id, "method": data.method, "mode": config.mode,
               "alpha": config.alpha, "learn_alpha": config.learn_alpha, "l2": config.l2,
               "seed": config.seed, "version": version}
-    with tracking.stage_run("train_model2vec", params):
+    with tracking.tracked("train_model2vec", params, root=root, tracking_uri=config.tracking_uri):
         tracking.log_metrics(metrics)
         registered = register_recommender(model, name=config.register_name, alias=config.alias)
     log.info("registered %s version %s as @%s", config.register_name, registered, config.alias)

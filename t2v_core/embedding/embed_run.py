@@ -5,7 +5,7 @@ process rebuilds once and reuses. Errors reading the storage root say which root
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +18,7 @@ from t2v_core.embedding.store import (
     EmbeddingStorageError,
     EmbeddingWriter,
     EmbedPlan,
+    TaskOutcome,
     plan_embeddings,
     probe_from_state,
 )
@@ -77,6 +78,34 @@ class EmbedRun:
         writer.summary.up_to_date = list(plan.up_to_date)
         writer.summary.failed_before = dict(plan.failed_before)
         return cls(plan, writer)
+
+    def collect(self, batches: Iterable[list[TaskOutcome]], *,
+                progress: Callable[[int], object] = lambda n: None,
+                stop: Callable[[], object] = lambda: None) -> None:
+        """Hand outcomes to the writer as they arrive, a batch (possibly empty) at a time,
+        writing what is due after each batch and the rest at the end. When anything raises,
+        ``stop()`` stops the tasks still running; unless storage failed, the finished
+        outcomes are written before the error goes on."""
+        try:
+            for batch in batches:
+                for outcome in batch:
+                    if not outcome.ok:
+                        log.warning("task %s failed: %s: %s", outcome.task_id,
+                                    outcome.error_type, outcome.error)
+                    self.writer.add(outcome)
+                    progress(1)
+                self.writer.flush_if_due()
+            self.writer.flush()
+        except EmbeddingStorageError:
+            stop()
+            raise
+        except BaseException:
+            stop()  # interrupted: stop the rest, keep what is done
+            try:
+                self.writer.flush()
+            except Exception as exc:
+                log.error("could not write the last batch: %s", exc)
+            raise
 
     def log_summary(self) -> None:
         first, *rest = self.writer.summary.lines()

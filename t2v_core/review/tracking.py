@@ -79,6 +79,7 @@ __all__ = [
     "pipeline_run",
     "publish_to_pipeline",
     "record_stage",
+    "tracked",
     "ray_tags",
     "resolve_tracking",
     "safe_params",
@@ -523,6 +524,17 @@ def stage_run(
         finally:
             with contextlib.suppress(MlflowException):
                 mlflow.log_metric("wall_time_s", time.monotonic() - started)
+
+
+def tracked(name: str, params: Mapping[str, Any] | None = None, *,
+            root: str | StorageRoot | None, enabled: bool = True, tracking_uri: str | None = None,
+            pipeline: bool = False) -> contextlib.AbstractContextManager:
+    """:func:`configure`, then the :func:`stage_run` (or :func:`pipeline_run`) ``name``; when
+    not ``enabled``, a block that yields None and logs nothing."""
+    if not enabled:
+        return contextlib.nullcontext()
+    configure(root, tracking_uri=tracking_uri)
+    return (pipeline_run if pipeline else stage_run)(name, params)
 
 
 def record_stage(root: str | StorageRoot, name: str, params: Mapping[str, Any],
