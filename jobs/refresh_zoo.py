@@ -4,20 +4,13 @@
 
 The scheduled entrypoint. Each step runs only when it has something to do: register_zoo (new
 or changed folders of --folders), train_experts (--expert-tasks sources without an expert at
-their current hash), embed_tasks (missing embeddings), fill_matrix (missing cells, of shard
-i/n with --shard), then train_model2vec, evaluate (Table 1) and promote when the recommender's
-inputs differ from the last refresh's (:mod:`t2v_core.review.refresh_state`). Promote moves
-``@champion`` to the new version only if it is not worse than the champion on the same
-evaluation (:mod:`t2v_core.review.champion`); the log and the version's tags say why.
-
-What is missing is found first, from the manifests, the stored embeddings and cells and that
-digest, in seconds; with nothing missing the run logs "up to date" and stops. The steps run in
-one MLflow pipeline run "refresh", a stage run each, all under the root's refresh lease
+their current hash), embed_tasks, fill_matrix (of shard i/n with --shard), then
+train_model2vec, evaluate and promote when the recommender's inputs changed
+(:mod:`t2v_core.review.refresh`). Promote moves ``@champion`` only to a version not worse
+than the champion on the same evaluation (:mod:`t2v_core.review.champion`). What is missing is
+found first, in seconds, from manifests and keys; with nothing missing the run logs "up to
+date". The steps run in one MLflow pipeline run, under the root's refresh lease
 (:mod:`t2v_core.lease`): a scheduled and a hand-submitted refresh never overlap.
-
-Exit status: 0 refreshed or up to date; 1 a step failed (the message names it; finished work
-is kept and a re-run resumes); 2 bad arguments; 75 (EX_TEMPFAIL) another refresh holds the
-lease: the message names the holder and until when.
 """
 
 from __future__ import annotations
@@ -49,18 +42,23 @@ from t2v_core.matrix.experts import Recipe
 from t2v_core.matrix.rows import done_cells, missing_cells
 from t2v_core.review import tracking
 from t2v_core.review.champion import Decision, promote
-from t2v_core.review.refresh_state import RecommenderInputs, last_state, record_state
+from t2v_core.review.refresh import (
+    RecommenderInputs,
+    RefreshPlan,
+    RefreshResult,
+    StepFailed,
+    last_state,
+    record_state,
+    step,
+)
 from t2v_core.storage import StorageRoot, redact_uri
 from t2v_core.zoo.manifest import read_experts, read_tasks
-from t2v_core.zoo.register import RegisterResult
 
 log = logging.getLogger("jobs.refresh_zoo")
 
 EX_TEMPFAIL = 75  # sysexits.h: a temporary failure, try again later
 LEASE_TTL_S = 900.0  # renewed every third of it while the refresh runs
 _BUGS = (TypeError, AttributeError, KeyError, IndexError, NameError, AssertionError)
-
-
 ZOO, RECOMMENDER = "probe, experts and matrix", "recommender and champion"
 
 
@@ -98,61 +96,21 @@ class Config(CommonOptions, RayOptions):
             raise ValueError(f"--folds must be 'loo' or a number of folds ≥ 2, got {self.folds!r}")
 
 
-@dataclass(frozen=True)
-class RefreshResult:
-    """What a refresh did: ids of the tasks registered (added or changed), experts trained and
-    tasks embedded, cells filled, the new model's version, the champion decision (None: no new
-    model, or tracking off) and what failed (the rest is done). All empty when up to date."""
-
-    up_to_date: bool
-    registered: tuple[str, ...] = ()
-    experts: tuple[str, ...] = ()
-    embedded: tuple[str, ...] = ()
-    cells: int = 0
-    model_version: str | None = None
-    decision: Decision | None = None
-    problems: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class _Plan:
-    probe: Probe
-    registered: RegisterResult | None
-    experts: tuple[str, ...]
-    embeddings: tuple[str, ...]
-    cells: int
-
-
-class StepFailed(RuntimeError):
-    """A step of the refresh raised; the message names it, ``__cause__`` is the error."""
-
-
-@contextlib.contextmanager
-def _step(name: str):
-    try:
-        yield
-    except (LeaseError, StepFailed):
-        raise
-    except Exception as exc:
-        raise StepFailed(f"{name} failed: {type(exc).__name__}: {exc}") from exc
-
-
 def run(config: Config) -> RefreshResult:
     """Refresh under the root's lease; raises :class:`LeaseHeld` while another refresh holds
     it and :class:`StepFailed` naming a step that raised."""
     started, root = time.perf_counter(), StorageRoot(config.root)
     with RefreshLease(root, owner=_owner(), ttl_s=LEASE_TTL_S) as lease:
         plan = _plan(config, root)
-        fans_out = bool(plan.experts or plan.embeddings or plan.cells)
-        with _step("planning"):
-            if not fans_out and _inputs(config, plan).digest == last_state(root).get("digest"):
+        with step("planning"):
+            if not plan.fans_out and _inputs(config, plan).digest == last_state(root).get("digest"):
                 log.info("zoo %s is up to date: nothing to register, train, embed, fill or "
                          "retrain (checked in %.1fs)", redact_uri(root.uri),
                          time.perf_counter() - started)
                 return RefreshResult(True)
         ray_env = (ray_session(config.address, local_cpus=config.local_cpus,
                                runtime_env=worker_runtime_env(config.forward_env))
-                   if fans_out else contextlib.nullcontext())
+                   if plan.fans_out else contextlib.nullcontext())
         with ray_env, _pipeline(config, plan):
             result = _refresh(config, root, plan, lease)
     log.info("refreshed %s in %.1fs: %d task(s) registered, %d expert(s) trained, %d embedded, "
@@ -162,11 +120,11 @@ def run(config: Config) -> RefreshResult:
     return result
 
 
-def _plan(config: Config, root: StorageRoot) -> _Plan:
+def _plan(config: Config, root: StorageRoot) -> RefreshPlan:
     """Register the folders, then find what is missing, reading only manifests and keys."""
-    with _step("register_zoo"):
+    with step("register_zoo"):
         registered = config.folders and register_zoo.run(_stage_config(register_zoo, config))
-    with _step("planning"):
+    with step("planning"):
         tasks, experts = read_tasks(root), read_experts(root)
         if not tasks:
             raise ValueError(f"no tasks registered under {redact_uri(root.uri)}: pass --folders")
@@ -181,7 +139,7 @@ def _plan(config: Config, root: StorageRoot) -> _Plan:
     log.info("to do: %d expert(s) to train, %d task(s) to embed, %d cell(s) to fill%s",
              len(train), len(embed), len(cells), " (shard {}/{})".format(*config.shard)
              if config.shard else "")
-    return _Plan(probe, registered or None, train, tuple(t.task_id for t in embed), len(cells))
+    return RefreshPlan(probe, registered or None, train, tuple(t.task_id for t in embed), len(cells))
 
 
 def _experts_todo(config: Config, root: StorageRoot, base: Probe) -> tuple[str, ...]:
@@ -192,7 +150,7 @@ def _experts_todo(config: Config, root: StorageRoot, base: Probe) -> tuple[str, 
     return tuple(job.expert_id for job in plan.todo)
 
 
-def _refresh(config: Config, root: StorageRoot, plan: _Plan, lease: RefreshLease
+def _refresh(config: Config, root: StorageRoot, plan: RefreshPlan, lease: RefreshLease
              ) -> RefreshResult:
     size, problems, experts, embedded, cells = plan.probe.input_size, [], (), (), 0
     if plan.registered and config.tracking:
@@ -200,23 +158,23 @@ def _refresh(config: Config, root: StorageRoot, plan: _Plan, lease: RefreshLease
             tracking.log_metrics({f"tasks_{k}": len(getattr(plan.registered, k))
                                   for k in ("added", "updated", "unchanged", "skipped")})
     if plan.experts:
-        with _step("train_experts"):
+        with step("train_experts"):
             report = train_experts.run(_experts_config(config, size))
         experts = tuple(report.trained)
         problems += [f"expert {e} failed to train" for e in report.failed]
         lease.check()
     if plan.embeddings:
-        with _step("embed_tasks"):
+        with step("embed_tasks"):
             summary = embed_tasks.run(_stage_config(embed_tasks, config, image_size=size))
         embedded = tuple(summary.done)
         problems += [f"task {t} failed to embed: {e}" for t, e in summary.failed.items()]
         lease.check()
     if plan.cells or experts:
-        with _step("fill_matrix"):
+        with step("fill_matrix"):
             cells, problem = _fill(config, size)
         problems += [problem] if problem else []
         lease.check()
-    with _step("train_model2vec, evaluate and promote"):
+    with step("train_model2vec, evaluate and promote"):
         version, decision = _recommender(config, root, plan)
     if config.tracking:
         tracking.log_metrics({"experts_trained": len(experts), "tasks_embedded": len(embedded),
@@ -236,13 +194,13 @@ def _fill(config: Config, size: int) -> tuple[int, str | None]:
         problem if result.trials_errored or result.cells_missing else None)
 
 
-def _inputs(config: Config, plan: _Plan) -> RecommenderInputs:
+def _inputs(config: Config, plan: RefreshPlan) -> RecommenderInputs:
     return RecommenderInputs.load(config.root, plan.probe.probe_id, config.method,
                                   folds=config.folds, seed=config.seed,
                                   error_floor=config.error_floor, epochs=config.model2vec_epochs)
 
 
-def _recommender(config: Config, root: StorageRoot, plan: _Plan
+def _recommender(config: Config, root: StorageRoot, plan: RefreshPlan
                  ) -> tuple[str | None, Decision | None]:
     """Train, evaluate and gate a new MODEL2VEC when its inputs changed; record them."""
     inputs = _inputs(config, plan)
@@ -265,7 +223,7 @@ def _recommender(config: Config, root: StorageRoot, plan: _Plan
     return trained.version, decision
 
 
-def _pipeline(config: Config, plan: _Plan):
+def _pipeline(config: Config, plan: RefreshPlan):
     return tracking.tracked("refresh", {
         "root": redact_uri(config.root), "folders": config.folders and redact_uri(config.folders),
         "probe_id": plan.probe.probe_id, "method": config.method, "shard": config.shard,
@@ -294,8 +252,9 @@ def _owner() -> str:
     return f"refresh_zoo (ray job {submission})" if submission else "refresh_zoo"
 
 
-parse_args = config_reader(Config, epilog="exit status: 0 done or up to date, 1 a step "
-                           "failed, 2 bad arguments, 75 another refresh holds the lease")
+parse_args = config_reader(Config, epilog="exit status: 0 done or up to date; 1 a step failed "
+                           "(it is named; a re-run resumes); 2 bad arguments; 75 another "
+                           "refresh holds the lease (the holder and until when are named)")
 
 
 def main(argv: list[str] | None = None) -> int:
