@@ -7,18 +7,16 @@ when a new task has few images?
 A size caps the training images per class (a seeded subset, the same for every job given the
 same --seed; ``all``: the whole split). At every size this job fills the matrix
 (``jobs.fill_matrix``), with ``--embeddings subsample`` embeds every task on the same images
-(``jobs.embed_tasks``; stored keyed by the size), and evaluates the selectors with held-out
-tasks (:mod:`t2v_core.recommend.efficiency`); what exists is not computed again. A new task
-has only its few images, so it is embedded from those; experts keep the full-data embedding of
-their source task, all of which they were trained on. ``--embeddings full`` uses the full-data
-embeddings at every size (no probe needed, but optimistic; the table says so). LogME, LEEP
-and NCE read the experts' features that the matrix job cached under --image-size. Writes
-``evaluation/<run>/data_efficiency.{md,json}``, prints the table and logs it to MLflow.
+(``jobs.embed_tasks``, keyed by the size), and evaluates the selectors with held-out tasks
+(:mod:`t2v_core.recommend.efficiency`); what exists is not computed again. A new task has
+only its few images, so it is embedded from those; experts keep the full-data embedding of
+their source task. ``--embeddings full`` uses the full-data embeddings at every size (no probe
+needed, but optimistic; the table says so). Writes ``evaluation/<run>/data_efficiency.md`` and
+``.json``, prints the table and logs it to MLflow.
 
-Exit status: 0 done; 3 the table was written but some tasks had to be left out (a cell or an
-embedding missing or failed at some size); 1 nothing could be evaluated (empty zoo, no
-full-data embeddings, a probe other than the one that made them); 2 bad arguments; 130
-interrupted while filling the matrix (re-run to resume).
+Exit status: 0 done; 3 some tasks were left out (a cell or an embedding missing or failed at
+some size); 1 nothing could be evaluated (empty zoo, no full-data embeddings, another probe
+than the one that made them); 2 bad arguments; 130 interrupted (re-run to resume).
 """
 
 from __future__ import annotations
@@ -41,12 +39,7 @@ from jobs._ray_util import ray_session, worker_runtime_env
 from t2v_core.embedding.embed_run import ZooSelectionError
 from t2v_core.embedding.probes import WeightsError, build_probe
 from t2v_core.embedding.store import EmbeddingStorageError
-from t2v_core.recommend.efficiency import (
-    EfficiencyReport,
-    efficiency_metrics,
-    evaluate_data_efficiency,
-    load_sizes,
-)
+from t2v_core.recommend import efficiency
 from t2v_core.recommend.meta_dataset import resolve_embedding_set
 from t2v_core.recommend.report import EfficiencySetting, size_label
 from t2v_core.review.reports import log_report, write_report
@@ -74,10 +67,8 @@ def parse_sizes(text: str) -> tuple[int | None, ...]:
     return (*sorted(caps), *([None] if "all" in items else []))
 
 
-PROBE = ("probe (for --embeddings subsample: the one that made the full-data "
-         "embeddings)")
-MATRIX, EVALUATION, EXECUTION = ("matrix at each size (jobs.fill_matrix)", "evaluation",
-                                 "execution")
+PROBE = "probe (for --embeddings subsample: the one that made the full-data embeddings)"
+MATRIX, EVALUATION, EXECUTION = "matrix at each size (jobs.fill_matrix)", "evaluation", "execution"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,23 +79,18 @@ class Config(MetaDatasetOptions):
                                         "per class to compare, comma-separated numbers and "
                                         "'all' (default: 10,all)")
     embeddings: str = opt("subsample", choices=("subsample", "full"), help="task embeddings "
-                          "at a size: computed on that size's images (subsample, needs "
-                          "--probe) or the full-data ones (full)")
-    seed: int = opt(0, help="seed of the image subsets (the matrix, embedding and evaluation "
-                    "jobs must agree; default 0)")
-    probe: str | None = opt(None, group=PROBE, help="probe architecture, as given to "
-                            "embed_tasks")
-    weights: str | None = opt(None, group=PROBE, help="probe weights as given to embed_tasks: "
-                              "a path, s3:// URI or 'wheel'")
-    image_size: int | None = opt(None, group=PROBE, help="input size in pixels of the probe "
-                                 "and experts (default: their own); needed for the LogME, "
-                                 "LEEP and NCE columns")
+                          "at a size: on that size's images (subsample, needs --probe) or the "
+                          "full-data ones (full)")
+    seed: int = opt(0, help="seed of the image subsets (the jobs must agree)")
+    probe: str | None = opt(None, group=PROBE, help="probe architecture, as for embed_tasks")
+    weights: str | None = opt(None, group=PROBE, help="probe weights, as for embed_tasks")
+    image_size: int | None = opt(None, group=PROBE, help="input size of the probe and experts "
+                                 "(default: their own); needed for LogME, LEEP and NCE")
     num_samples: int = opt(4, group=MATRIX, help="configurations per cell")
     epochs: int | None = opt(None, group=MATRIX, help="training epochs or steps per cell")
     folds: str | int = opt("loo", group=EVALUATION, help="'loo' (leave-one-task-out) or a "
                            "number of folds over tasks")
-    model2vec_epochs: int = opt(300, group=EVALUATION, help="MODEL2VEC epochs per fold "
-                                "(refitted for every held-out fold and size)")
+    model2vec_epochs: int = opt(300, group=EVALUATION, help="MODEL2VEC epochs per fold")
     repeats: int = repeats_option(group=EVALUATION)
     address: str | None = opt(None, group=EXECUTION, help="Ray address ('auto', host:port); "
                               "default: $RAY_ADDRESS, else a new local Ray")
@@ -160,7 +146,7 @@ class EfficiencyResult:
     """What a run produced: the evaluation and its report, the work per size, where the
     report was written."""
 
-    report: EfficiencyReport
+    report: efficiency.EfficiencyReport
     work: list[SizeWork]
     left_out: bool  # some tasks lack a cell or an embedding at some size
     folder: str = ""
@@ -233,14 +219,15 @@ def run(config: Config) -> EfficiencyResult:
                      runtime_env=worker_runtime_env()):
         work, probe_id, method = compute(config, root)
     try:
-        data, dropped = load_sizes(root, probe_id, method, config.sizes, mode=config.mode,
-                                   task_embeddings=config.embeddings)
+        data, dropped = efficiency.load_sizes(root, probe_id, method, config.sizes,
+                                              mode=config.mode, task_embeddings=config.embeddings)
     except ValueError as exc:
         raise JobError(str(exc)) from exc
     setting = EfficiencySetting(config.mode, config.embeddings, config.folds, config.repeats,
                                 config.error_floor, config.seed)
-    report = evaluate_data_efficiency(root, data, setting, image_size=config.image_size,
-                                      model2vec_epochs=config.model2vec_epochs)
+    report = efficiency.evaluate_data_efficiency(root, data, setting,
+                                                 image_size=config.image_size,
+                                                 model2vec_epochs=config.model2vec_epochs)
     report.payload["work"] = {size_label(w.size): {"matrix": w.matrix,
                                                    "embeddings": w.embeddings} for w in work}
     out = EfficiencyResult(report, work, bool(dropped) or any(w.incomplete for w in work))
@@ -254,7 +241,8 @@ def run(config: Config) -> EfficiencyResult:
         counts = {"cells_filled": sum(w.matrix.get("planned", 0) for w in work),
                   "tasks_embedded": sum(w.embeddings.get("done", 0) for w in work)}
         log_report(root, REPORT_NAME, out.markdown, payload, params,
-                   efficiency_metrics(report.results), counts, tracking_uri=config.tracking_uri)
+                   efficiency.efficiency_metrics(report.results), counts,
+                   tracking_uri=config.tracking_uri)
     return out
 
 

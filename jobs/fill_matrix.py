@@ -5,18 +5,13 @@
         [--max-per-class N]
 
 Every (task, expert) cell without a current row in ``matrix/`` is trained with each of
-``--num-samples`` seeded configurations and its best one, chosen on a validation split, is
-written as one row (a cell whose configurations all diverge becomes a ``failed`` row with the
-reason). The cells are :mod:`t2v_core.matrix.cells`, the run and its resume bookkeeping
-:mod:`t2v_core.matrix.experiment`; here units of work are Tune trials (``--layout``):
-``batched`` (probe default) trains up to ``--cells-per-trial`` cells of one expert and all
-configurations in one trial; ``trial`` (finetune default) is Tune's grid over (cell,
-configuration). No ASHA: its rungs would compare errors of *different* cells.
-
-Resuming: the Tune experiment lives under ``<root>/tune/<name>`` and ``tune/_active/<plan>.json``
-points at an unfinished one, which a re-run with the same selection restores before planning
-what is still missing. Rows are written as trials complete, so a killed job loses at most its
-running trials. Workers get the driver's AWS variables through the Ray ``runtime_env``.
+``--num-samples`` seeded configurations, and its best one on a validation split is written as
+one row (:mod:`t2v_core.matrix.cells`). Units of work are Tune trials (``--layout``): batched
+(many cells of one expert, all configurations) or one (cell, configuration) each. No ASHA: its
+rungs would compare errors of *different* cells. The experiment lives under
+``<root>/tune/<name>``; a re-run of the same selection resumes an unfinished one
+(:mod:`t2v_core.matrix.experiment`). Rows are written as trials complete, so a killed job loses
+at most its running trials.
 """
 
 from __future__ import annotations
@@ -78,9 +73,7 @@ SEARCH, RECIPE, EXECUTION = "search", "recipe", "execution"
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    """The job's settings, one field per flag. ``layout`` "auto", ``epochs`` None and ``lr``
-    None take the mode's own (batched/300 steps for probe, trial/10 epochs for finetune;
-    1e-3..1e-1)."""
+    """The job's settings, one field per flag; "auto" or None take the mode's own."""
 
     root: str = root_option()
     tracking_uri: str | None = tracking_uri_option("only inside a pipeline run")
@@ -251,10 +244,8 @@ def _trial_name(trial: Trial) -> str:
 
 
 class _UnreadTrialFiles(logging.Filter):
-    """Tune's results of a restored experiment try to read each trial's result files and warn
-    "Failed to fetch metrics … FileNotFoundError" for trials of the interrupted run that have
-    none. This job reads every outcome from the trials' reported results, never from those
-    files, so the warning would only alarm."""
+    """Tune warns "Failed to fetch metrics" for the trials of an interrupted run that left no
+    result files; this job reads the reported results, never those files."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Failed to fetch metrics")
@@ -262,8 +253,7 @@ class _UnreadTrialFiles(logging.Filter):
 
 @contextlib.contextmanager
 def _tune_console() -> Iterator[None]:
-    """:data:`_TUNE_ENV` and the filter above for the block; the environment is restored
-    afterwards for callers that run the job in their own process."""
+    """:data:`_TUNE_ENV` and the filter above for the block, the environment restored after."""
     # MLflow, imported with the helper, is heavy; Tune's workers import this module.
     from t2v_core.review.tracking import environment_kept
 
@@ -369,8 +359,8 @@ parse_args = config_reader(Config)
 
 
 def _exit_status(config: Config, result: FillResult) -> int:
-    """0: every requested cell has a row (or --max-cells left the rest on purpose); 1: trials
-    errored or cells are missing; 130: interrupted (re-run to resume)."""
+    """0: every requested cell has a row (or --max-cells left the rest); 1: trials errored or
+    cells are missing; 130: interrupted (re-run to resume); 2 (main): bad usage."""
     if result.interrupted:
         return 130
     incomplete = result.cells_missing and config.max_cells is None
@@ -378,7 +368,6 @@ def _exit_status(config: Config, result: FillResult) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The exit status of :func:`_exit_status`, or 2 on bad usage."""
     return run_main(parse_args, run, argv, errors={UsageError: 2}, report=_exit_status)
 
 

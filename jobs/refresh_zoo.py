@@ -139,7 +139,8 @@ def _plan(config: Config, root: StorageRoot) -> RefreshPlan:
     log.info("to do: %d expert(s) to train, %d task(s) to embed, %d cell(s) to fill%s",
              len(train), len(embed), len(cells), " (shard {}/{})".format(*config.shard)
              if config.shard else "")
-    return RefreshPlan(probe, registered or None, train, tuple(t.task_id for t in embed), len(cells))
+    return RefreshPlan(probe, registered or None, train, tuple(t.task_id for t in embed),
+                       len(cells))
 
 
 def _experts_todo(config: Config, root: StorageRoot, base: Probe) -> tuple[str, ...]:
