@@ -31,7 +31,6 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.logger import JsonLoggerCallback
-from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from jobs._cli import (
@@ -176,36 +175,16 @@ def _report_epoch(metrics: dict) -> None:
     tune.report({k: v for k, v in metrics.items() if v is not None})
 
 
-class MatrixWriter(tune.Callback):
-    """Writes each cell's row as soon as all of its trials have completed (in the driver),
-    and drives the progress bar over the experiment's cells, those an interrupted run wrote
-    counting as done. Pickled with the experiment's state; a restored one rebuilds its parts."""
-
-    def __init__(self, fill: cells.FillConfig, grid: cells.TrialGrid, progress: bool = True,
-                 retry_failed: bool = False):
-        self.fill, self.grid = fill, grid
-        self.progress, self.retry_failed = progress, retry_failed
-        self.__setstate__(self.__getstate__())
-
-    def __getstate__(self) -> dict:
-        return {k: self.__dict__[k] for k in ("fill", "grid", "progress", "retry_failed")}
+class MatrixWriter(experiment.GridWriter, tune.Callback):
+    """The grid's rows and progress bar (:class:`~t2v_core.matrix.experiment.GridWriter`) as
+    Tune's callback, pickled with the experiment's state."""
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.bar: tqdm | None = None
-        self.rows = cells.CellWriter(self.fill, self.grid.expected)
+        super().__setstate__(state)
         self._restored_seen = False
 
     def setup(self, **info) -> None:
-        done = cells.cells_with_rows(self.fill, self.grid, retry_failed=self.retry_failed)
-        if done:
-            log.info("%d of this experiment's %d cells are written already", len(done),
-                     len(self.grid.expected))
-        if self.progress:
-            self.bar = tqdm(total=len(self.grid.expected), initial=len(done),
-                            desc="matrix cells", unit="cell")
-        self.rows = cells.CellWriter(self.fill, self.grid.expected, done,
-                                     self.bar.update if self.bar is not None else None)
+        self.start()
 
     def on_step_begin(self, iteration: int, trials: list[Trial], **info) -> None:
         if not self._restored_seen:  # trials finished before an interruption count too
@@ -215,19 +194,14 @@ class MatrixWriter(tune.Callback):
                     self.on_trial_complete(iteration, trials, trial)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
-        result = trial.last_result or {}
-        if result.get("skipped"):  # its rows were in the matrix already
-            self.rows.mark(cells.CellUnit.from_dict(trial.config["unit"]).keys())
-        else:
-            self.rows.add(experiment.reported_outcomes(result))
+        self.report(trial.config["unit"], trial.last_result or {})
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         log.warning("trial %s failed; its cells stay missing and are retried on the next run",
                     trial.trial_id)
 
     def on_experiment_end(self, trials: list[Trial], **info) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.close()
 
 
 # -- Tune -----------------------------------------------------------------------------------

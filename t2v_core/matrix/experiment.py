@@ -18,14 +18,19 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from typing import Protocol
 
+from tqdm import tqdm
+
 from t2v_core.matrix.cells import (
     Cell,
     CellKey,
     CellOutcome,
     CellTally,
+    CellUnit,
+    CellWriter,
     FillConfig,
     TrialGrid,
     UnitResult,
+    cells_with_rows,
     plan_cells,
     plan_trials,
     tally,
@@ -64,6 +69,49 @@ def unit_report(out: UnitResult) -> dict:
 
 def reported_outcomes(report: dict) -> list[CellOutcome]:
     return [CellOutcome.from_dict(d) for d in json.loads(report.get("cells_json") or "[]")]
+
+
+class GridWriter:
+    """Writes each cell's row of an experiment's grid as soon as all of its units have
+    reported (in the driver), and drives a progress bar over the grid's cells, those written
+    before counting as done. Pickles without its bar and its writer's state, which
+    :meth:`start` rebuilds: the writer of a restored experiment."""
+
+    def __init__(self, fill: FillConfig, grid: TrialGrid, progress: bool = True,
+                 retry_failed: bool = False):
+        self.fill, self.grid = fill, grid
+        self.progress, self.retry_failed = progress, retry_failed
+        self.__setstate__(self.__getstate__())
+
+    def __getstate__(self) -> dict:
+        return {k: self.__dict__[k] for k in ("fill", "grid", "progress", "retry_failed")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.bar: tqdm | None = None
+        self.rows = CellWriter(self.fill, self.grid.expected)
+
+    def start(self) -> None:
+        done = cells_with_rows(self.fill, self.grid, retry_failed=self.retry_failed)
+        if done:
+            log.info("%d of this experiment's %d cells are written already", len(done),
+                     len(self.grid.expected))
+        if self.progress:
+            self.bar = tqdm(total=len(self.grid.expected), initial=len(done),
+                            desc="matrix cells", unit="cell")
+        self.rows = CellWriter(self.fill, self.grid.expected, done,
+                               self.bar.update if self.bar is not None else None)
+
+    def report(self, unit: dict, report: dict) -> None:
+        """A unit's last report: its outcomes, or (skipped) its rows were written before."""
+        if report.get("skipped"):
+            self.rows.mark(CellUnit.from_dict(unit).keys())
+        else:
+            self.rows.add(reported_outcomes(report))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 @dataclass
