@@ -64,13 +64,12 @@ def add_option(parser: argparse.ArgumentParser | argparse._ActionsContainer, nam
     parser.add_argument(*([flags] if isinstance(flags, str) else flags), **kwargs)
 
 
-def add_options(parser: argparse.ArgumentParser, config_type: type,
-                names: Sequence[str] | None = None) -> None:
-    """The fields of ``config_type`` (all, or ``names``) as flags, in field order, except that
-    the --help sections a job inherits (Ray) come after its own flags."""
+def add_options(parser: argparse.ArgumentParser, config_type: type) -> None:
+    """The fields of ``config_type`` as flags, in field order, except that the --help sections
+    a job inherits (Ray) come after its own flags."""
     hints = typing.get_type_hints(config_type)
     own = config_type.__dict__.get("__annotations__", {})
-    chosen = sorted([f for f in dataclasses.fields(config_type) if not names or f.name in names],
+    chosen = sorted(dataclasses.fields(config_type),
                     key=lambda f: bool(f.metadata.get("group")) and f.name not in own)
     titles = dict.fromkeys(f.metadata["group"] for f in chosen if f.metadata.get("group"))
     groups = {title: parser.add_argument_group(title) for title in titles}
@@ -168,8 +167,6 @@ def shard_option(what: str, group: str | None = None) -> Any:
 
 
 def repeats_option(group: str | None = None) -> Any:
-    """Repeated k-fold: one fold assignment moves the table by several points on a few dozen
-    tasks."""
     return opt(1, group=group, metavar="N", help="repeated k-fold: average each task's "
                "metrics over N fold assignments (seeds --seed .. --seed+N-1), since on a few "
                "dozen tasks which tasks share a fold moves the table by several points; costs "
@@ -177,7 +174,6 @@ def repeats_option(group: str | None = None) -> Any:
 
 
 def error_floor_option(group: str | None = None) -> Any:
-    """A near-zero oracle error would make every relative miss enormous."""
     return opt(0.02, group=group, help="oracle errors below this count as this in "
                "(err − oracle)/oracle (default 0.02): a task some expert solves perfectly "
                "would otherwise turn any miss into +1000s of %%")

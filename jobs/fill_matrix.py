@@ -45,7 +45,7 @@ from jobs._cli import (
 from jobs._ray_util import init_ray, worker_runtime_env
 from t2v_core.matrix import cells, experiment
 from t2v_core.matrix.experiment import FillResult, MatrixRun
-from t2v_core.matrix.finetune import HeadConfig, SearchSpace
+from t2v_core.matrix.finetune import HeadConfig
 from t2v_core.matrix.rows import written
 from t2v_core.storage import StorageRoot, redact_uri
 
@@ -142,17 +142,11 @@ class Config:
 
     def fill_config(self) -> cells.FillConfig:
         """What every cell of this run is trained with."""
-        layout = self.layout
-        if layout == "auto":
-            layout = "batched" if self.mode == "probe" else "trial"
-        return cells.FillConfig(
-            root=self.root,
-            recipe=cells.recipe_for(self.mode, epochs=self.epochs, hidden=self.hidden,
-                                    batch_size=self.batch_size, seed=self.seed),
-            search=SearchSpace(lr=self.lr or SearchSpace.lr, weight_decay=self.weight_decay),
-            num_samples=self.num_samples, seed=self.seed, image_size=self.image_size,
-            max_per_class=self.max_per_class, max_test_per_class=self.max_test_per_class,
-            val_fraction=self.val_fraction, layout=layout)
+        names = ("layout", "epochs", "hidden", "batch_size", "seed", "lr", "weight_decay",
+                 "num_samples", "image_size", "max_per_class", "max_test_per_class",
+                 "val_fraction")
+        return cells.FillConfig.for_mode(self.root, self.mode,
+                                         **{name: getattr(self, name) for name in names})
 
 
 # -- the Tune trial (a worker) and the row writer (the driver) -------------------------------

@@ -27,7 +27,6 @@ from t2v_core.embedding.probes import available_archs
 from t2v_core.matrix.expert_training import ExpertJob, TrainReport, plan_expert_run, train_expert
 from t2v_core.matrix.experts import Recipe
 from t2v_core.storage import StorageRoot, redact_uri
-from t2v_core.zoo.manifest import upsert_experts
 
 log = logging.getLogger("jobs.train_experts")
 
@@ -117,18 +116,7 @@ def _train_on_ray(config: Config, root: StorageRoot, weights_uri: str | None,
         with tqdm(total=len(pending), desc="training experts", unit="expert",
                   disable=config.no_progress) as bar:
             for ref in (ref for ready in iter_ready(list(pending)) for ref in ready):
-                job = pending.pop(ref)
-                result, error = get_or_error(ref)
-                if error is not None:  # one failed expert must not lose the others
-                    log.error("expert %s failed: %s: %s", job.expert_id,
-                              type(error).__name__, error)
-                    report.failed.append(job.expert_id)
-                else:
-                    upsert_experts(root, [job.spec(config.arch, result["weights_uri"])])
-                    report.trained.append(job.expert_id)
-                    report.train_error[job.expert_id] = result["train_error"]
-                    log.info("expert %s: train error %.3f in %.1fs", job.expert_id,
-                             result["train_error"], result["seconds"])
+                report.add(root, config.arch, pending.pop(ref), *get_or_error(ref))
                 bar.update(1)
 
 

@@ -164,6 +164,20 @@ class TrainReport:
     train_error: dict[str, float] = field(default_factory=dict)
     base_probe_id: str = ""
 
+    def add(self, root: StorageRoot, arch: str, job: ExpertJob, result: dict | None,
+            error: BaseException | None) -> None:
+        """Register an expert :func:`train_expert` made (its ``result``), or count it failed:
+        one failed expert must not lose the others."""
+        if error is not None:
+            log.error("expert %s failed: %s: %s", job.expert_id, type(error).__name__, error)
+            self.failed.append(job.expert_id)
+            return
+        upsert_experts(root, [job.spec(arch, result["weights_uri"])])
+        self.trained.append(job.expert_id)
+        self.train_error[job.expert_id] = result["train_error"]
+        log.info("expert %s: train error %.3f in %.1fs", job.expert_id, result["train_error"],
+                 result["seconds"])
+
 
 def plan_expert_run(root: StorageRoot, arch: str, weights: str | None, tasks: str,
                     recipe: Recipe, *, prefix: str | None = None, generic: bool = True,
