@@ -37,18 +37,10 @@ from jobs._cli import (
     tracking_uri_option,
 )
 from jobs._ray_util import cancel, get_or_error, iter_ready, ray_session, worker_runtime_env
+from t2v_core.embedding import store
 from t2v_core.embedding.embed_run import EmbedRun, ZooSelectionError, worker_probe, zoo_tasks
 from t2v_core.embedding.fisher import METHODS
 from t2v_core.embedding.probes import Probe, WeightsError, available_archs, build_probe
-from t2v_core.embedding.store import (
-    TRANSIENT_ERRORS,
-    EmbedConfig,
-    EmbeddingStorageError,
-    EmbedSummary,
-    TaskOutcome,
-    is_transient,
-    run_task,
-)
 from t2v_core.storage import StorageRoot
 from t2v_core.zoo.manifest import TaskSpec
 
@@ -59,8 +51,7 @@ EXECUTION = "execution"
 
 @dataclass(frozen=True, kw_only=True)
 class Config(CommonOptions, RayOptions):
-    """The job's options, one field per flag, with those of :class:`CommonOptions` and
-    :class:`RayOptions`."""
+    """The job's options, one field per flag."""
 
     tracking_uri: str | None = tracking_uri_option("only inside a pipeline run")
     probe: str = opt(choices=available_archs(), help="probe architecture")
@@ -103,9 +94,9 @@ class Config(CommonOptions, RayOptions):
             raise ValueError("--num-cpus, --num-gpus and --max-retries must not be negative")
 
     @property
-    def embed_config(self) -> EmbedConfig:
+    def embed_config(self) -> store.EmbedConfig:
         """The recipe stored with every row (image size resolved against the probe later)."""
-        return EmbedConfig(
+        return store.EmbedConfig(
             method=self.method, image_size=self.image_size, max_per_class=self.max_per_class,
             max_samples=self.max_samples, seed=self.seed, batch_size=self.fisher_batch_size,
             mc_samples=self.mc_samples,
@@ -127,29 +118,29 @@ class ProbeHandle:
     state: list
 
 
-def embed_one(spec: TaskSpec, handle: ProbeHandle, config: EmbedConfig,
-              want_gpu: bool) -> TaskOutcome:
+def embed_one(spec: TaskSpec, handle: ProbeHandle, config: store.EmbedConfig,
+              want_gpu: bool) -> store.TaskOutcome:
     """The Ray task: one zoo task in, one outcome out (transient errors raise, for a retry)."""
     probe = worker_probe(handle.arch, handle.probe_id, handle.input_size,
                          lambda: ray.get(handle.state[0]), want_gpu)
-    return run_task(spec, probe, config)
+    return store.run_task(spec, probe, config)
 
 
 # -- driver side ---------------------------------------------------------------------------
-def _outcome(spec: TaskSpec, value: object, error: BaseException | None) -> TaskOutcome:
+def _outcome(spec: TaskSpec, value: object, error: BaseException | None) -> store.TaskOutcome:
     if error is None:
         return value  # type: ignore[return-value]
     # Only errors Ray gave up on reach here: retried transient ones, lost workers or nodes,
     # and errors raised outside run_task (e.g. while rebuilding the probe).
-    transient = is_transient(error) or isinstance(error, ray.exceptions.RayError)
-    return TaskOutcome.failure(spec, error, transient=transient)
+    transient = store.is_transient(error) or isinstance(error, ray.exceptions.RayError)
+    return store.TaskOutcome.failure(spec, error, transient=transient)
 
 
-def run(config: Config) -> EmbedSummary:
+def run(config: Config) -> store.EmbedSummary:
     """Embed what is missing, log the summary and, where there is somewhere to, record the
-    stage in MLflow. Raises :class:`EmbeddingStorageError` when the storage root cannot be read
-    or written, :class:`ZooSelectionError` on an unusable zoo or --tasks, :class:`WeightsError` on
-    unusable weights. Tasks that fail are in the summary, not raised."""
+    stage in MLflow. Raises :class:`EmbeddingStorageError` when the storage root cannot
+    be read or written, :class:`ZooSelectionError` on an unusable zoo or --tasks,
+    :class:`WeightsError` on unusable weights. Tasks that fail are in the summary, not raised."""
     root = StorageRoot(config.root)
     tasks = zoo_tasks(root, config.tasks)
     probe = build_probe(config.probe, config.weights, seed=config.seed,
@@ -171,7 +162,7 @@ def run(config: Config) -> EmbedSummary:
     return summary
 
 
-def _fan_out(config: Config, probe: Probe, recipe: EmbedConfig, embed: EmbedRun) -> None:
+def _fan_out(config: Config, probe: Probe, recipe: store.EmbedConfig, embed: EmbedRun) -> None:
     # Under ``python -m`` this file is ``__main__``, whose functions Ray would pickle by value;
     # the importable module makes workers import the same code by name.
     worker = importlib.import_module("jobs.embed_tasks")
@@ -180,7 +171,7 @@ def _fan_out(config: Config, probe: Probe, recipe: EmbedConfig, embed: EmbedRun)
                                     [ray.put(probe.backbone.state_dict())])
         remote = ray.remote(worker.embed_one).options(
             name="embed_task", num_cpus=config.num_cpus, num_gpus=config.num_gpus,
-            max_retries=config.max_retries, retry_exceptions=list(TRANSIENT_ERRORS),
+            max_retries=config.max_retries, retry_exceptions=list(store.TRANSIENT_ERRORS),
             runtime_env=worker_runtime_env(config.forward_env))
         pending = {remote.remote(spec, handle, recipe, config.num_gpus > 0): spec
                    for spec in embed.plan.todo}
@@ -195,8 +186,8 @@ def _fan_out(config: Config, probe: Probe, recipe: EmbedConfig, embed: EmbedRun)
 def main(argv: list[str] | None = None) -> int:
     return run_main(parse_args, run, argv, errors={
         ZooSelectionError: 1, WeightsError: 1,
-        EmbeddingStorageError: (1, "%s. Batches written before the error are kept; re-run the "
-                                   "job to finish.")},
+        store.EmbeddingStorageError: (1, "%s. Batches written before the error are kept; "
+                                         "re-run the job to finish.")},
         report=lambda config, summary: 3 if summary.failed or summary.failed_before else 0)
 
 

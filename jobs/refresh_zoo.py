@@ -64,9 +64,8 @@ ZOO, RECOMMENDER = "probe, experts and matrix", "recommender and champion"
 
 @dataclass(frozen=True, kw_only=True)
 class Config(CommonOptions, RayOptions):
-    """The job's options, one field per flag, with those of :class:`CommonOptions` and
-    :class:`RayOptions`. An option passes to every stage that has one of the same name (root,
-    tracking, probe, weights, method, seed, shard, address, ...)."""
+    """The job's options, one field per flag; each passes to every stage that has an option
+    of the same name (root, tracking, probe, weights, method, seed, shard, address, ...)."""
 
     folders: str | None = opt(None, help="folder (local or s3://) of task folders to register "
                               "first (default: the tasks the manifest lists)")

@@ -32,9 +32,7 @@ log = logging.getLogger("jobs.train_experts")
 
 @dataclass(frozen=True, kw_only=True)
 class Config(CommonOptions, RayOptions):
-    """The job's options, one field per flag, with those of :class:`CommonOptions` and
-    :class:`RayOptions`. The recipe fields make :attr:`recipe` (checked when the Config is
-    made)."""
+    """The job's options, one field per flag; the recipe fields make :attr:`recipe`."""
 
     tasks: str = opt("representative", help="comma-separated: 'all', 'representative' (per "
                      "family the task with the most classes), task ids or globs (default: "
