@@ -98,13 +98,6 @@ class Config:
         return pretrained_weights_path()
 
 
-def fill_matrix_config(config: Config) -> fill_matrix.Config:
-    """The demo's matrix: a linear head on each expert's frozen features, one configuration
-    per cell (the centre of the search range: enough for the demo)."""
-    return fill_matrix.Config(root=config.root, mode="probe", image_size=config.world.image_size,
-                              num_samples=1, tracking=config.tracking)
-
-
 def stage_configs(config: Config) -> dict[str, object]:
     """Every job stage's Config, made without running anything."""
     root, tracking, size = config.root, config.tracking, config.world.image_size
@@ -115,7 +108,10 @@ def stage_configs(config: Config) -> dict[str, object]:
             root=root, tracking=tracking, tasks="representative", arch=PROBE_ARCH,
             weights=config.weights, epochs=config.expert_epochs, image_size=size),
         "embed_tasks": embed_tasks.Config(**probe, tracking=tracking),
-        "fill_matrix": fill_matrix_config(config),
+        # a linear head on each expert's frozen features, one configuration per cell (the
+        # centre of the search range: enough for the demo)
+        "fill_matrix": fill_matrix.Config(root=root, mode="probe", image_size=size,
+                                          num_samples=1, tracking=tracking),
         "train_model2vec": train_model2vec.Config(root=root, mode="probe", tracking=tracking),
         # K folds over tasks: leave-one-task-out refits MODEL2VEC once per task; the image
         # size finds the matrix's cached features (the LogME column)
