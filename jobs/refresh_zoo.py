@@ -171,8 +171,12 @@ def _refresh(config: Config, root: StorageRoot, plan: RefreshPlan, lease: Refres
         lease.check()
     if plan.cells or experts:
         with step("fill_matrix"):
-            cells, problem = _fill(config, size)
-        problems += [problem] if problem else []
+            filled = fill_matrix.run(_stage_config(fill_matrix, config, mode="probe",
+                                                   image_size=size, num_cpus=config.local_cpus))
+        cells = filled.planned - filled.cells_missing
+        if filled.trials_errored or filled.cells_missing:
+            problems.append(f"fill_matrix: {filled.cells_missing} cell(s) missing, "
+                            f"{filled.trials_errored} trial(s) errored; a re-run fills them")
         lease.check()
     with step("train_model2vec, evaluate and promote"):
         version, decision = _recommender(config, root, plan)
@@ -182,16 +186,6 @@ def _refresh(config: Config, root: StorageRoot, plan: RefreshPlan, lease: Refres
     registered = plan.registered.added + plan.registered.updated if plan.registered else ()
     return RefreshResult(False, registered, experts, embedded, cells, version, decision,
                          tuple(problems))
-
-
-def _fill(config: Config, size: int) -> tuple[int, str | None]:
-    """The one call of the matrix job: (cells filled, what went wrong or None)."""
-    result = fill_matrix.run(_stage_config(fill_matrix, config, mode="probe", image_size=size,
-                                           num_cpus=config.local_cpus))
-    problem = (f"fill_matrix: {result.cells_missing} cell(s) missing, {result.trials_errored} "
-               "trial(s) errored; a re-run fills them")
-    return result.planned - result.cells_missing, (
-        problem if result.trials_errored or result.cells_missing else None)
 
 
 def _inputs(config: Config, plan: RefreshPlan) -> RecommenderInputs:
