@@ -237,36 +237,6 @@ def _tune_console() -> Iterator[None]:
             analysis.removeFilter(quiet)
 
 
-def _tuner(config: Config, job: MatrixRun, name: str, grid: cells.TrialGrid | None
-           ) -> tune.Tuner:
-    """A new experiment over ``grid``, or (None) the stored experiment ``name`` restored."""
-    c = config
-    storage_path, fs = tune_storage(job.fill.storage())
-    trainable = tune.with_resources(run_trial, {"cpu": c.cpus_per_trial, "gpu": c.gpus_per_trial})
-    if grid is None:
-        log.info("resuming the interrupted Tune experiment %s", name)
-        return tune.Tuner.restore(f"{storage_path}/{name}", trainable=trainable,
-                                  resume_unfinished=True, resume_errored=True,
-                                  storage_filesystem=fs)
-    writer = MatrixWriter(job.fill, grid, progress=not c.no_progress, retry_failed=c.retry_failed)
-    return tune.Tuner(
-        trainable,
-        # Plain values only: Tune restores an experiment's objects of other types as
-        # placeholders that resolve in the process that created them, not in a later one.
-        param_space={"unit": tune.grid_search([u.to_dict() for u in grid.units]),
-                     "configs": tune.grid_search([[h.to_dict() for h in hps]
-                                                  for hps in grid.config_lists]),
-                     "fill": job.fill.to_dict(), "threads": max(1, int(c.cpus_per_trial))},
-        tune_config=tune.TuneConfig(
-            num_samples=1, max_concurrent_trials=c.max_concurrent_trials, reuse_actors=True,
-            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-        run_config=tune.RunConfig(
-            name=name, storage_path=storage_path, storage_filesystem=fs,
-            failure_config=tune.FailureConfig(max_failures=c.max_failures),
-            callbacks=[writer, JsonLoggerCallback()], verbose=1 if c.verbose else 0),
-    )
-
-
 class _TuneRunner:
     """The experiments of one run as Tune experiments under ``<root>/tune``."""
 
@@ -278,10 +248,38 @@ class _TuneRunner:
         return tune.Tuner.can_restore(f"{self.storage_path}/{name}", storage_filesystem=self.fs)
 
     def run(self, name: str, grid: cells.TrialGrid | None) -> tuple[list, int]:
-        results = _tuner(self.config, self.job, name, grid).fit()
+        results = self._tuner(name, grid).fit()
         # Tune creates trials lazily, so an interrupted grid simply has fewer trials.
         return ([(r.error, r.metrics) for r in results],
                 results.num_terminated + results.num_errors)
+
+    def _tuner(self, name: str, grid: cells.TrialGrid | None) -> tune.Tuner:
+        """A new experiment over ``grid``, or (None) the stored experiment ``name`` restored."""
+        c, fill = self.config, self.job.fill
+        trainable = tune.with_resources(run_trial, {"cpu": c.cpus_per_trial,
+                                                    "gpu": c.gpus_per_trial})
+        if grid is None:
+            log.info("resuming the interrupted Tune experiment %s", name)
+            return tune.Tuner.restore(f"{self.storage_path}/{name}", trainable=trainable,
+                                      resume_unfinished=True, resume_errored=True,
+                                      storage_filesystem=self.fs)
+        writer = MatrixWriter(fill, grid, progress=not c.no_progress, retry_failed=c.retry_failed)
+        return tune.Tuner(
+            trainable,
+            # Plain values only: Tune restores an experiment's objects of other types as
+            # placeholders that resolve in the process that created them, not in a later one.
+            param_space={"unit": tune.grid_search([u.to_dict() for u in grid.units]),
+                         "configs": tune.grid_search([[h.to_dict() for h in hps]
+                                                      for hps in grid.config_lists]),
+                         "fill": fill.to_dict(), "threads": max(1, int(c.cpus_per_trial))},
+            tune_config=tune.TuneConfig(
+                num_samples=1, max_concurrent_trials=c.max_concurrent_trials, reuse_actors=True,
+                trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+            run_config=tune.RunConfig(
+                name=name, storage_path=self.storage_path, storage_filesystem=self.fs,
+                failure_config=tune.FailureConfig(max_failures=c.max_failures),
+                callbacks=[writer, JsonLoggerCallback()], verbose=1 if c.verbose else 0),
+        )
 
 
 def run(config: Config) -> FillResult:

@@ -3,7 +3,9 @@ stale, and the files of each (``experts/<expert_id>.pt`` and its source head bes
 
 An expert's content hash covers the architecture, the base weights, its source task's content
 hash and the recipe (:func:`~t2v_core.matrix.experts.expert_content_hash`), so an expert
-registered with the same hash whose files exist is done, and planning again skips it.
+registered with the same hash whose files exist is done, and planning again skips it
+(:func:`plan_expert_run`). :class:`TrainReport` records what a run made, registering each
+expert in the manifest as it arrives.
 """
 
 from __future__ import annotations
