@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import logging
-import os
+import re
 import sys
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -17,6 +16,7 @@ from dataclasses import MISSING, dataclass
 from typing import Any, TypeVar
 
 from jobs._ray_util import checked_root
+from t2v_core.review.reports import run_stamp  # noqa: F401 (the jobs' run folders)
 
 C = TypeVar("C")
 R = TypeVar("R")
@@ -30,7 +30,8 @@ def opt(default: Any = MISSING, help: str | None = None, *,
     ``store_false`` switch (``--no-field-name``); a field without default is a required flag.
     ``group`` titles its --help section, ``exclusive`` makes it one of the job's required
     either-or flags; the rest (type, choices, metavar, nargs) goes to ``add_argument``. Without
-    ``type``, an int or float field (or an optional one) parses as that."""
+    ``type``, an int or float field (or an optional one) parses as that. The help shows a
+    default other than None unless it speaks of the default itself."""
     return dataclasses.field(default=default, metadata={
         "help": help, "flag": flag, "group": group, "exclusive": exclusive,
         "argparse": argparse_kwargs})
@@ -46,6 +47,9 @@ def add_option(parser: argparse.ArgumentParser | argparse._ActionsContainer, nam
     """The flag of one :func:`opt` field, whose value lands in ``name``."""
     meta = field.metadata
     kwargs = {"dest": name, "help": meta.get("help"), **meta.get("argparse", {})}
+    if (field.default not in (None, MISSING) and not isinstance(field.default, bool)
+            and "default" not in (kwargs["help"] or "")):
+        kwargs["help"] = f"{kwargs['help'] or ''} (default: %(default)s)".lstrip()
     flags = meta.get("flag") or f"--{name.replace('_', '-')}"
     if isinstance(field.default, bool):
         kwargs["action"] = "store_false" if field.default else "store_true"
@@ -60,13 +64,12 @@ def add_option(parser: argparse.ArgumentParser | argparse._ActionsContainer, nam
     parser.add_argument(*([flags] if isinstance(flags, str) else flags), **kwargs)
 
 
-def add_options(parser: argparse.ArgumentParser, config_type: type,
-                names: Sequence[str] | None = None) -> None:
-    """The fields of ``config_type`` (all, or ``names``) as flags, in field order, except that
-    the --help sections a job inherits (Ray) come after its own flags."""
+def add_options(parser: argparse.ArgumentParser, config_type: type) -> None:
+    """The fields of ``config_type`` as flags, in field order, except that the --help sections
+    a job inherits (Ray) come after its own flags."""
     hints = typing.get_type_hints(config_type)
     own = config_type.__dict__.get("__annotations__", {})
-    chosen = sorted([f for f in dataclasses.fields(config_type) if not names or f.name in names],
+    chosen = sorted(dataclasses.fields(config_type),
                     key=lambda f: bool(f.metadata.get("group")) and f.name not in own)
     titles = dict.fromkeys(f.metadata["group"] for f in chosen if f.metadata.get("group"))
     groups = {title: parser.add_argument_group(title) for title in titles}
@@ -96,6 +99,12 @@ def parse_config(config_type: type[C], argv: Sequence[str] | None, **parser_kwar
         return config_type(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
     except ValueError as exc:
         parser.error(str(exc))
+
+
+def config_reader(config_type: type[C], **parser_kwargs: Any
+                  ) -> Callable[[Sequence[str] | None], C]:
+    """A job's ``parse_args``: :func:`parse_config` for its Config."""
+    return lambda argv=None: parse_config(config_type, argv, **parser_kwargs)
 
 
 def _module_name(obj: Any) -> str:
@@ -146,9 +155,18 @@ def tracking_uri_option(default: str = "a sqlite store under the root") -> Any:
     return opt(None, help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else {default})")
 
 
+def _shard(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match or int(match[1]) >= int(match[2]):
+        raise argparse.ArgumentTypeError(f"expected i/n with 0 <= i < n, got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def shard_option(what: str, group: str | None = None) -> Any:
+    return opt(None, group=group, type=_shard, help=f"i/n: {what}")
+
+
 def repeats_option(group: str | None = None) -> Any:
-    """Repeated k-fold: one fold assignment moves the table by several points on a few dozen
-    tasks."""
     return opt(1, group=group, metavar="N", help="repeated k-fold: average each task's "
                "metrics over N fold assignments (seeds --seed .. --seed+N-1), since on a few "
                "dozen tasks which tasks share a fold moves the table by several points; costs "
@@ -156,7 +174,6 @@ def repeats_option(group: str | None = None) -> Any:
 
 
 def error_floor_option(group: str | None = None) -> Any:
-    """A near-zero oracle error would make every relative miss enormous."""
     return opt(0.02, group=group, help="oracle errors below this count as this in "
                "(err − oracle)/oracle (default 0.02): a task some expert solves perfectly "
                "would otherwise turn any miss into +1000s of %%")
@@ -212,32 +229,10 @@ def repeats_problem(repeats: int, folds: str | int) -> str | None:
     return None
 
 
-def record_stage(args: Any, name: str, params: dict, metrics: dict) -> None:
-    """Log a finished batch job as an MLflow stage run, where there is somewhere to log it.
+def record_stage(config: Any, name: str, params: dict, metrics: dict) -> None:
+    """:func:`t2v_core.review.tracking.record_stage` for a job's Config (MLflow, heavy, is
+    imported only here: Tune's workers import the jobs)."""
+    from t2v_core.review.tracking import record_stage as record
 
-    The batch jobs (embedding, matrix) run often and on clusters, so they log only when asked
-    to by --tracking-uri or $MLFLOW_TRACKING_URI, or when called inside a pipeline run (the
-    demo, the refresh, or a stage started with $T2V_PARENT_RUN_ID). Tracking trouble is logged and never fails a job whose results are written.
-    ``args`` is the job's Config: ``root``, ``tracking`` and ``tracking_uri`` are read.
-    """
-    import mlflow
-
-    from t2v_core.review.tracking import PARENT_RUN_ENV
-
-    if not args.tracking or not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                                 or mlflow.active_run() or os.environ.get(PARENT_RUN_ENV)):
-        return
-    try:
-        from t2v_core.review import tracking
-
-        if mlflow.active_run() is None:
-            tracking.configure(args.root, tracking_uri=args.tracking_uri)
-        with tracking.stage_run(name, params):
-            tracking.log_metrics(metrics)
-    except Exception as exc:  # the stage's results are stored; the record is a convenience
-        logging.getLogger(__name__).warning("could not log %s to MLflow: %s", name, exc)
-
-
-def run_stamp() -> str:
-    """UTC time to the second: the sortable name of a run's output folder under the root."""
-    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    record(config.root, name, params, metrics, enabled=config.tracking,
+           tracking_uri=config.tracking_uri)

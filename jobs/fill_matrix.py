@@ -5,33 +5,25 @@
         [--max-per-class N]
 
 Every (task, expert) cell without a current row in ``matrix/`` is trained with each of
-``--num-samples`` seeded configurations and its best one, chosen on a validation split, is
-written as one row (a cell whose configurations all diverge becomes a ``failed`` row with the
-reason). The cell logic is :mod:`t2v_core.matrix.cells`; here its units of work are Tune
-trials (``--layout``): ``batched`` (probe default) trains up to ``--cells-per-trial`` cells
-of one expert and all configurations in one trial; ``trial`` (finetune default) is Tune's grid
-over (cell, configuration). No ASHA: its rungs would compare errors of *different* cells.
-
-Resuming: the Tune experiment lives under ``<root>/tune/<name>`` (local, or S3 through
-``storage_filesystem``) and ``tune/_active/<plan>.json`` points at an unfinished one, which a
-re-run with the same selection restores (finished trials are kept) before planning what is
-still missing. Rows are written as trials complete, so a killed job loses at most its
-running trials. Workers reach an ``s3://`` root with the driver's AWS variables, forwarded
-through the Ray ``runtime_env`` when this job starts or joins Ray itself.
+``--num-samples`` seeded configurations, and its best one on a validation split is written as
+one row (:mod:`t2v_core.matrix.cells`). Units of work are Tune trials (``--layout``): batched
+(many cells of one expert, all configurations) or one (cell, configuration) each. No ASHA: its
+rungs would compare errors of *different* cells. The experiment lives under
+``<root>/tune/<name>``; a re-run of the same selection resumes an unfinished one
+(:mod:`t2v_core.matrix.experiment`). Rows are written as trials complete, so a killed job loses
+at most its running trials.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -39,27 +31,26 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.logger import JsonLoggerCallback
-from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from jobs._cli import (
+    config_reader,
     opt,
-    parse_config,
     record_stage,
     root_option,
     run_main,
+    shard_option,
     tracking_uri_option,
 )
 from jobs._ray_util import init_ray, worker_runtime_env
-from t2v_core.matrix import cells
-from t2v_core.matrix.finetune import HeadConfig, SearchSpace
-from t2v_core.matrix.rows import missing_cells, written
+from t2v_core.matrix import cells, experiment
+from t2v_core.matrix.experiment import FillResult, MatrixRun
+from t2v_core.matrix.finetune import HeadConfig
+from t2v_core.matrix.rows import written
 from t2v_core.storage import StorageRoot, redact_uri
-from t2v_core.zoo.manifest import ExpertSpec, TaskSpec, read_experts, read_tasks, select_specs
 
 log = logging.getLogger("jobs.fill_matrix")
 
-ACTIVE_DIR = "tune/_active"
 # Tune's classic, quiet console output (its status table only with -v), and only the JSON
 # result logger (added explicitly) instead of JSON + CSV + TensorBoard per trial.
 _TUNE_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
@@ -76,22 +67,12 @@ def _range(text: str) -> tuple[float, float]:
     return float(lo), float(hi or lo)
 
 
-def _shard(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected i/n, got {text!r}") from None
-    return i, n
-
-
 SEARCH, RECIPE, EXECUTION = "search", "recipe", "execution"
 
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    """The job's settings, one field per flag. ``layout`` "auto", ``epochs`` None and ``lr``
-    None take the mode's own (batched/300 steps for probe, trial/10 epochs for finetune;
-    1e-3..1e-1)."""
+    """The job's settings, one field per flag; "auto" or None take the mode's own."""
 
     root: str = root_option()
     tracking_uri: str | None = tracking_uri_option("only inside a pipeline run")
@@ -100,8 +81,8 @@ class Config:
                     "features; finetune: whole network")
     tasks: str | None = opt(None, help="comma-separated task ids or glob patterns")
     experts: str | None = opt(None, help="comma-separated expert ids or glob patterns")
-    shard: tuple[int, int] | None = opt(None, type=_shard, help="i/n: fill only the cells whose "
-                                        "key hash falls in shard i of n")
+    shard: tuple[int, int] | None = shard_option("fill only the cells whose key hash falls in "
+                                                 "shard i of n")
     max_cells: int | None = opt(None, help="fill at most this many missing cells in this run")
     retry_failed: bool = opt(False, help="re-train cells recorded as failed")
     num_samples: int = opt(4, group=SEARCH, help="configurations per cell")
@@ -161,98 +142,11 @@ class Config:
 
     def fill_config(self) -> cells.FillConfig:
         """What every cell of this run is trained with."""
-        layout = self.layout
-        if layout == "auto":
-            layout = "batched" if self.mode == "probe" else "trial"
-        return cells.FillConfig(
-            root=self.root,
-            recipe=cells.recipe_for(self.mode, epochs=self.epochs, hidden=self.hidden,
-                                    batch_size=self.batch_size, seed=self.seed),
-            search=SearchSpace(lr=self.lr or SearchSpace.lr, weight_decay=self.weight_decay),
-            num_samples=self.num_samples, seed=self.seed, image_size=self.image_size,
-            max_per_class=self.max_per_class, max_test_per_class=self.max_test_per_class,
-            val_fraction=self.val_fraction, layout=layout)
-
-
-@dataclass(frozen=True)
-class FillResult:
-    """What a run did (also the ``--summary-json`` file): the selection, the trials run here
-    and their feature-cache use, and the requested cells' rows afterwards."""
-
-    root: str
-    mode: str
-    layout: str
-    max_per_class: int | None
-    experiment: str
-    tasks: int
-    experts: int
-    requested: int
-    resumed: bool = False
-    interrupted: bool = False
-    already_done: int = 0
-    planned: int = 0
-    trials_run: int = 0
-    trials_errored: int = 0
-    trials_skipped: int = 0
-    feature_hits: int = 0
-    feature_misses: int = 0
-    cells_ok: int = 0
-    cells_failed: int = 0
-    cells_missing: int = 0
-    mean_test_error: float = 0.0
-    seconds: float = 0.0
-
-
-@dataclass
-class _Progress:
-    """What the Tune experiments of one run did so far."""
-
-    trials_run: int = 0
-    trials_errored: int = 0
-    trials_skipped: int = 0
-    feature_hits: int = 0
-    feature_misses: int = 0
-    attempted: set[cells.CellKey] = field(default_factory=set)
-    resumed: bool = False
-    interrupted: bool = False
-
-    def add(self, results: tune.ResultGrid, since: float) -> list[cells.CellOutcome]:
-        """Count the trials that ran since ``since``; returns every trial's outcomes."""
-        outcomes = []
-        for res in results:
-            if res.error is not None:
-                self.trials_errored += 1
-                log.warning("trial failed: %s", str(res.error).splitlines()[-1][:300])
-                continue
-            m = res.metrics or {}
-            if "cells_json" not in m:
-                continue
-            outcomes.extend(cells.CellOutcome.from_dict(d) for d in json.loads(m["cells_json"]))
-            if m.get("timestamp", 0) < since:
-                continue
-            if m.get("skipped"):
-                self.trials_skipped += 1
-                continue
-            self.trials_run += 1
-            self.feature_hits += int(m.get("feature_hits", 0))
-            self.feature_misses += int(m.get("feature_misses", 0))
-        return outcomes
-
-
-@dataclass(frozen=True)
-class _Job:
-    """One run's fixed inputs: its settings, the selected zoo and the cells asked for."""
-
-    config: Config
-    fill: cells.FillConfig
-    tasks: list[TaskSpec]
-    experts: list[ExpertSpec]
-    requested: list[cells.Cell]
-    base: str  # stem of the experiment names: --name, or a digest of selection and settings
-
-    @property
-    def pointer(self) -> str:
-        return f"{ACTIVE_DIR}/{self.base}.json"
+        names = ("layout", "epochs", "hidden", "batch_size", "seed", "lr", "weight_decay",
+                 "num_samples", "image_size", "max_per_class", "max_test_per_class",
+                 "val_fraction")
+        return cells.FillConfig.for_mode(self.root, self.mode,
+                                         **{name: getattr(self, name) for name in names})
 
 
 # -- the Tune trial (a worker) and the row writer (the driver) -------------------------------
@@ -264,59 +158,27 @@ def run_trial(trial: dict) -> None:
     if written(fill.storage(), unit.tasks, unit.expert, fill.mode, fill.max_per_class):
         # A restored experiment whose state predates this trial's completion (the driver
         # was killed): the rows are in the matrix, nothing to recompute.
-        tune.report({"cells_json": "[]", "n_cells": 0, "skipped": 1, "done": True})
+        tune.report(dict(experiment.SKIPPED_REPORT))
         return
     on_epoch = _report_epoch if fill.mode == "finetune" else None
     configs = [HeadConfig(**c) for c in trial["configs"]]
-    out = cells.train_unit(fill, unit, configs, on_epoch)
-    ok = [o.result for o in out.outcomes if o.result.ok]
-    tune.report({
-        "cells_json": json.dumps([o.to_dict() for o in out.outcomes]),
-        "n_cells": len(out.outcomes),
-        "n_failed": len(out.outcomes) - len(ok),
-        "best_val_error": min((r.val_error for r in ok if r.val_error is not None),
-                              default=float("nan")),
-        "feature_hits": out.feature_hits,
-        "feature_misses": out.feature_misses,
-        "unit_seconds": out.seconds,
-        "done": True,
-    })
+    tune.report(experiment.unit_report(cells.train_unit(fill, unit, configs, on_epoch)))
 
 
 def _report_epoch(metrics: dict) -> None:
     tune.report({k: v for k, v in metrics.items() if v is not None})
 
 
-class MatrixWriter(tune.Callback):
-    """Writes each cell's row as soon as all of its trials have completed (in the driver),
-    and drives the progress bar over the experiment's cells, those an interrupted run wrote
-    counting as done. Pickled with the experiment's state; a restored one rebuilds its parts."""
-
-    def __init__(self, fill: cells.FillConfig, grid: cells.TrialGrid, progress: bool = True,
-                 retry_failed: bool = False):
-        self.fill, self.grid = fill, grid
-        self.progress, self.retry_failed = progress, retry_failed
-        self.__setstate__(self.__getstate__())
-
-    def __getstate__(self) -> dict:
-        return {k: self.__dict__[k] for k in ("fill", "grid", "progress", "retry_failed")}
+class MatrixWriter(experiment.GridWriter, tune.Callback):
+    """The grid's rows and progress bar (:class:`~t2v_core.matrix.experiment.GridWriter`) as
+    Tune's callback, pickled with the experiment's state."""
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.bar: tqdm | None = None
-        self.rows = cells.CellWriter(self.fill, self.grid.expected)
+        super().__setstate__(state)
         self._restored_seen = False
 
     def setup(self, **info) -> None:
-        done = cells.cells_with_rows(self.fill, self.grid, retry_failed=self.retry_failed)
-        if done:
-            log.info("%d of this experiment's %d cells are written already", len(done),
-                     len(self.grid.expected))
-        if self.progress:
-            self.bar = tqdm(total=len(self.grid.expected), initial=len(done),
-                            desc="matrix cells", unit="cell")
-        self.rows = cells.CellWriter(self.fill, self.grid.expected, done,
-                                     self.bar.update if self.bar is not None else None)
+        self.start()
 
     def on_step_begin(self, iteration: int, trials: list[Trial], **info) -> None:
         if not self._restored_seen:  # trials finished before an interruption count too
@@ -326,20 +188,14 @@ class MatrixWriter(tune.Callback):
                     self.on_trial_complete(iteration, trials, trial)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
-        result = trial.last_result or {}
-        if result.get("skipped"):  # its rows were in the matrix already
-            self.rows.mark(cells.CellUnit.from_dict(trial.config["unit"]).keys())
-        else:
-            self.rows.add(cells.CellOutcome.from_dict(d)
-                          for d in json.loads(result.get("cells_json") or "[]"))
+        self.report(trial.config["unit"], trial.last_result or {})
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         log.warning("trial %s failed; its cells stay missing and are retried on the next run",
                     trial.trial_id)
 
     def on_experiment_end(self, trials: list[Trial], **info) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.close()
 
 
 # -- Tune -----------------------------------------------------------------------------------
@@ -356,10 +212,8 @@ def _trial_name(trial: Trial) -> str:
 
 
 class _UnreadTrialFiles(logging.Filter):
-    """Tune's results of a restored experiment try to read each trial's result files and warn
-    "Failed to fetch metrics … FileNotFoundError" for trials of the interrupted run that have
-    none. This job reads every outcome from the trials' reported results, never from those
-    files, so the warning would only alarm."""
+    """Tune warns "Failed to fetch metrics" for the trials of an interrupted run that left no
+    result files; this job reads the reported results, never those files."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Failed to fetch metrics")
@@ -367,8 +221,7 @@ class _UnreadTrialFiles(logging.Filter):
 
 @contextlib.contextmanager
 def _tune_console() -> Iterator[None]:
-    """:data:`_TUNE_ENV` and the filter above for the block; the environment is restored
-    afterwards for callers that run the job in their own process."""
+    """:data:`_TUNE_ENV` and the filter above for the block, the environment restored after."""
     # MLflow, imported with the helper, is heavy; Tune's workers import this module.
     from t2v_core.review.tracking import environment_kept
 
@@ -384,156 +237,79 @@ def _tune_console() -> Iterator[None]:
             analysis.removeFilter(quiet)
 
 
-def _tuner(job: _Job, name: str, grid: cells.TrialGrid | None) -> tune.Tuner:
-    """A new experiment over ``grid``, or (None) the stored experiment ``name`` restored."""
-    c = job.config
-    storage_path, fs = tune_storage(job.fill.storage())
-    trainable = tune.with_resources(run_trial, {"cpu": c.cpus_per_trial, "gpu": c.gpus_per_trial})
-    if grid is None:
-        log.info("resuming the interrupted Tune experiment %s", name)
-        return tune.Tuner.restore(f"{storage_path}/{name}", trainable=trainable,
-                                  resume_unfinished=True, resume_errored=True,
-                                  storage_filesystem=fs)
-    writer = MatrixWriter(job.fill, grid, progress=not c.no_progress, retry_failed=c.retry_failed)
-    return tune.Tuner(
-        trainable,
-        # Plain values only: Tune restores an experiment's objects of other types as
-        # placeholders that resolve in the process that created them, not in a later one.
-        param_space={"unit": tune.grid_search([u.to_dict() for u in grid.units]),
-                     "configs": tune.grid_search([[h.to_dict() for h in hps]
-                                                  for hps in grid.config_lists]),
-                     "fill": job.fill.to_dict(), "threads": max(1, int(c.cpus_per_trial))},
-        tune_config=tune.TuneConfig(
-            num_samples=1, max_concurrent_trials=c.max_concurrent_trials, reuse_actors=True,
-            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-        run_config=tune.RunConfig(
-            name=name, storage_path=storage_path, storage_filesystem=fs,
-            failure_config=tune.FailureConfig(max_failures=c.max_failures),
-            callbacks=[writer, JsonLoggerCallback()], verbose=1 if c.verbose else 0),
-    )
+class _TuneRunner:
+    """The experiments of one run as Tune experiments under ``<root>/tune``."""
 
+    def __init__(self, config: Config, job: MatrixRun):
+        self.config, self.job = config, job
+        self.storage_path, self.fs = tune_storage(job.fill.storage())
 
-def _execute(job: _Job, progress: _Progress, name: str, grid: cells.TrialGrid | None,
-             n_trials: int) -> bool:
-    """Run (or restore) one experiment and write the rows its trials left unwritten; False
-    when it was interrupted, leaving the pointer for the next run to resume it."""
-    root = job.fill.storage()
-    root.write_bytes_atomic(job.pointer, json.dumps(
-        {"name": name, "state": "running", "trials": n_trials}).encode())
-    since = int(time.time())
-    results = _tuner(job, name, grid).fit()
-    outcomes = progress.add(results, since)
-    planned = set(grid.expected) if grid else {o.key for o in outcomes}
-    progress.attempted |= planned
-    # Rows of cells whose trials' outcomes reached no writer (a writer restored after an
-    # error, a cell whose trials ran in two runs).
-    cells.write_missing_rows(job.fill, outcomes, planned, job.tasks, job.experts)
-    # Tune creates trials lazily, so an interrupted grid simply has fewer trials.
-    if results.num_terminated + results.num_errors < n_trials:
-        log.warning("run interrupted; re-run the same command to resume %s", name)
-        progress.interrupted = True
-        return False
-    root.write_bytes_atomic(job.pointer, json.dumps({"name": name, "state": "done"}).encode())
-    return True
+    def can_restore(self, name: str) -> bool:
+        return tune.Tuner.can_restore(f"{self.storage_path}/{name}", storage_filesystem=self.fs)
 
+    def run(self, name: str, grid: cells.TrialGrid | None) -> tuple[list, int]:
+        results = self._tuner(name, grid).fit()
+        # Tune creates trials lazily, so an interrupted grid simply has fewer trials.
+        return ([(r.error, r.metrics) for r in results],
+                results.num_terminated + results.num_errors)
 
-def _resume(job: _Job, progress: _Progress) -> bool:
-    """Finish the experiment an earlier run left unfinished, if any; False when this run was
-    interrupted too."""
-    root = job.fill.storage()
-    if not root.exists(job.pointer):
-        return True
-    state = json.loads(root.read_bytes(job.pointer))
-    storage_path, fs = tune_storage(root)
-    path = f"{storage_path}/{state['name']}"
-    if state.get("state") != "running" or not tune.Tuner.can_restore(path, storage_filesystem=fs):
-        return True
-    init_ray(job.config.address, local_cpus=job.config.num_cpus, runtime_env=worker_runtime_env())
-    progress.resumed = True
-    try:
-        return _execute(job, progress, state["name"], None, state["trials"])
-    except Exception as exc:  # unreadable state: the matrix itself says what is left
-        log.warning("cannot resume %s (%s: %s); planning the missing cells afresh",
-                    state["name"], type(exc).__name__, exc)
-        progress.resumed = False
-        return True
-
-
-# -- the run --------------------------------------------------------------------------------
-def _digest(obj: object) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def _select(root: StorageRoot, config: Config) -> tuple[list[TaskSpec], list[ExpertSpec]]:
-    try:
-        return (select_specs(read_tasks(root), config.tasks, what="task"),
-                select_specs(read_experts(root), config.experts, what="expert"))
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-
-
-def _job(config: Config) -> _Job:
-    fill = config.fill_config()
-    tasks, experts = _select(fill.storage(), config)
-    requested = missing_cells(tasks, experts, set(), shard=config.shard)
-    base = config.name or "matrix-{}-{}".format(fill.mode, _digest({
-        "cells": sorted((t.task_id, t.content_hash, e.expert_id, e.content_hash)
-                        for t, e in requested),
-        "fill": fill.record(), "threads": max(1, int(config.cpus_per_trial)),
-        "per_trial": config.cells_per_trial}))
-    return _Job(config, fill, tasks, experts, requested, base)
-
-
-def _fill_missing(job: _Job, progress: _Progress) -> tuple[int, int]:
-    """Plan and train the cells still missing; returns (already done, planned now)."""
-    c = job.config
-    plan = cells.plan_cells(job.fill, job.requested, retry_failed=c.retry_failed,
-                            skip=progress.attempted, max_cells=c.max_cells)
-    log.info("%d tasks × %d experts (%s per class): %d cells requested, %d done, %d to fill now "
-             "(%s layout)", len(job.tasks), len(job.experts), c.max_per_class or "all images",
-             len(plan.requested), plan.already_done, len(plan.todo), job.fill.layout)
-    if plan.todo:
-        init_ray(c.address, local_cpus=c.num_cpus, runtime_env=worker_runtime_env())
-        grid = cells.plan_trials(plan.todo, job.fill, c.cells_per_trial)
-        name = f"{job.base}-{_digest(sorted(grid.expected))}"
-        log.info("Tune experiment %s: %d trials", name, grid.n_trials)
-        _execute(job, progress, name, grid, grid.n_trials)
-    return plan.already_done, len(plan.todo)
+    def _tuner(self, name: str, grid: cells.TrialGrid | None) -> tune.Tuner:
+        """A new experiment over ``grid``, or (None) the stored experiment ``name`` restored."""
+        c, fill = self.config, self.job.fill
+        trainable = tune.with_resources(run_trial, {"cpu": c.cpus_per_trial,
+                                                    "gpu": c.gpus_per_trial})
+        if grid is None:
+            log.info("resuming the interrupted Tune experiment %s", name)
+            return tune.Tuner.restore(f"{self.storage_path}/{name}", trainable=trainable,
+                                      resume_unfinished=True, resume_errored=True,
+                                      storage_filesystem=self.fs)
+        writer = MatrixWriter(fill, grid, progress=not c.no_progress, retry_failed=c.retry_failed)
+        return tune.Tuner(
+            trainable,
+            # Plain values only: Tune restores an experiment's objects of other types as
+            # placeholders that resolve in the process that created them, not in a later one.
+            param_space={"unit": tune.grid_search([u.to_dict() for u in grid.units]),
+                         "configs": tune.grid_search([[h.to_dict() for h in hps]
+                                                      for hps in grid.config_lists]),
+                         "fill": fill.to_dict(), "threads": max(1, int(c.cpus_per_trial))},
+            tune_config=tune.TuneConfig(
+                num_samples=1, max_concurrent_trials=c.max_concurrent_trials, reuse_actors=True,
+                trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+            run_config=tune.RunConfig(
+                name=name, storage_path=self.storage_path, storage_filesystem=self.fs,
+                failure_config=tune.FailureConfig(max_failures=c.max_failures),
+                callbacks=[writer, JsonLoggerCallback()], verbose=1 if c.verbose else 0),
+        )
 
 
 def run(config: Config) -> FillResult:
     """Plan, run (or resume) and record the missing cells of the selection. Raises
     :class:`UsageError` for a selection that matches nothing."""
-    started = time.time()
-    job = _job(config)
-    progress = _Progress()
-    already_done = planned = 0
+    started, settings = time.time(), config.fill_config()
+    try:
+        job = MatrixRun.select(settings, config.tasks, config.experts, shard=config.shard,
+                               name=config.name, threads=max(1, int(config.cpus_per_trial)),
+                               cells_per_trial=config.cells_per_trial)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    counts = experiment.TrialCounts()
     with _tune_console(), logging_redirect_tqdm():
-        if _resume(job, progress):
-            already_done, planned = _fill_missing(job, progress)
-    rows = cells.tally(job.fill, job.tasks, job.experts, job.requested)
+        already_done, planned = experiment.fill(
+            job, _TuneRunner(config, job), counts, retry_failed=config.retry_failed,
+            max_cells=config.max_cells, cells_per_trial=config.cells_per_trial,
+            before_run=lambda: init_ray(config.address, local_cpus=config.num_cpus,
+                                        runtime_env=worker_runtime_env()))
+    rows = job.tally()
     for task_id, expert_id, error in rows.failures:
         log.warning("cell %s × %s failed: %s", task_id, expert_id, error)
-    counts = {f.name: getattr(progress, f.name) for f in fields(_Progress) if f.name != "attempted"}
     result = FillResult(
-        root=redact_uri(job.fill.root), mode=job.fill.mode, layout=job.fill.layout,
+        root=redact_uri(settings.root), mode=settings.mode, layout=settings.layout,
         max_per_class=config.max_per_class, experiment=job.base, tasks=len(job.tasks),
         experts=len(job.experts), requested=len(job.requested), already_done=already_done,
         planned=planned, cells_ok=rows.ok, cells_failed=rows.failed,
         cells_missing=rows.missing, mean_test_error=rows.mean_test_error,
-        seconds=round(time.time() - started, 2), **counts)
-    _report(config, result)
-    return result
-
-
-def _report(config: Config, result: FillResult) -> None:
-    log.info(
-        "matrix %s (%s): %d/%d cells ok, %d failed, %d missing; %d trials run here "
-        "(%d errored, %d skipped as already written), features %d cached / %d computed, %.1fs%s",
-        result.root, result.mode, result.cells_ok, result.requested, result.cells_failed,
-        result.cells_missing, result.trials_run, result.trials_errored, result.trials_skipped,
-        result.feature_hits, result.feature_misses, result.seconds,
-        ", resumed an interrupted run" if result.resumed else "")
+        seconds=round(time.time() - started, 2), **counts.as_dict())
+    log.info("%s", result.summary())
     if config.summary_json:
         Path(config.summary_json).write_text(json.dumps(asdict(result), indent=2))
     record_stage(config, "fill_matrix",
@@ -541,16 +317,16 @@ def _report(config: Config, result: FillResult) -> None:
                   "max_per_class": config.max_per_class},
                  {k: getattr(result, k) for k in ("cells_ok", "cells_failed", "cells_missing",
                                                   "trials_run", "feature_hits", "feature_misses")})
+    return result
 
 
 # -- command line ---------------------------------------------------------------------------
-def parse_args(argv: Sequence[str] | None = None) -> Config:
-    return parse_config(Config, argv, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parse_args = config_reader(Config)
 
 
 def _exit_status(config: Config, result: FillResult) -> int:
-    """0: every requested cell has a row (or --max-cells left the rest on purpose); 1: trials
-    errored or cells are missing; 130: interrupted (re-run to resume)."""
+    """0: every requested cell has a row (or --max-cells left the rest); 1: trials errored or
+    cells are missing; 130: interrupted (re-run to resume); 2 (main): bad usage."""
     if result.interrupted:
         return 130
     incomplete = result.cells_missing and config.max_cells is None
@@ -558,7 +334,6 @@ def _exit_status(config: Config, result: FillResult) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The exit status of :func:`_exit_status`, or 2 on bad usage."""
     return run_main(parse_args, run, argv, errors={UsageError: 2}, report=_exit_status)
 
 

@@ -4,85 +4,68 @@
 
 The scheduled entrypoint. Each step runs only when it has something to do: register_zoo (new
 or changed folders of --folders), train_experts (--expert-tasks sources without an expert at
-their current hash), embed_tasks (missing embeddings), fill_matrix (missing cells, of shard
-i/n with --shard), then train_model2vec, evaluate (Table 1) and promote when the recommender's
-inputs (embeddings, matrix, recipe, evaluation) differ from the last refresh's, whose digest
-``refresh/state.json`` keeps. Promote moves ``@champion`` to the new version only if it is not
-worse than the champion on the same evaluation (:mod:`t2v_core.review.champion`); else the
-version stays registered without it, and the log and its tags say why, with both numbers.
-
-What is missing is found first, from the manifests, the stored embeddings and cells and that
-digest, in seconds; with nothing missing the run logs "up to date" and stops. The steps run in
-one MLflow pipeline run "refresh", a stage run each, all under the root's refresh lease
+their current hash), embed_tasks, fill_matrix (of shard i/n with --shard), then
+train_model2vec, evaluate and promote when the recommender's inputs changed
+(:mod:`t2v_core.review.refresh`). Promote moves ``@champion`` only to a version not worse
+than the champion on the same evaluation (:mod:`t2v_core.review.champion`). What is missing is
+found first, in seconds, from manifests and keys; with nothing missing the run logs "up to
+date". The steps run in one MLflow pipeline run, under the root's refresh lease
 (:mod:`t2v_core.lease`): a scheduled and a hand-submitted refresh never overlap.
-
-Exit status: 0 refreshed or up to date; 1 a step failed (the message names it; finished work
-is kept and a re-run resumes); 2 bad arguments; 75 (EX_TEMPFAIL) another refresh holds the
-lease: the message names the holder and until when; try again after that.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import hashlib
-import json
 import logging
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass
-
-import ray
 
 from jobs import embed_tasks, evaluate, fill_matrix, register_zoo, train_experts, train_model2vec
 from jobs._cli import (
     CommonOptions,
     RayOptions,
+    config_reader,
     error_floor_option,
     opt,
-    parse_config,
-    run_stamp,
     setup_logging,
+    shard_option,
 )
-from jobs._ray_util import init_ray, submitted_job_config, worker_runtime_env
+from jobs._ray_util import ray_session, submitted_job_config, worker_runtime_env
 from t2v_core.embedding.fisher import METHODS
-from t2v_core.embedding.probes import Probe, available_archs, build_probe, resolve_weights
+from t2v_core.embedding.probes import Probe, available_archs, build_probe
 from t2v_core.embedding.store import plan_embeddings
 from t2v_core.lease import LeaseError, LeaseHeld, RefreshLease
-from t2v_core.matrix.expert_training import plan_experts, select_tasks
-from t2v_core.matrix.experts import Recipe, base_head, state_digest
+from t2v_core.matrix.expert_training import plan_expert_run
+from t2v_core.matrix.experts import Recipe
 from t2v_core.matrix.rows import done_cells, missing_cells
-from t2v_core.recommend.meta_dataset import MetaDataset, load_meta_dataset
 from t2v_core.review import tracking
-from t2v_core.review.champion import Decision, Evaluation, data_digest, gate
+from t2v_core.review.champion import Decision, promote
+from t2v_core.review.refresh import (
+    RecommenderInputs,
+    RefreshPlan,
+    RefreshResult,
+    StepFailed,
+    last_state,
+    record_state,
+    step,
+)
 from t2v_core.storage import StorageRoot, redact_uri
 from t2v_core.zoo.manifest import read_experts, read_tasks
 
 log = logging.getLogger("jobs.refresh_zoo")
 
 EX_TEMPFAIL = 75  # sysexits.h: a temporary failure, try again later
-STATE = "refresh/state.json"
 LEASE_TTL_S = 900.0  # renewed every third of it while the refresh runs
 _BUGS = (TypeError, AttributeError, KeyError, IndexError, NameError, AssertionError)
-
-
-def _shard(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
-    if not match or int(match[1]) >= int(match[2]):
-        raise argparse.ArgumentTypeError(f"expected i/n with 0 <= i < n, got {text!r}")
-    return int(match[1]), int(match[2])
-
-
 ZOO, RECOMMENDER = "probe, experts and matrix", "recommender and champion"
 
 
 @dataclass(frozen=True, kw_only=True)
 class Config(CommonOptions, RayOptions):
-    """The job's options, one field per flag, with those of :class:`CommonOptions` and
-    :class:`RayOptions`. An option passes to every stage that has one of the same name (root,
-    tracking, probe, weights, method, seed, shard, address, ...)."""
+    """The job's options, one field per flag; each passes to every stage that has an option
+    of the same name (root, tracking, probe, weights, method, seed, shard, address, ...)."""
 
     folders: str | None = opt(None, help="folder (local or s3://) of task folders to register "
                               "first (default: the tasks the manifest lists)")
@@ -96,8 +79,8 @@ class Config(CommonOptions, RayOptions):
                             "jobs.train_experts --tasks")
     expert_epochs: int = opt(Recipe.epochs, group=ZOO)
     num_samples: int = opt(4, group=ZOO, help="configurations per cell")
-    shard: tuple[int, int] | None = opt(None, group=ZOO, type=_shard, help="i/n: fill the "
-                                        "missing cells of shard i of n")
+    shard: tuple[int, int] | None = shard_option("fill the missing cells of shard i of n",
+                                                 group=ZOO)
     model2vec_epochs: int = opt(500, group=RECOMMENDER, help="of the model, and of its refits "
                                 "in the evaluation")
     folds: str = opt("5", group=RECOMMENDER, help="'loo' or K folds over tasks (at most one "
@@ -112,66 +95,23 @@ class Config(CommonOptions, RayOptions):
             raise ValueError(f"--folds must be 'loo' or a number of folds ≥ 2, got {self.folds!r}")
 
 
-@dataclass(frozen=True)
-class RefreshResult:
-    """What a refresh did: ids of the tasks registered (added or changed), experts trained and
-    tasks embedded, cells filled, the new model's version, the champion decision (None: no new
-    model, or tracking off) and what failed (the rest is done). All empty when up to date."""
-
-    up_to_date: bool
-    registered: tuple[str, ...] = ()
-    experts: tuple[str, ...] = ()
-    embedded: tuple[str, ...] = ()
-    cells: int = 0
-    model_version: str | None = None
-    decision: Decision | None = None
-    problems: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class _Plan:
-    probe: Probe
-    registered: register_zoo.RegisterResult | None
-    experts: tuple[str, ...]
-    embeddings: tuple[str, ...]
-    cells: int
-
-
-class StepFailed(RuntimeError):
-    """A step of the refresh raised; the message names it, ``__cause__`` is the error."""
-
-
-@contextlib.contextmanager
-def _step(name: str):
-    try:
-        yield
-    except (LeaseError, StepFailed):
-        raise
-    except Exception as exc:
-        raise StepFailed(f"{name} failed: {type(exc).__name__}: {exc}") from exc
-
-
 def run(config: Config) -> RefreshResult:
     """Refresh under the root's lease; raises :class:`LeaseHeld` while another refresh holds
     it and :class:`StepFailed` naming a step that raised."""
     started, root = time.perf_counter(), StorageRoot(config.root)
     with RefreshLease(root, owner=_owner(), ttl_s=LEASE_TTL_S) as lease:
         plan = _plan(config, root)
-        fans_out = bool(plan.experts or plan.embeddings or plan.cells)
-        with _step("planning"):
-            if not fans_out and _inputs(config, plan)[2] == _state(root).get("digest"):
+        with step("planning"):
+            if not plan.fans_out and _inputs(config, plan).digest == last_state(root).get("digest"):
                 log.info("zoo %s is up to date: nothing to register, train, embed, fill or "
                          "retrain (checked in %.1fs)", redact_uri(root.uri),
                          time.perf_counter() - started)
                 return RefreshResult(True)
-        own_ray = fans_out and init_ray(config.address, local_cpus=config.local_cpus,
-                                        runtime_env=worker_runtime_env(config.forward_env))
-        try:
-            with _pipeline(config, plan):
-                result = _refresh(config, root, plan, lease)
-        finally:
-            if own_ray:
-                ray.shutdown()
+        ray_env = (ray_session(config.address, local_cpus=config.local_cpus,
+                               runtime_env=worker_runtime_env(config.forward_env))
+                   if plan.fans_out else contextlib.nullcontext())
+        with ray_env, _pipeline(config, plan):
+            result = _refresh(config, root, plan, lease)
     log.info("refreshed %s in %.1fs: %d task(s) registered, %d expert(s) trained, %d embedded, "
              "%d cell(s) filled, model %s", redact_uri(root.uri), time.perf_counter() - started,
              len(result.registered), len(result.experts), len(result.embedded), result.cells,
@@ -179,11 +119,11 @@ def run(config: Config) -> RefreshResult:
     return result
 
 
-def _plan(config: Config, root: StorageRoot) -> _Plan:
+def _plan(config: Config, root: StorageRoot) -> RefreshPlan:
     """Register the folders, then find what is missing, reading only manifests and keys."""
-    with _step("register_zoo"):
+    with step("register_zoo"):
         registered = config.folders and register_zoo.run(_stage_config(register_zoo, config))
-    with _step("planning"):
+    with step("planning"):
         tasks, experts = read_tasks(root), read_experts(root)
         if not tasks:
             raise ValueError(f"no tasks registered under {redact_uri(root.uri)}: pass --folders")
@@ -198,22 +138,19 @@ def _plan(config: Config, root: StorageRoot) -> _Plan:
     log.info("to do: %d expert(s) to train, %d task(s) to embed, %d cell(s) to fill%s",
              len(train), len(embed), len(cells), " (shard {}/{})".format(*config.shard)
              if config.shard else "")
-    return _Plan(probe, registered or None, train, tuple(t.task_id for t in embed), len(cells))
+    return RefreshPlan(probe, registered or None, train, tuple(t.task_id for t in embed),
+                       len(cells))
 
 
 def _experts_todo(config: Config, root: StorageRoot, base: Probe) -> tuple[str, ...]:
     """What train_experts would train now: its own plan, on its own Config."""
     cfg = _experts_config(config, base.input_size)
-    generic = not cfg.no_generic
-    head = generic and base_head(resolve_weights(cfg.arch, cfg.weights),
-                                 base.feature_dim) is not None
-    todo, _ = plan_experts(root, cfg.arch, state_digest(base.backbone),
-                           select_tasks(read_tasks(root), cfg.tasks), cfg.recipe,
-                           cfg.prefix or cfg.arch, generic, head)
-    return tuple(job.expert_id for job in todo)
+    plan = plan_expert_run(root, cfg.arch, cfg.weights, cfg.tasks, cfg.recipe, prefix=cfg.prefix,
+                           generic=not cfg.no_generic, base=base)
+    return tuple(job.expert_id for job in plan.todo)
 
 
-def _refresh(config: Config, root: StorageRoot, plan: _Plan, lease: RefreshLease
+def _refresh(config: Config, root: StorageRoot, plan: RefreshPlan, lease: RefreshLease
              ) -> RefreshResult:
     size, problems, experts, embedded, cells = plan.probe.input_size, [], (), (), 0
     if plan.registered and config.tracking:
@@ -221,23 +158,27 @@ def _refresh(config: Config, root: StorageRoot, plan: _Plan, lease: RefreshLease
             tracking.log_metrics({f"tasks_{k}": len(getattr(plan.registered, k))
                                   for k in ("added", "updated", "unchanged", "skipped")})
     if plan.experts:
-        with _step("train_experts"):
+        with step("train_experts"):
             report = train_experts.run(_experts_config(config, size))
         experts = tuple(report.trained)
         problems += [f"expert {e} failed to train" for e in report.failed]
         lease.check()
     if plan.embeddings:
-        with _step("embed_tasks"):
+        with step("embed_tasks"):
             summary = embed_tasks.run(_stage_config(embed_tasks, config, image_size=size))
         embedded = tuple(summary.done)
         problems += [f"task {t} failed to embed: {e}" for t, e in summary.failed.items()]
         lease.check()
     if plan.cells or experts:
-        with _step("fill_matrix"):
-            cells, problem = _fill(config, size)
-        problems += [problem] if problem else []
+        with step("fill_matrix"):
+            filled = fill_matrix.run(_stage_config(fill_matrix, config, mode="probe",
+                                                   image_size=size, num_cpus=config.local_cpus))
+        cells = filled.planned - filled.cells_missing
+        if filled.trials_errored or filled.cells_missing:
+            problems.append(f"fill_matrix: {filled.cells_missing} cell(s) missing, "
+                            f"{filled.trials_errored} trial(s) errored; a re-run fills them")
         lease.check()
-    with _step("train_model2vec, evaluate and promote"):
+    with step("train_model2vec, evaluate and promote"):
         version, decision = _recommender(config, root, plan)
     if config.tracking:
         tracking.log_metrics({"experts_trained": len(experts), "tasks_embedded": len(embedded),
@@ -247,33 +188,18 @@ def _refresh(config: Config, root: StorageRoot, plan: _Plan, lease: RefreshLease
                          tuple(problems))
 
 
-def _fill(config: Config, size: int) -> tuple[int, str | None]:
-    """The one call of the matrix job: (cells filled, what went wrong or None)."""
-    result = fill_matrix.run(_stage_config(fill_matrix, config, mode="probe", image_size=size,
-                                           num_cpus=config.local_cpus))
-    problem = (f"fill_matrix: {result.cells_missing} cell(s) missing, {result.trials_errored} "
-               "trial(s) errored; a re-run fills them")
-    return result.planned - result.cells_missing, (
-        problem if result.trials_errored or result.cells_missing else None)
+def _inputs(config: Config, plan: RefreshPlan) -> RecommenderInputs:
+    return RecommenderInputs.load(config.root, plan.probe.probe_id, config.method,
+                                  folds=config.folds, seed=config.seed,
+                                  error_floor=config.error_floor, epochs=config.model2vec_epochs)
 
 
-def _inputs(config: Config, plan: _Plan) -> tuple[MetaDataset, Evaluation, str]:
-    """The meta-dataset MODEL2VEC learns from, the evaluation that judges it, and the digest
-    of both with the recipe: an unchanged digest leaves nothing to retrain."""
-    data = load_meta_dataset(config.root, plan.probe.probe_id, config.method, mode="probe")
-    evaluation = Evaluation.of(data, config.folds, seed=config.seed,
-                               error_floor=config.error_floor)
-    spec = {"data": data_digest(data), "evaluation": asdict(evaluation),
-            "recipe": [config.model2vec_epochs, config.seed]}
-    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-    return data, evaluation, digest
-
-
-def _recommender(config: Config, root: StorageRoot, plan: _Plan
+def _recommender(config: Config, root: StorageRoot, plan: RefreshPlan
                  ) -> tuple[str | None, Decision | None]:
     """Train, evaluate and gate a new MODEL2VEC when its inputs changed; record them."""
-    data, evaluation, digest = _inputs(config, plan)
-    if digest == _state(root).get("digest"):
+    inputs = _inputs(config, plan)
+    data, evaluation = inputs.data, inputs.evaluation
+    if inputs.digest == last_state(root).get("digest"):
         log.info("the recommender's inputs did not change: no new model")
         return None, None
     trained = train_model2vec.run(_stage_config(  # alias "": the gate below decides on it
@@ -286,31 +212,18 @@ def _recommender(config: Config, root: StorageRoot, plan: _Plan
         log.info("tracking is off: model %s is stored under the root; no champion is chosen",
                  trained.version)
     else:
-        with tracking.stage_run("promote", asdict(evaluation)):
-            decision = gate(data, trained.registered_version, evaluation)
-            tracking.log_metrics({"promoted": int(decision.promoted),
-                                  "candidate_score": decision.candidate_score,
-                                  "champion_score": decision.champion_score})
-    state = {"digest": digest, "model_version": trained.version, "finished": run_stamp(),
-             "decision": decision and asdict(decision)}
-    root.write_bytes_atomic(STATE, json.dumps(state, indent=2).encode())
+        decision = promote(data, trained.registered_version, evaluation)
+    record_state(root, inputs.digest, trained.version, decision)
     return trained.version, decision
 
 
-def _state(root: StorageRoot) -> dict:
-    """What the last refresh that got to a recommender left (empty: none did)."""
-    return json.loads(root.read_bytes(STATE)) if root.exists(STATE) else {}
-
-
-def _pipeline(config: Config, plan: _Plan):
-    if not config.tracking:
-        return contextlib.nullcontext()
-    tracking.configure(config.root, tracking_uri=config.tracking_uri)
-    return tracking.pipeline_run("refresh", {
+def _pipeline(config: Config, plan: RefreshPlan):
+    return tracking.tracked("refresh", {
         "root": redact_uri(config.root), "folders": config.folders and redact_uri(config.folders),
         "probe_id": plan.probe.probe_id, "method": config.method, "shard": config.shard,
         "experts_to_train": len(plan.experts), "tasks_to_embed": len(plan.embeddings),
-        "cells_to_fill": plan.cells})
+        "cells_to_fill": plan.cells}, root=config.root, enabled=config.tracking,
+        tracking_uri=config.tracking_uri, pipeline=True)
 
 
 def _stage_config(stage, config: Config, **values):
@@ -333,9 +246,9 @@ def _owner() -> str:
     return f"refresh_zoo (ray job {submission})" if submission else "refresh_zoo"
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    return parse_config(Config, argv, epilog="exit status: 0 done or up to date, 1 a step "
-                        "failed, 2 bad arguments, 75 another refresh holds the lease")
+parse_args = config_reader(Config, epilog="exit status: 0 done or up to date; 1 a step failed "
+                           "(it is named; a re-run resumes); 2 bad arguments; 75 another "
+                           "refresh holds the lease (the holder and until when are named)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,26 +2,25 @@
 
     python -m jobs.register_zoo --folders DIR|s3://bucket/tasks --root ./t2v-data
 
-Each immediate subdirectory of ``--folders`` with ``train/`` and ``test/`` (ImageFolder) or
-``train.parquet`` and ``test.parquet`` is one task, named after the subdirectory. New tasks are
-added, changed ones re-hashed, unchanged ones left alone. The closing summary lists every
-skipped folder and every problem (task, file, reason). Exit status 0 when at least one task
-is registered, 1 when none could be, 2 on bad arguments.
+Each subfolder of ``--folders`` with ``train/`` and ``test/`` (ImageFolder) or ``train.parquet``
+and ``test.parquet`` is one task, named after it; new tasks are added, changed ones re-hashed.
+The closing summary lists every skipped folder and problem. Exit status 0 when at least one
+task is registered, 1 when none could be, 2 on bad arguments.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from jobs._cli import opt, parse_config, root_option, run_main
+from jobs._cli import config_reader, opt, root_option, run_main
 from t2v_core.storage import redact_uri
-from t2v_core.zoo.data import DataError, Problem
-from t2v_core.zoo.register import register_folders
+from t2v_core.zoo.data import DataError
+from t2v_core.zoo.register import RegisterResult, register_folders
 
 log = logging.getLogger("jobs.register_zoo")
 
@@ -41,24 +40,6 @@ class Config:
     verbose: bool = opt(False, flag=("-v", "--verbose"))
 
 
-@dataclass(frozen=True)
-class RegisterResult:
-    """Task ids by outcome, skipped folders with their reason, the problems left out of the
-    registered tasks, and the closing summary (headline, then one line per skip and problem)."""
-
-    root: str
-    added: tuple[str, ...] = ()
-    updated: tuple[str, ...] = ()
-    unchanged: tuple[str, ...] = ()
-    skipped: dict[str, str] = field(default_factory=dict)
-    problems: tuple[Problem, ...] = ()
-    summary: tuple[str, ...] = ()
-
-    @property
-    def registered(self) -> tuple[str, ...]:
-        return self.added + self.updated + self.unchanged
-
-
 class NothingRegisteredError(RuntimeError):
     """No folder held a valid task; ``result`` says why for each."""
 
@@ -67,8 +48,7 @@ class NothingRegisteredError(RuntimeError):
         self.result = result
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    return parse_config(Config, argv)
+parse_args = config_reader(Config)
 
 
 def run(config: Config) -> RegisterResult:
@@ -82,17 +62,13 @@ def run(config: Config) -> RegisterResult:
     with logging_redirect_tqdm():
         report = register_folders(config.folders, config.root, family_from=config.family_from,
                                   format=config.format, progress=progress)
-    where = redact_uri(config.root)
-    up = report.upsert
-    problems = report.problem_lines()
-    result = RegisterResult(where, up.added, up.updated, up.unchanged, dict(report.skipped),
-                            tuple(report.problems), (report.headline(where), *problems))
+    result = RegisterResult.of(report, redact_uri(config.root))
     log.info("%s", result.summary[0])
-    for task_id in up.added:
+    for task_id in result.added:
         log.info("added %s", task_id)
-    for task_id in up.updated:
+    for task_id in result.updated:
         log.info("updated %s", task_id)
-    for line in problems:
+    for line in result.summary[1:]:
         log.warning("%s", line)
     if not report.registered:
         raise NothingRegisteredError(

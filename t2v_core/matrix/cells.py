@@ -95,6 +95,23 @@ class FillConfig:
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
 
+    @classmethod
+    def for_mode(cls, root: str, mode: str, *, layout: str = "auto", epochs: int | None = None,
+                 hidden: int = 0, batch_size: int = 32, seed: int = 0,
+                 lr: tuple[float, float] | None = None,
+                 weight_decay: tuple[float, float] = SearchSpace.weight_decay,
+                 **data) -> FillConfig:
+        """The settings of a run in ``mode``, its recipe (:func:`recipe_for`) and search space
+        from plain values; layout "auto" is batched for probe, trial for finetune, and ``lr``
+        None the search space's own. ``data``: the other fields (num_samples, image_size,
+        max_per_class, ...)."""
+        if layout == "auto":
+            layout = "batched" if mode == "probe" else "trial"
+        return cls(root=root, recipe=recipe_for(mode, epochs=epochs, hidden=hidden,
+                                                batch_size=batch_size, seed=seed),
+                   search=SearchSpace(lr=lr or SearchSpace.lr, weight_decay=weight_decay),
+                   seed=seed, layout=layout, **data)
+
     def storage(self) -> StorageRoot:
         return StorageRoot(self.root)
 

@@ -3,21 +3,25 @@ stale, and the files of each (``experts/<expert_id>.pt`` and its source head bes
 
 An expert's content hash covers the architecture, the base weights, its source task's content
 hash and the recipe (:func:`~t2v_core.matrix.experts.expert_content_hash`), so an expert
-registered with the same hash whose files exist is done, and planning again skips it.
+registered with the same hash whose files exist is done, and planning again skips it
+(:func:`plan_expert_run`). :class:`TrainReport` records what a run made, registering each
+expert in the manifest as it arrives.
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import torch
 
-from t2v_core.embedding.probes import build_probe
+from t2v_core.embedding.probes import Probe, build_probe, resolve_weights
 from t2v_core.matrix.experts import (
     HEAD_SUFFIX,
     Recipe,
     SourceHead,
+    base_head,
     expert_content_hash,
     finetune,
     state_digest,
@@ -25,7 +29,16 @@ from t2v_core.matrix.experts import (
 from t2v_core.storage import StorageRoot
 from t2v_core.zoo.data import load_split
 from t2v_core.zoo.demo_world import representative_tasks
-from t2v_core.zoo.manifest import ExpertSpec, TaskSpec, read_experts, select_specs
+from t2v_core.zoo.manifest import (
+    ExpertSpec,
+    TaskSpec,
+    read_experts,
+    read_tasks,
+    select_specs,
+    upsert_experts,
+)
+
+log = logging.getLogger(__name__)
 
 EXPERTS_DIR = "experts"
 GENERIC = "generic"
@@ -115,3 +128,70 @@ def plan_experts(root: StorageRoot, arch: str, base_digest: str, tasks: list[Tas
             files.append(head_rel(job.expert_id))
         (done if fresh and all(root.exists(f) for f in files) else todo).append(job)
     return todo, done
+
+
+@dataclass(frozen=True)
+class ExpertPlan:
+    """The base the experts are made from, the generic expert's source head (None: the base
+    checkpoint has no classifier, or no generic expert) and the experts to make and done."""
+
+    base: Probe
+    weights_uri: str | None
+    generic_head: SourceHead | None
+    todo: list[ExpertJob]
+    done: list[ExpertJob]
+
+    def write_generic(self, root: StorageRoot, arch: str) -> list[str]:
+        """Write and register the generic expert if it is to do: the base weights themselves,
+        with the base checkpoint's classifier as its head. Returns its id (or none)."""
+        written = []
+        for job in (j for j in self.todo if j.task is None):
+            uri = write_expert(root, job.expert_id, self.base.backbone, self.generic_head)
+            upsert_experts(root, [job.spec(arch, uri)])
+            written.append(job.expert_id)
+            log.info("generic expert %s = the base weights (%s), %s", job.expert_id,
+                     self.base.probe_id, "no source head (the base weights have no classifier)"
+                     if self.generic_head is None
+                     else f"source head with {self.generic_head.n_classes} classes")
+        return written
+
+
+@dataclass
+class TrainReport:
+    """Expert ids by outcome, and the training error of each expert trained now."""
+
+    trained: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    train_error: dict[str, float] = field(default_factory=dict)
+    base_probe_id: str = ""
+
+    def add(self, root: StorageRoot, arch: str, job: ExpertJob, result: dict | None,
+            error: BaseException | None) -> None:
+        """Register an expert :func:`train_expert` made (its ``result``), or count it failed:
+        one failed expert must not lose the others."""
+        if error is not None:
+            log.error("expert %s failed: %s: %s", job.expert_id, type(error).__name__, error)
+            self.failed.append(job.expert_id)
+            return
+        upsert_experts(root, [job.spec(arch, result["weights_uri"])])
+        self.trained.append(job.expert_id)
+        self.train_error[job.expert_id] = result["train_error"]
+        log.info("expert %s: train error %.3f in %.1fs", job.expert_id, result["train_error"],
+                 result["seconds"])
+
+
+def plan_expert_run(root: StorageRoot, arch: str, weights: str | None, tasks: str,
+                    recipe: Recipe, *, prefix: str | None = None, generic: bool = True,
+                    base: Probe | None = None) -> ExpertPlan:
+    """:func:`plan_experts` for the registered tasks ``tasks`` selects (:func:`select_tasks`)
+    on ``weights`` (resolved as :func:`~t2v_core.embedding.probes.resolve_weights` does);
+    ``base`` is that probe when the caller has built it already."""
+    weights_uri = resolve_weights(arch, weights)
+    if base is None:
+        base = build_probe(arch, weights_uri, seed=recipe.seed, input_size=recipe.image_size)
+    head = base_head(weights_uri, base.feature_dim) if generic else None
+    todo, done = plan_experts(root, arch, state_digest(base.backbone),
+                              select_tasks(read_tasks(root), tasks), recipe, prefix or arch,
+                              generic, head is not None)
+    return ExpertPlan(base, weights_uri, head, todo, done)

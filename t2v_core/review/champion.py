@@ -35,7 +35,7 @@ from t2v_core.recommend.selectors import Model2VecSelector
 from t2v_core.review.recommender_model import DEFAULT_ALIAS, DEFAULT_NAME, load_recommender
 
 __all__ = ["DECISION_TAG", "KEY_TAG", "REASON_TAG", "SCORE_TAG", "Decision", "Evaluation",
-           "data_digest", "gate", "recipe_of"]
+           "data_digest", "gate", "promote", "recipe_of"]
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,18 @@ class _Scorer:
         if known not in self._by_recipe:
             self._by_recipe[known] = self.evaluation.score(self.data, recipe)
         return self._by_recipe[known]
+
+
+def promote(data: MetaDataset, candidate_version: int, evaluation: Evaluation) -> Decision:
+    """:func:`gate` in a "promote" stage run that records the decision and both numbers."""
+    from t2v_core.review import tracking
+
+    with tracking.stage_run("promote", asdict(evaluation)):
+        decision = gate(data, candidate_version, evaluation)
+        tracking.log_metrics({"promoted": int(decision.promoted),
+                              "candidate_score": decision.candidate_score,
+                              "champion_score": decision.champion_score})
+    return decision
 
 
 def _champion(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:

@@ -82,12 +82,14 @@ __all__ = [
     "metric_name",
     "pipeline_run",
     "publish_to_pipeline",
-    "require_reachable",
     "ray_tags",
+    "record_stage",
+    "require_reachable",
     "resolve_tracking",
     "safe_params",
     "stage_run",
     "table1_metrics",
+    "tracked",
     "zoo_name",
 ]
 
@@ -557,6 +559,39 @@ def stage_run(
         finally:
             with contextlib.suppress(MlflowException):
                 mlflow.log_metric("wall_time_s", time.monotonic() - started)
+
+
+def tracked(name: str, params: Mapping[str, Any] | None = None, *,
+            root: str | StorageRoot | None, enabled: bool = True, tracking_uri: str | None = None,
+            pipeline: bool = False) -> contextlib.AbstractContextManager:
+    """:func:`configure`, then the :func:`stage_run` (or :func:`pipeline_run`) ``name``; when
+    not ``enabled``, a block that yields None and logs nothing."""
+    if not enabled:
+        return contextlib.nullcontext()
+    configure(root, tracking_uri=tracking_uri)
+    return (pipeline_run if pipeline else stage_run)(name, params)
+
+
+def record_stage(root: str | StorageRoot, name: str, params: Mapping[str, Any],
+                 metrics: Mapping[str, Any], *, enabled: bool = True,
+                 tracking_uri: str | None = None) -> None:
+    """Log a finished batch job as a stage run, where there is somewhere to log it.
+
+    The batch jobs (embedding, matrix) run often and on clusters, so they log only when asked
+    to by ``tracking_uri`` or $MLFLOW_TRACKING_URI, or when called inside a pipeline run (the
+    demo, the refresh, or a stage started with $T2V_PARENT_RUN_ID). Tracking trouble is logged
+    and never fails a job whose results are written.
+    """
+    if not enabled or not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                           or mlflow.active_run() or os.environ.get(PARENT_RUN_ENV)):
+        return
+    try:
+        if mlflow.active_run() is None:
+            configure(root, tracking_uri=tracking_uri)
+        with stage_run(name, params):
+            log_metrics(metrics)
+    except Exception as exc:  # the stage's results are stored; the record is a convenience
+        log.warning("could not log %s to MLflow: %s", name, exc)
 
 
 def log_params(params: Mapping[str, Any]) -> dict[str, str]:

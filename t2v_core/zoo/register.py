@@ -9,7 +9,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from t2v_core.storage import StorageRoot, filesystem_for, redact_uri
-from t2v_core.zoo.data import FORMATS, DataError, UnreadableURIError, detect_format, scan_task
+from t2v_core.zoo.data import (
+    FORMATS,
+    DataError,
+    Problem,
+    UnreadableURIError,
+    detect_format,
+    scan_task,
+)
 from t2v_core.zoo.manifest import TaskSpec, UpsertReport, read_tasks, upsert_tasks
 
 log = logging.getLogger(__name__)
@@ -40,6 +47,30 @@ class RegisterReport:
         lines += [f"problem in {p.task_id}, {p.path or '(task)'}: {p.kind}: {p.message}"
                   for p in self.problems]
         return lines
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    """Task ids by outcome, skipped folders with their reason, the problems left out of the
+    registered tasks, and the closing summary (headline, then one line per skip and problem)."""
+
+    root: str
+    added: tuple[str, ...] = ()
+    updated: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+    skipped: dict[str, str] = field(default_factory=dict)
+    problems: tuple[Problem, ...] = ()
+    summary: tuple[str, ...] = ()
+
+    @property
+    def registered(self) -> tuple[str, ...]:
+        return self.added + self.updated + self.unchanged
+
+    @classmethod
+    def of(cls, report: RegisterReport, where: str) -> RegisterResult:
+        up = report.upsert
+        return cls(where, up.added, up.updated, up.unchanged, dict(report.skipped),
+                   tuple(report.problems), (report.headline(where), *report.problem_lines()))
 
 
 def discover_task_dirs(folders_uri: str) -> list[str]:
