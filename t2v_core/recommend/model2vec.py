@@ -76,6 +76,11 @@ _FORMAT = "t2v-model2vec"
 _VERSION = 2
 # Float elements of one (tasks × experts × dim) temporary; bounds memory per step.
 _PAIR_ELEMENTS = 1 << 23
+# Bounds of m^γ and t^γ in float32: their sum and ratio stay finite.
+_LARGE, _SMALL = 1e30, 1e-30
+# The learnt γ stays in [e^-3, e^2]: Fisher values spanning 1e-10..1e4 raised to a larger
+# power overflow float32, and one huge Adam step would otherwise turn every loss into NaN.
+_LOG_GAMMA = (-3.0, 2.0)
 # Epochs for the global scalars before the offsets train (Adam moves them 4·lr per step).
 _SCALAR_EPOCHS = 100
 
@@ -101,8 +106,10 @@ def torch_d_sym(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def torch_complexity(sources: torch.Tensor, t0: torch.Tensor) -> torch.Tensor:
     """Differentiable :func:`~t2v_core.embedding.distance.complexity`: the mean over filters of
-    s / (s + t0), per row of ``sources`` (t0 > 0) -> E."""
-    return (sources / (sources + t0.reshape(1, -1))).mean(-1)
+    s / (s + t0), per row of ``sources`` (t0 > 0) -> E. Written as sigmoid(log s − log t0),
+    which stays finite (with finite gradients) where s under- or overflows."""
+    log_s = torch.log(sources.clamp_min(torch.finfo(sources.dtype).tiny))
+    return torch.sigmoid(log_s - torch.log(t0).reshape(1, -1)).mean(-1)
 
 
 def torch_d_asym(
@@ -312,7 +319,9 @@ class Model2Vec(BaseEstimator):
     ) -> torch.Tensor:
         """d_asym(m_i^γ → t^γ) for one block of tasks -> n×E (differentiable)."""
         t0 = self.t0_.to(m.device)
-        return torch_d_asym(m**gamma, sharpen(tasks, gamma), t0**gamma, alpha).T
+        # bounded, so that a huge step in γ cannot turn a ratio into inf/inf
+        return torch_d_asym((m**gamma).clamp_max(_LARGE), sharpen(tasks, gamma).clamp_max(_LARGE),
+                            (t0**gamma).clamp(_SMALL, _LARGE), alpha).T
 
     def _distance_matrix(
         self, m: torch.Tensor, tasks: torch.Tensor, alpha: float, gamma: float
@@ -344,7 +353,7 @@ class Model2Vec(BaseEstimator):
         """Summed soft-target cross-entropy over a block of tasks (missing cells masked)."""
         m = torch.exp(params["init_log_m"] + params["delta"])
         alpha = params["alpha"] if "alpha" in params else float(self.alpha)
-        gamma = torch.exp(params["log_gamma"])
+        gamma = torch.exp(params["log_gamma"].clamp(*_LOG_GAMMA))
         logits = -self._distances(m, tasks, alpha, gamma) / torch.exp(params["log_tau"])
         logits = logits.masked_fill(~observed, -1e9)
         # x − logsumexp(x), not log_softmax: the latter's threaded kernel stalls on a busy CPU.
@@ -501,7 +510,8 @@ class Model2Vec(BaseEstimator):
         self.log_m_ = self._init_log_m + state["delta"]
         self.tau_ = float(torch.exp(state["log_tau"]))
         self.alpha_ = float(state["alpha"]) if "alpha" in state else float(self.alpha)
-        self.gamma_ = float(torch.exp(state["log_gamma"])) if self.learn_gamma else float(self.gamma)
+        self.gamma_ = (float(torch.exp(state["log_gamma"].clamp(*_LOG_GAMMA))) if self.learn_gamma
+                       else float(self.gamma))
 
     # ---------------------------------------------------------------- inference
 
