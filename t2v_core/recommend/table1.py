@@ -63,6 +63,7 @@ __all__ = [
     "noise_floor",
     "noise_floor_sentence",
     "standard_selectors",
+    "table1_rows",
     "table1_views",
     "transfer_context",
     "with_context_columns",
@@ -261,9 +262,10 @@ class Table1Report:
     payload: dict
 
 
-def _rows(data: MetaDataset, context: dict | None, *, seed: int, model2vec_epochs: int,
-          error_floor: float) -> tuple[dict[str, Selector], dict | None]:
-    """The selectors of the table, and the context they read."""
+def table1_rows(data: MetaDataset, context: dict | None, *, seed: int, model2vec_epochs: int,
+                error_floor: float) -> tuple[dict[str, Selector], dict | None]:
+    """The selectors of the table, each fitting with ``error_floor``, and the context they
+    read."""
     context = with_validation_errors(data, context)
     selectors = with_context_columns(
         standard_selectors(data, seed=seed, model2vec_epochs=model2vec_epochs,
@@ -283,8 +285,8 @@ def evaluate_table1(data: MetaDataset, folds: str | int = "loo", *, seed: int = 
     inputs for; the matrix's validation errors add the brute-force column. ``folds``,
     ``repeats`` and ``seed`` are those of :func:`~t2v_core.recommend.protocol.evaluate_selectors`.
     """
-    selectors, context = _rows(data, context, seed=seed, model2vec_epochs=model2vec_epochs,
-                               error_floor=error_floor)
+    selectors, context = table1_rows(data, context, seed=seed,
+                                     model2vec_epochs=model2vec_epochs, error_floor=error_floor)
     views, titles = table1_views(data)
     result = evaluate_selectors(
         selectors, data.embeddings, data.errors, data.expert_sources, list(data.expert_ids),
