@@ -248,6 +248,7 @@ def test_estimators_give_back_each_module_its_own_mode(small_task):
     assert seen and not any(seen)
 
 
+@pytest.mark.slow
 def test_variational_prior_pull_weakens_as_the_task_grows():
     """On a linear softmax model (quadratic loss near the optimum for small noise) the
     variational precision is the closed form λ + (N/β) F̄ per filter, F̄ the expected Fisher
