@@ -227,15 +227,15 @@ def test_load_rejects_other_files(tmp_path) -> None:
 
 def test_generic_expert_starts_at_mean_task(zoo) -> None:
     """With no training steps, m_i is the source (plus the floor); the generic one is the mean
-    (``missing_source="mean"``) or its learnt place (the default)."""
+    (``missing_source="mean"``, the default) or its learnt place (``"learned"``)."""
     model = Model2Vec(max_epochs=0, missing_source="mean").fit(
         zoo.task_embeddings, zoo.errors, zoo.expert_source_embeddings
     )
     m = model.expert_embeddings_
     g = zoo.generic_index
     np.testing.assert_allclose(m[g], zoo.task_embeddings.mean(axis=0), rtol=1e-4)
-    learned = Model2Vec(max_epochs=0).fit(zoo.task_embeddings, zoo.errors,
-                                          zoo.expert_source_embeddings)
+    learned = Model2Vec(max_epochs=0, missing_source="learned").fit(
+        zoo.task_embeddings, zoo.errors, zoo.expert_source_embeddings)
     missing = np.array([e is None for e in zoo.expert_source_embeddings])
     filled = np.stack([zoo.task_embeddings.mean(0) if e is None else e
                        for e in zoo.expert_source_embeddings])
