@@ -174,9 +174,12 @@ def repeats_option(group: str | None = None) -> Any:
 
 
 def error_floor_option(group: str | None = None) -> Any:
-    return opt(0.02, group=group, help="oracle errors below this count as this in "
-               "(err − oracle)/oracle (default 0.02): a task some expert solves perfectly "
-               "would otherwise turn any miss into +1000s of %%")
+    """A near-zero oracle error would make every relative miss enormous."""
+    from t2v_core.recommend.metrics import DEFAULT_ERROR_FLOOR
+
+    return opt(DEFAULT_ERROR_FLOOR, group=group, help="oracle errors below this count as this "
+               "in (err − oracle)/oracle, in every fit and report: a task some expert solves "
+               "perfectly would otherwise turn any miss into +1000s of %%")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,7 +7,8 @@ Every task is held out in turn (leave-one-task-out, or K folds over tasks, with 
 averaged over N fold assignments); learned selectors are fitted on the other tasks only.
 Beside the selectors, two reference rows: the oracle, and "Family best", which is told each
 task's family and picks the expert best on that family's training tasks (what knowing the
-family alone is worth). The protocol is :func:`t2v_core.recommend.table1.evaluate_table1`.
+family alone is worth). The table scores the novel tasks (no expert's source) first, then all
+tasks. The protocol is :func:`t2v_core.recommend.table1.evaluate_table1`.
 Writes ``evaluation/<run>/table1.md`` and ``table1.json`` under the storage root
 (``evaluation/LATEST`` names the newest run), prints the table next to the paper's numbers,
 and logs metrics and plots to MLflow.

@@ -69,7 +69,8 @@ def run(config: Config) -> Model2VecResult:
              len(data.expert_ids), data.probe_id, data.method)
     model = Model2Vec(alpha=config.alpha, learn_alpha=config.learn_alpha, gamma=config.gamma,
                       learn_gamma=config.learn_gamma, l2=config.l2,
-                      max_epochs=config.max_epochs, random_state=config.seed)
+                      max_epochs=config.max_epochs, random_state=config.seed,
+                      error_floor=config.error_floor)
     model.fit(data.embeddings, data.errors, data.expert_sources, expert_ids=list(data.expert_ids))
     metrics = {
         "n_tasks": len(data.task_ids),

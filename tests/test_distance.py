@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from t2v_core.embedding.distance import (
+    complexity,
     cosine,
     d_asym,
     d_sym,
@@ -48,12 +49,37 @@ def test_d_asym_is_not_symmetric_and_favours_complex_sources(emb):
     mat = d_asym(emb, t0=t0, alpha=0.15)
     assert not np.allclose(mat, mat.T, atol=1e-4)
     base = d_sym(emb)
-    complexity = d_sym(emb, t0[None, :])[:, 0]
-    assert np.allclose(mat, base - 0.15 * complexity[:, None], atol=1e-6)
+    share = (emb / (emb + t0)).mean(axis=1)  # the definition of complexity
+    assert np.allclose(complexity(emb, t0), share, atol=1e-6)
+    assert np.allclose(mat, base - 0.15 * share[:, None], atol=1e-6)
     assert np.allclose(d_asym(emb, t0=t0, alpha=0.0), base, atol=1e-6)
-    # a flat source is trivial: at distance zero from t0, no bonus
-    flat = np.full(emb.shape[1], 2.0, dtype=np.float32)
-    assert d_sym(flat, t0 * (2.0 / t0[0])) == pytest.approx(0.0, abs=1e-6)
+    # closed forms: no information is 0, the trivial task itself is ½
+    assert complexity(np.zeros(emb.shape[1]), t0) == pytest.approx(0.0)
+    assert complexity(t0, t0) == pytest.approx(0.5)
+
+
+def _real_looking(rng, dim=600):
+    """A Fisher profile like a real probe's: values from the 1e-10 floor to 1e4, log-uniform
+    across layers, with dead filters at the floor."""
+    values = 10.0 ** rng.uniform(-10, 4, size=dim)
+    values[rng.random(dim) < 0.05] = 1e-10
+    return values
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_complexity_rises_when_a_tasks_fisher_is_scaled_up(seed):
+    """Uniform scaling of a task's Fisher must raise its complexity, at every scale, on a
+    profile spanning 14 orders of magnitude; d_sym(F, t0), the term it replaces, does not (it
+    compares shapes: a faint task's shares are as uneven as a rich one's)."""
+    rng = np.random.default_rng(seed)
+    task = _real_looking(rng)
+    t0 = trivial_embedding(task.size, trivial_level(np.stack([_real_looking(rng) for _ in range(9)])))
+    scales = 10.0 ** np.arange(-6.0, 6.5, 0.5)
+    values = np.array([complexity(s * task, t0) for s in scales])
+    assert (np.diff(values) > 0).all()
+    assert values[0] < 0.3 < 0.7 < values[-1]
+    flat = np.array([d_sym(s * task, t0) for s in scales])
+    assert (np.diff(flat) < 0).any() and (np.diff(flat) > 0).any()
 
 
 def test_cosine_variants(emb):

@@ -246,3 +246,31 @@ def test_estimators_give_back_each_module_its_own_mode(small_task):
         hook.remove()
         probe.backbone.eval()
     assert seen and not any(seen)
+
+
+@pytest.mark.slow
+def test_variational_prior_pull_weakens_as_the_task_grows():
+    """On a linear softmax model (quadratic loss near the optimum for small noise) the
+    variational precision is the closed form λ + (N/β) F̄ per filter, F̄ the expected Fisher
+    per image: the same images repeated 8 times (the same per-image loss, 8× N) move it
+    8× further from the prior. A KL weighted by β/D instead would not depend on N at all."""
+    torch.manual_seed(0)
+    n, d, classes, beta, prior = 64, 6, 3, 0.25, 50.0
+    phi = torch.randn(n, d)
+    weight = 0.5 * torch.randn(classes, d)
+    backbone = _linear_probe(phi, weight)
+    labels = torch.distributions.Categorical(logits=phi @ weight.T).sample()
+    head = nn.Identity()
+    fisher = per_filter_fisher(backbone, head, phi, labels, method="expected")
+    got = {}
+    for repeat in (1, 8):
+        images, targets = phi.repeat(repeat, 1), labels.repeat(repeat)
+        got[repeat] = variational_fisher(backbone, head, images, targets, steps=1500,
+                                         batch_size=64, lr=0.05, beta=beta,
+                                         prior_precision=prior, seed=0)
+        closed = prior + repeat * n / beta * fisher
+        assert np.allclose(got[repeat], closed, rtol=0.25), (got[repeat], closed)
+    ratio = (got[8] - prior) / (got[1] - prior)
+    assert ((ratio > 5) & (ratio < 12)).all(), ratio
+    share = prior / got[1], prior / got[8]  # the prior's part of the precision
+    assert (share[1] < 0.5 * share[0]).all()

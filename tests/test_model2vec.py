@@ -9,6 +9,7 @@ from sklearn.base import clone
 
 from t2v_core.embedding.distance import d_asym, d_sym, trivial_embedding
 from t2v_core.embedding.synthetic_zoo import synthetic_zoo
+from t2v_core.recommend.meta_dataset import place_generic_experts
 from t2v_core.recommend.model2vec import (
     Model2Vec,
     resolve_expert_sources,
@@ -225,13 +226,22 @@ def test_load_rejects_other_files(tmp_path) -> None:
 
 
 def test_generic_expert_starts_at_mean_task(zoo) -> None:
-    """With no training steps, m_i is the source (plus the floor); the generic one is the mean."""
-    model = Model2Vec(max_epochs=0).fit(
+    """With no training steps, m_i is the source (plus the floor); the generic one is the mean
+    (``missing_source="mean"``, the default) or its learnt place (``"learned"``)."""
+    model = Model2Vec(max_epochs=0, missing_source="mean").fit(
         zoo.task_embeddings, zoo.errors, zoo.expert_source_embeddings
     )
     m = model.expert_embeddings_
     g = zoo.generic_index
     np.testing.assert_allclose(m[g], zoo.task_embeddings.mean(axis=0), rtol=1e-4)
+    learned = Model2Vec(max_epochs=0, missing_source="learned").fit(
+        zoo.task_embeddings, zoo.errors, zoo.expert_source_embeddings)
+    missing = np.array([e is None for e in zoo.expert_source_embeddings])
+    filled = np.stack([zoo.task_embeddings.mean(0) if e is None else e
+                       for e in zoo.expert_source_embeddings])
+    placed, _ = place_generic_experts(zoo.task_embeddings, zoo.errors, filled, missing,
+                                      alpha=0.15, t0=learned.t0_.numpy())
+    np.testing.assert_allclose(learned.sources_.numpy(), placed, rtol=1e-5)
     np.testing.assert_allclose(m[0], zoo.expert_source_embeddings[0], rtol=1e-4)
     # A NaN row means the same as None.
     nan_sources = np.stack(
@@ -240,7 +250,8 @@ def test_generic_expert_starts_at_mean_task(zoo) -> None:
             for s in zoo.expert_source_embeddings
         ]
     )
-    same = Model2Vec(max_epochs=0).fit(zoo.task_embeddings, zoo.errors, nan_sources)
+    same = Model2Vec(max_epochs=0, missing_source="mean").fit(zoo.task_embeddings, zoo.errors,
+                                                              nan_sources)
     np.testing.assert_allclose(same.expert_embeddings_, m)
     at_t0 = Model2Vec(max_epochs=0, missing_source="t0").fit(
         zoo.task_embeddings, zoo.errors, zoo.expert_source_embeddings
@@ -353,3 +364,27 @@ def test_learns_the_complexity_weight_of_a_zoo_ranked_by_d_asym() -> None:
     assert fitted.alpha_ == pytest.approx(0.6, abs=0.1)
     fixed = clone(model).set_params(learn_alpha=False).fit(tasks, errors, list(sources))
     assert fixed.alpha_ == 0.15
+
+
+def test_soft_targets_take_the_evaluations_error_floor(zoo) -> None:
+    """MODEL2VEC's targets are relative increases with the floor the report uses (by default
+    DEFAULT_ERROR_FLOOR): a task whose best error is below it weighs as the report weighs it."""
+    from t2v_core.recommend.metrics import DEFAULT_ERROR_FLOOR
+    from t2v_core.recommend.model2vec import soft_targets
+
+    assert Model2Vec().error_floor == DEFAULT_ERROR_FLOOR
+    row = np.array([[0.001, 0.011]])
+    loose, _ = soft_targets(row, 0.1, DEFAULT_ERROR_FLOOR)
+    gap = 0.01 / DEFAULT_ERROR_FLOOR
+    np.testing.assert_allclose(loose[0], np.array([1.0, np.exp(-gap / 0.1)]) /
+                               (1.0 + np.exp(-gap / 0.1)))
+
+
+def test_files_of_the_old_complexity_term_are_refused(tmp_path, fitted) -> None:
+    path = tmp_path / "old.pt"
+    fitted.save(path)
+    state = torch.load(path, weights_only=True)
+    state["version"] = 1
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="retrain"):
+        Model2Vec.load(path)

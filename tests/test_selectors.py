@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from t2v_core.embedding.distance import d_asym, d_sym
+from t2v_core.embedding.distance import complexity, d_asym, d_sym
 from t2v_core.embedding.synthetic_zoo import synthetic_zoo
+from t2v_core.recommend.meta_dataset import place_generic_experts
 from t2v_core.recommend.selectors import (
     AsymTask2VecSelector,
     BruteForceSelector,
@@ -149,7 +150,54 @@ def test_task2vec_nearest_source(zoo) -> None:
     sources = t2v.sources_
     expected = np.argsort(d_sym(sources, tasks).T, axis=1, kind="stable")
     np.testing.assert_array_equal(ranks, expected)
-    np.testing.assert_allclose(sources[zoo.generic_index], tasks.mean(axis=0))
+    missing = np.array([e is None for e in zoo.expert_source_embeddings])
+    filled = np.stack([tasks.mean(0) if e is None else e for e in zoo.expert_source_embeddings])
+    placed, _ = place_generic_experts(tasks, zoo.errors, filled, missing)
+    np.testing.assert_allclose(sources, placed)
+
+
+def _generic_wins_one_family(tasks_per_cluster: int = 10):
+    """A zoo whose generic expert is clearly the best on family0 and clearly not elsewhere."""
+    zoo = synthetic_zoo(n_clusters=3, tasks_per_cluster=tasks_per_cluster, experts_per_cluster=2,
+                        dim=32, generic_gap=0.8, random_state=5)
+    errors = zoo.errors.copy()
+    fam0 = np.array([f == "family0" for f in zoo.families])
+    specialists = np.delete(errors, zoo.generic_index, axis=1)
+    errors[fam0, zoo.generic_index] = 0.5 * np.nanmin(specialists[fam0], axis=1)
+    return zoo, errors, fam0
+
+
+def test_generic_expert_sits_where_it_wins() -> None:
+    """Fitted on some tasks of each family, the generic expert's place is learnt where it
+    wins (family0), so held-out family0 tasks mostly get it first (a family0 specialist's
+    source can still be nearer to one) and the others never do; at the mean training task it
+    would be first nowhere. Asym Task2Vec places it with its own distance: there too, at the
+    centre of the tasks it wins."""
+    zoo, errors, fam0 = _generic_wins_one_family()
+    train = np.arange(len(zoo.families)) % 2 == 0
+    g = zoo.generic_index
+    fitted = Task2VecSelector().fit(zoo.task_embeddings[train], errors[train],
+                                    zoo.expert_source_embeddings, zoo.expert_ids)
+    picks = fitted.predict(zoo.task_embeddings[~train])
+    assert (picks[fam0[~train]] == g).mean() >= 0.8
+    assert (picks[~fam0[~train]] != g).all()
+    at_mean = fit(Task2VecSelector(), zoo, errors)
+    at_mean.sources_[g] = zoo.task_embeddings[train].mean(axis=0)
+    assert (at_mean.predict(zoo.task_embeddings[~train])[fam0[~train]] != g).all()
+    asym = AsymTask2VecSelector().fit(zoo.task_embeddings[train], errors[train],
+                                      zoo.expert_source_embeddings, zoo.expert_ids)
+    centre = zoo.task_embeddings[train & fam0].mean(axis=0)
+    np.testing.assert_allclose(asym.sources_[g], centre)
+    assert (asym.predict(zoo.task_embeddings[train & fam0]) == g).all()
+
+
+def test_generic_place_keeps_the_mean_without_evidence(zoo) -> None:
+    """A generic expert that is never close to best gains nothing from moving: ties keep the
+    mean training task."""
+    errors = zoo.errors.copy()
+    errors[:, zoo.generic_index] = 0.99
+    fitted = fit(Task2VecSelector(), zoo, errors)
+    np.testing.assert_allclose(fitted.sources_[zoo.generic_index], zoo.task_embeddings.mean(0))
 
 
 def test_asym_alpha_from_training_tasks(zoo) -> None:
@@ -170,13 +218,14 @@ def test_asym_alpha_follows_the_matrix() -> None:
     transfers better, the fitted α must be large enough to rank B first everywhere; if it
     says A, α must stay below the smallest value that would flip any task."""
     rng = np.random.default_rng(0)
-    flat, complex_ = np.exp(rng.normal(scale=0.2, size=16)), np.exp(rng.normal(scale=1.0, size=16))
-    sources = [flat, complex_]
+    simple = np.exp(rng.normal(scale=0.2, size=16))
+    complex_ = np.exp(rng.normal(loc=1.0, scale=1.0, size=16))
+    sources = [simple, complex_]
     tasks = np.exp(rng.normal(scale=0.5, size=(12, 16)))
     grid = np.round(np.linspace(0.0, 3.0, 61), 2)
     b_better = np.tile([0.5, 0.3], (12, 1))
     asym = AsymTask2VecSelector(alphas=grid).fit(tasks, b_better, sources)
-    c = d_sym(np.stack(sources), asym.t0_[None, :])[:, 0]
+    c = complexity(np.stack(sources), asym.t0_)
     d = d_sym(np.stack(sources), tasks).T
     flip = (d[:, 1] - d[:, 0]) / (c[1] - c[0])  # α above which B outranks A on each task
     assert (d[:, 0] < d[:, 1]).all() and c[1] > c[0] and 0 < flip.min() and flip.max() < 3
@@ -186,6 +235,47 @@ def test_asym_alpha_follows_the_matrix() -> None:
     asym = AsymTask2VecSelector(alphas=grid).fit(tasks, a_better, sources)
     assert asym.alpha_ < flip.min()
     assert (asym.predict(tasks) == 0).all()
+
+
+def test_asym_alpha_is_positive_where_complex_sources_transfer_better() -> None:
+    """Each family has a simple expert (a faint source, Fisher 10× below the family's) whose
+    source profile is the nearer one, and a complex expert (10× above) that is better on every
+    task: α = 0 picks the simple one, so α fitted on training tasks must be > 0, and it must
+    carry over to held-out tasks."""
+    rng = np.random.default_rng(1)
+    centres = np.exp(rng.normal(0.0, 1.5, size=(3, 48)))
+    tasks = np.concatenate([c * np.exp(rng.normal(0.0, 0.3, size=(8, 48))) for c in centres])
+    family = np.repeat(np.arange(3), 8)
+    simple = [0.1 * c * np.exp(rng.normal(0.0, 0.1, size=48)) for c in centres]
+    rich = [10.0 * c * np.exp(rng.normal(0.0, 0.6, size=48)) for c in centres]
+    sources = simple + rich  # expert k simple, expert 3 + k complex, of family k
+    errors = np.full((24, 6), 0.6)
+    errors[np.arange(24), family] = 0.3
+    errors[np.arange(24), 3 + family] = 0.2
+    train = np.arange(24) % 2 == 0
+    asym = AsymTask2VecSelector().fit(tasks[train], errors[train], sources)
+    assert (Task2VecSelector().fit(tasks[train], errors[train], sources).predict(tasks)
+            == family).mean() > 0.5  # without the complexity term the simple expert wins
+    assert asym.alpha_ > 0
+    assert asym.alpha_losses_[asym.alpha_] < asym.alpha_losses_[0.0]
+    assert (asym.predict(tasks[~train]) == 3 + family[~train]).all()
+
+
+def test_fits_take_the_error_floor_they_are_given(zoo) -> None:
+    """α is chosen by the mean relative increase with the selector's own floor, the one the
+    evaluation passes (and MeanErrorPrior's relative statistic uses it too)."""
+    for floor in (1e-3, 0.05):
+        asym = fit(AsymTask2VecSelector(error_floor=floor), zoo)
+        ranks = rank_by_score(d_asym(asym.sources_, zoo.task_embeddings, t0=asym.t0_,
+                                     alpha=asym.alpha_).T, higher_is_better=False)
+        assert asym.alpha_losses_[asym.alpha_] == pytest.approx(
+            np.nanmean(top1_relative_increase(zoo.errors, ranks, floor)))
+    errors = np.array([[0.0, 0.01], [0.2, 0.1]])
+    emb, sources = np.ones((2, 3)), [np.ones(3), np.ones(3)]
+    loose = MeanErrorPrior(statistic="relative", error_floor=0.1).fit(emb, errors, sources)
+    tight = MeanErrorPrior(statistic="relative", error_floor=1e-3).fit(emb, errors, sources)
+    np.testing.assert_allclose(loose.mean_, [0.5, 0.05])  # (0 + 0.1/0.1)/2, (0.01/0.1 + 0)/2
+    np.testing.assert_allclose(tight.mean_, [0.5, 5.0])
 
 
 def test_oracle_reads_only_target_errors(zoo) -> None:

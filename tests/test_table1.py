@@ -9,8 +9,10 @@ from dataclasses import asdict, replace
 import numpy as np
 import pytest
 
+from t2v_core.embedding.fisher import PRIOR_PRECISION
 from t2v_core.embedding.synthetic_zoo import synthetic_zoo
 from t2v_core.recommend.meta_dataset import MetaDataset
+from t2v_core.recommend.metrics import DEFAULT_ERROR_FLOOR
 from t2v_core.recommend.noise_floor import oracle_noise_floor
 from t2v_core.recommend.protocol import evaluate_selectors
 from t2v_core.recommend.report import to_json
@@ -28,6 +30,7 @@ from t2v_core.recommend.table1 import (
     noise_floor,
     noise_floor_sentence,
     standard_selectors,
+    table1_rows,
     with_context_columns,
     with_validation_errors,
 )
@@ -58,9 +61,74 @@ def test_standard_selectors_are_the_papers_rows(zoo):
     rows = standard_selectors(data, seed=3, model2vec_epochs=7)
     assert list(rows) == PAPER_ROWS
     assert rows["ImageNet"].generic == "generic" and rows["Chance"].random_state == 3
-    assert rows["Model2Vec"].model_params == {"max_epochs": 7, "random_state": 3}
+    assert rows["Model2Vec"].model_params == {"max_epochs": 7, "random_state": 3,
+                                              "error_floor": DEFAULT_ERROR_FLOOR,
+                                              "t0_level": None}
     specialists = replace(data, expert_sources=np.nan_to_num(data.expert_sources, nan=1.0))
     assert "ImageNet" not in standard_selectors(specialists)  # no expert without a source
+
+
+def test_every_fit_takes_the_reports_error_floor(zoo):
+    """The floor the report scores with reaches every selector that fits on relative
+    increases, and the fitted selectors of a whole evaluation hold it."""
+    data = meta_dataset(zoo, val_errors=zoo.errors.copy())
+    rows, _ = table1_rows(data, None, seed=0, model2vec_epochs=3, error_floor=0.05)
+    floors = {name: sel.error_floor for name, sel in rows.items() if hasattr(sel, "error_floor")}
+    assert set(floors) == {"Mean-error prior", "Task2Vec", "Asym Task2Vec", "Family best"}
+    assert set(floors.values()) == {0.05}
+    assert rows["Model2Vec"].model_params["error_floor"] == 0.05
+    fitted = rows["Model2Vec"].fit(data.embeddings, data.errors, data.expert_sources)
+    assert fitted.model_.error_floor == 0.05
+    assert standard_selectors(data)["Asym Task2Vec"].error_floor == DEFAULT_ERROR_FLOOR
+    variational = standard_selectors(replace(data, method="variational"))
+    assert variational["Asym Task2Vec"].level == PRIOR_PRECISION  # t0 is the prior precision
+    assert variational["Model2Vec"].model_params["t0_level"] == PRIOR_PRECISION
+
+
+def _novel_and_source_tasks() -> MetaDataset:
+    """Two experts trained on tasks s0 and s1, two novel tasks n0 and n1. On its own source
+    each expert is best and Task2Vec finds it (d_sym = 0); on each novel task Task2Vec picks
+    the nearer source's expert, 50% worse than the best."""
+    a, b = np.array([10.0, 1.0, 1.0, 1.0]), np.array([1.0, 10.0, 1.0, 1.0])
+    tasks = np.stack([a, b, [8.0, 1.0, 1.0, 1.5], [1.0, 8.0, 1.5, 1.0]])
+    errors = np.array([[0.1, 0.2], [0.2, 0.1], [0.3, 0.2], [0.1, 0.15]])
+    sizes = np.tile(np.array([[40.0], [50.0], [60.0], [70.0]]), (1, 2))
+    return MetaDataset("probe", "montecarlo", ("s0", "s1", "n0", "n1"), ("fa", "fb", "fa", "fb"),
+                       tasks, errors, ("e0", "e1"), np.stack([a, b]), test_sizes=sizes,
+                       expert_source_task_ids=("s0", "s1"))
+
+
+def test_table1_scores_novel_tasks_first_and_all_tasks_second():
+    data = _novel_and_source_tasks()
+    assert data.novel_task_indices() == [2, 3]
+    report = evaluate_table1(data, "loo", model2vec_epochs=3)
+    result = report.result
+    assert list(result.views) == ["novel", "all"]
+    t2v = result.reports["Task2Vec"]
+    novel, every = t2v.by_view["novel"], t2v.by_view["all"]
+    assert t2v.by_meta_task is novel  # the headline
+    assert novel["Mixed"].relative_increase_pct == pytest.approx(50.0)
+    assert every["Mixed"].relative_increase_pct == pytest.approx(25.0)
+    assert novel["fa"].relative_increase_pct == pytest.approx(50.0)
+    assert every["fa"].relative_increase_pct == pytest.approx(25.0)
+    assert novel["Mixed"].n_tasks == 2 and every["Mixed"].n_tasks == 4
+    # ratio of mean errors, and the oracle's mean error (the paper's "Optimal")
+    assert novel["Mixed"].oracle_mean_error == pytest.approx(0.15)
+    assert novel["Mixed"].error_ratio == pytest.approx(0.225 / 0.15)
+    assert every["Mixed"].error_ratio == pytest.approx(0.65 / 0.5)
+    assert result.in_view("all").reports["Task2Vec"].by_meta_task is every
+    # the noise floor is over the same tasks as the view it sits in
+    payload = report.payload
+    assert payload["views"] == {"novel": ["n0", "n1"], "all": ["s0", "s1", "n0", "n1"]}
+    floor = oracle_noise_floor(data.errors[[2, 3]], [60, 70], error_floor=0.02)
+    assert payload["oracle_noise_floor"] == asdict(floor)
+    assert payload["oracle_noise_floor_by_view"]["all"] == asdict(
+        oracle_noise_floor(data.errors, [40, 50, 60, 70], error_floor=0.02))
+    md = report.markdown
+    novel_at, all_at = md.index("### Novel tasks: the 2 tasks"), md.index("### All 4 tasks")
+    assert novel_at < md.index(noise_floor_sentence(floor)) < all_at
+    assert "| Optimal (oracle's mean test error) |  | 0.200 | 0.100 | 0.150 |" in md
+    assert "mean error / Optimal" in md and "Weighted Kendall τ" in md
 
 
 def test_context_columns_join_above_the_oracle_when_their_inputs_exist():

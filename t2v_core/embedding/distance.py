@@ -89,13 +89,12 @@ def d_sym(a, b=None) -> np.ndarray | float:
 
 
 def trivial_embedding(dim: int, level: float = 1.0) -> np.ndarray:
-    """t0: the embedding of the trivial task, whose posterior equals the prior.
+    """A flat embedding: ``level`` on every filter.
 
-    With no information about the task, the variational Fisher of every filter falls back to
-    the prior precision, so t0 is flat: the same value on every filter. ``level`` is that
-    precision; for point-estimate Fisher embeddings use :func:`trivial_level` to put it at the
-    typical Fisher magnitude of the zoo, so that d_sym(·, t0) measures how far a task's
-    per-filter profile is from flat rather than its overall scale.
+    For the ``variational`` Fisher this is t0, the embedding of the trivial task: with no
+    information about the task every filter's precision falls back to the prior precision
+    ``level``. For point-estimate Fisher embeddings use :func:`trivial_level` of the training
+    tasks as the level (see :func:`complexity`).
     """
     if dim <= 0 or not level > 0:
         raise ValueError("trivial embedding needs dim > 0 and level > 0")
@@ -103,27 +102,50 @@ def trivial_embedding(dim: int, level: float = 1.0) -> np.ndarray:
 
 
 def trivial_level(embeddings) -> float:
-    """Median Fisher value over a set of embeddings: the prior precision to use for t0."""
+    """Median Fisher value over a set of embeddings: the level of t0 for point-estimate Fisher
+    embeddings, which have no prior precision to fall back to."""
     level = float(np.median(np.asarray(embeddings, dtype=np.float64)))
     return level if level > 0 else 1.0
 
 
+def complexity(a, t0) -> np.ndarray | float:
+    """How far each embedding ``a`` stands above the trivial task ``t0``: the mean over filters
+    of its share F / (F + t0) (d_sym's own per-filter ratio, taken against t0).
+
+    It rises strictly when a task's Fisher is scaled up uniformly, whatever the spread of its
+    values across filters; 0 for a task with no Fisher information, ½ for one at t0.
+    d_sym(F, t0), and the shifted d_sym(F + t0, t0), compare only the *shape* of the two
+    profiles, so on embeddings spanning many orders of magnitude they rise and then fall as
+    the task's Fisher is scaled up, and cannot tell a rich task from a poor one.
+    ``a``: (n, d) or (d,); ``t0``: (d,). Returns (n,), or a scalar for one vector.
+    """
+    ta = _as_2d(a).double()
+    t = torch.as_tensor(np.asarray(t0, dtype=np.float64)).reshape(-1)
+    if t.shape[0] != ta.shape[1]:
+        raise ValueError(f"dimension mismatch: {ta.shape[1]} vs t0 of {t.shape[0]}")
+    if (ta < 0).any() or not (t > 0).all():
+        raise ValueError("complexity needs non-negative embeddings and a positive t0")
+    share = (ta / (ta + t)).mean(dim=1).numpy()
+    return float(share[0]) if np.ndim(a) == 1 else share
+
+
 def d_asym(a, b=None, t0=None, alpha: float = 0.15) -> np.ndarray | float:
-    """Asymmetric score d_asym(a→b) = d_sym(a, b) − α · d_sym(a, t0) of transferring a to b.
+    """Asymmetric score d_asym(a→b) = d_sym(a, b) − α · complexity(a, t0) of transferring a to b.
 
     Rows are *source* tasks a_i (e.g. the tasks experts were trained on), columns are target
-    tasks b_j. The term α · d_sym(a, t0) rewards sources far from the trivial task, i.e. complex
-    tasks, which transfer better (the paper's α≈0.15 for ResNet-34). To rank experts for a task
-    t: ``d_asym(expert_sources, t)`` and sort ascending. Not symmetric for α > 0.
-    ``t0`` defaults to a flat embedding at :func:`trivial_level` of ``a`` and ``b`` together.
+    tasks b_j. The term α · :func:`complexity` rewards sources that carry more Fisher
+    information than the trivial task t0, i.e. complex tasks, which transfer better (the
+    paper's α≈0.15 for ResNet-34). To rank experts for a task t: ``d_asym(expert_sources, t)``
+    and sort ascending. Not symmetric for α > 0. ``t0`` defaults to a flat embedding at
+    :func:`trivial_level` of ``a`` and ``b`` together.
     """
     ta = _as_2d(a)
     tb = ta if b is None else _as_2d(b)
     if t0 is None:
         t0 = trivial_embedding(ta.shape[1], trivial_level(torch.cat([ta, tb]).numpy()))
     base = torch.as_tensor(np.asarray(d_sym(ta.numpy(), None if b is None else tb.numpy())))
-    complexity = torch.as_tensor(np.asarray(d_sym(ta.numpy(), np.asarray(t0)[None, :])))
-    out = base - alpha * complexity.reshape(-1, 1)
+    bonus = torch.as_tensor(np.atleast_1d(complexity(ta.numpy(), t0)))
+    out = base - alpha * bonus.reshape(-1, 1)
     return _squeeze_like(out, a, a if b is None else b)
 
 

@@ -16,7 +16,7 @@ Estimators (``method``):
   * ``montecarlo`` – y sampled from p(y|x); one backward pass per sample drawn.
   * ``empirical``  – the true labels; differs from the Fisher where the model is uncertain.
   * ``variational`` – the robust Fisher: the largest per-filter weight noise that keeps the
-    loss low, embedding = 1/σ² (local reparameterisation). Slower; opt-in.
+    loss low, embedding = 1/σ² ≈ λ + (N/β) F̄ (local reparameterisation). Slower; opt-in.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 METHODS = ("expected", "montecarlo", "empirical", "variational")
 FLOOR = 1e-10  # value given to filters whose gradient is exactly zero (e.g. dead ReLUs)
+# λ of the variational Fisher's prior N(0, λ⁻¹I): the embedding of the trivial task, t0
+PRIOR_PRECISION = 1.0
 
 
 class FisherError(ValueError):
@@ -363,17 +365,28 @@ def variational_fisher(
     batch_size: int = 64,
     lr: float = 0.3,
     beta: float = 1e-2,
-    prior_precision: float = 1.0,
+    prior_precision: float = PRIOR_PRECISION,
     seed: int = 0,
     progress: bool = False,
 ) -> np.ndarray:
     """Robust Fisher: per-filter precision 1/σ² of the widest weight noise the task tolerates.
 
-    Minimises E_{w~N(ŵ,Σ)}[CE] + β·KL(N(0,Σ) ‖ N(0, λ⁻¹I)) over one log-variance per conv
-    filter, with the expectation estimated by local reparameterisation (the noisy conv output
-    is Gaussian with variance conv(a², σ²), so one sample per activation suffices). Near the
-    minimum 1/σ² ≈ F̄_o/β + λ: it ranks filters like the Fisher but is smoothed where the
-    loss is not quadratic. A task that tolerates any noise gets λ, the trivial embedding.
+    Minimises, over one log-variance per conv filter,
+
+        E_{w~N(ŵ,Σ)}[CE] + (β/N) · KL(N(ŵ,Σ) ‖ N(ŵ, λ⁻¹I)),
+
+    CE the mean cross-entropy over the task's N images (``images``) and λ ``prior_precision``:
+    β times the variational free energy of the whole task, divided by N. The expectation is
+    estimated by local reparameterisation (the noisy conv output is Gaussian with variance
+    conv(a², σ²), so one sample per activation suffices). Where the loss is locally quadratic,
+    E[CE] ≈ CE(ŵ) + ½ Σ_o s_o σ_o² F̄_o (s_o weights of filter o, F̄_o their mean Fisher per
+    image), and the optimum is
+
+        1/σ_o² = λ + (N/β) · F̄_o,
+
+    the precision of a Gaussian posterior after N images (with a temperature β): the prior's
+    pull weakens as the task grows, and a task that tolerates any noise gets λ, the trivial
+    embedding t0. Away from a quadratic loss it ranks filters like the Fisher but is smoothed.
     """
     layers = [(name, m) for name, m in fisher_filters(backbone) if isinstance(m, nn.Conv2d)]
     torch.manual_seed(seed)
@@ -408,7 +421,7 @@ def variational_fisher(
                     0.5 * size * (lv.exp() * prior_precision - 1.0 - lv - np.log(prior_precision)).sum()
                     for lv, size in zip(log_var, sizes, strict=True)
                 )
-                (nll + beta * kl / sizes.sum()).backward()
+                (nll + beta * kl / len(images)).backward()
                 opt.step()
                 sched.step()
         finally:

@@ -104,7 +104,8 @@ def evaluate_data_efficiency(root: StorageRoot, data: dict[int | None, MetaDatas
                                 for size, d in data.items()})
     first = next(iter(data.values()))
     selectors = with_context_columns(
-        standard_selectors(first, seed=setting.seed, model2vec_epochs=model2vec_epochs),
+        standard_selectors(first, seed=setting.seed, model2vec_epochs=model2vec_epochs,
+                           error_floor=setting.error_floor),
         next(iter(contexts.values())))
     folds = setting.folds if setting.folds == "loo" else int(setting.folds)
     log.info("evaluating %d selectors at %d sizes on %d tasks × %d experts (folds=%s)",

@@ -4,7 +4,12 @@ MODEL2VEC, the selectors and the evaluation all want the same arrays: task embed
 the task × expert error matrix (T×E, NaN where a cell is missing), each expert's source-task
 embedding (E×d, NaN for an expert without one, such as the generic ImageNet expert) and the
 tasks' families. Only tasks that have both an embedding at their current content hash and at
-least one matrix cell take part.
+least one matrix cell take part. Each expert's source task id marks the *novel* tasks, those no
+expert was trained on, which is what a new task is.
+
+An expert without a source task (the generic ImageNet expert) still needs a place in task
+space for the selectors that rank by distance to source tasks; :func:`place_generic_experts`
+learns it from the training tasks.
 
 The same arrays exist per training-set size (``max_per_class``: the matrix rows trained on at
 most that many images per class). Task embeddings computed on such a subset are stored beside
@@ -23,8 +28,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pyarrow as pa
 
+from t2v_core.embedding.distance import complexity, d_sym
 from t2v_core.embedding.store import describe_size, read_embeddings
 from t2v_core.matrix.rows import pivot, read_matrix
+from t2v_core.recommend.metrics import DEFAULT_ERROR_FLOOR, relative_increase
 from t2v_core.storage import StorageRoot
 from t2v_core.zoo.manifest import read_experts, read_tasks
 
@@ -55,6 +62,15 @@ class MetaDataset:
     # T × E test-set sizes behind the errors, NaN where a row does not record one (older
     # rows): how precise each error is, e.g. for the oracle's noise floor.
     test_sizes: np.ndarray | None = None
+    # per expert, the task it was trained on (None: a generic expert); None when unknown
+    expert_source_task_ids: tuple[str | None, ...] | None = None
+
+    def novel_task_indices(self) -> list[int]:
+        """Indices of the tasks that are no expert's source: what a new task looks like, since
+        an expert's own source task is an exact d_sym = 0 match that no new task has. Every
+        task when the sources are unknown."""
+        sources = set(self.expert_source_task_ids or ())
+        return [t for t, task_id in enumerate(self.task_ids) if task_id not in sources]
 
     def task_test_sizes(self) -> np.ndarray | None:
         """One test-set size per task (its cells share one test split); None unless every
@@ -204,6 +220,7 @@ def load_meta_dataset(
         task_embeddings=task_embeddings,
         val_errors=val_errors[keep],
         test_sizes=test_sizes[keep],
+        expert_source_task_ids=tuple(e.source_task_id or None for e in experts),
     )
 
 
@@ -223,3 +240,59 @@ def _with_config_numbers(table: pa.Table, keys: tuple[str, ...]) -> pa.Table:
     for key in keys:
         table = table.append_column(key, pa.array(values[key], pa.float64()))
     return table
+
+
+def _top1_losses(scores: np.ndarray, errors: np.ndarray, error_floor: float) -> np.ndarray:
+    """Per candidate (C×E×T scores, lower = better): the relative increase over the best expert
+    of each task's top pick among its observed experts (C×T, NaN for a task with none)."""
+    observed = np.isfinite(errors)  # T×E
+    picks = np.argmin(np.where(observed.T[None], scores, np.inf), axis=1)  # C×T, first on ties
+    filled = np.where(observed, errors, np.inf)
+    best = np.where(observed.any(1), filled.min(axis=1), np.nan)
+    picked = filled[np.arange(errors.shape[0])[None, :], picks]
+    out = relative_increase(picked, best[None, :], error_floor)
+    return np.where(observed.any(1)[None, :] & np.isfinite(out), out, np.nan)
+
+
+def place_generic_experts(
+    tasks: np.ndarray, errors: np.ndarray, sources: np.ndarray, generic: np.ndarray, *,
+    alpha: float = 0.0, t0: np.ndarray | None = None,
+    error_floor: float = DEFAULT_ERROR_FLOOR,
+) -> tuple[np.ndarray, float]:
+    """Source rows for the experts without a source task, learned from the training tasks.
+
+    Candidate places: the mean training task, the mean of the training tasks where the
+    generic expert is best, and every training task. Each is scored by what it makes the
+    selector's own ranking — d_sym(source, task) − α · complexity(source, t0), best first —
+    cost on the training tasks: the mean relative increase of the top pick over the best
+    expert (a task's own position is left out of that task's score). The best candidate wins;
+    ties keep the earlier one, so a zoo with no evidence keeps the mean. Several generic
+    experts are placed one after the other. Returns (sources with those rows filled, the
+    chosen place's training loss).
+    """
+    tasks = np.asarray(tasks, dtype=np.float64)
+    err = np.asarray(errors, dtype=np.float64)
+    out = np.asarray(sources, dtype=np.float64).copy()
+    generic = np.asarray(generic, dtype=bool)
+    out[generic] = tasks.mean(axis=0)
+    if not generic.any():
+        return out, np.nan
+    bonus = (lambda x: alpha * np.atleast_1d(complexity(x, t0))) if alpha and t0 is not None \
+        else (lambda x: np.zeros(len(x)))
+    base = np.asarray(d_sym(out, tasks)).reshape(len(out), -1) - bonus(out)[:, None]  # E×T
+    loss = np.nan
+    for g in np.flatnonzero(generic):
+        wins = np.nanargmin(np.where(np.isfinite(err), err, np.inf), axis=1) == g
+        candidates = [tasks.mean(axis=0), *([tasks[wins].mean(axis=0)] if wins.any() else []),
+                      *tasks]
+        cand = np.stack(candidates)
+        rows = np.asarray(d_sym(cand, tasks)).reshape(len(cand), -1) - bonus(cand)[:, None]
+        scores = np.repeat(base[None], len(cand), axis=0)
+        scores[:, g, :] = rows
+        losses = _top1_losses(scores, err, error_floor)
+        own = len(cand) - len(tasks)
+        losses[own + np.arange(len(tasks)), np.arange(len(tasks))] = np.nan
+        mean = np.array([np.nanmean(r) if np.isfinite(r).any() else np.inf for r in losses])
+        choice = int(np.argmin(mean))  # first on ties
+        out[g], base[g], loss = cand[choice], rows[choice], float(mean[choice])
+    return out, loss

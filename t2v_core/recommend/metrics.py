@@ -15,7 +15,9 @@ Per task (:func:`task_metrics`):
 
 Missing matrix cells (NaN) are skipped: a ranking is scored by its experts with an observed
 error, in the order given. The oracle error is floored at ``error_floor`` in denominators, so
-a task some expert solves perfectly does not divide by zero.
+a task some expert solves perfectly does not divide by zero. :data:`DEFAULT_ERROR_FLOOR` is the
+one default of that floor: every fit that tunes on relative increases takes the floor of the
+evaluation it is scored by, so a near-perfect training task weighs the same in both.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 from scipy import stats
 
 __all__ = [
+    "DEFAULT_ERROR_FLOOR",
     "MetaTaskScores",
     "aggregate",
     "bootstrap_mean_ci",
@@ -37,6 +40,10 @@ __all__ = [
     "relative_increase",
     "task_metrics",
 ]
+
+# Oracle errors below this count as this in (err − oracle) / oracle: the evaluation's default,
+# and so that of every fit scored by it.
+DEFAULT_ERROR_FLOOR = 0.02
 
 
 def relative_increase(err, best, floor: float, *, percent: bool = False):
@@ -63,10 +70,16 @@ class MetaTaskScores:
     # 95% bootstrap interval of relative_increase_pct over the meta-task's tasks: a mean over
     # a few dozen heavy-tailed per-task increases moves by several points with the task draw.
     relative_increase_ci95_pct: tuple[float, float] = (math.nan, math.nan)
+    # mean test error of the picked expert and of the oracle's (the paper's "Optimal"), and
+    # their ratio: a view of the same picks that a few near-perfect tasks cannot dominate.
+    mean_error: float = math.nan
+    oracle_mean_error: float = math.nan
+    error_ratio: float = math.nan
 
 
 def task_metrics(
-    errors_row, ranking, ks: Sequence[int] = (1, 3, 5), error_floor: float = 1e-3
+    errors_row, ranking, ks: Sequence[int] = (1, 3, 5),
+    error_floor: float = DEFAULT_ERROR_FLOOR,
 ) -> dict[str, Any] | None:
     """Metrics of one ranking on one task's matrix row; None if the row has no observed error."""
     err = np.asarray(errors_row, dtype=np.float64)
@@ -90,6 +103,8 @@ def task_metrics(
     return {
         "relative_increase_pct": relative_increase(picked, best, error_floor, percent=True),
         "hit": bool(picked <= best + 1e-12),
+        "error": float(picked),
+        "oracle_error": float(best),
         "regret_at_k_pct": regrets,
         "kendall_tau": kt,
         "weighted_tau": wt,
@@ -125,7 +140,8 @@ def mean_over_repeats(runs: Sequence[dict[str, Any] | None]) -> dict[str, Any] |
     if not rows:
         return None
     mean = {key: _nanmean([float(r[key]) for r in rows])
-            for key in ("relative_increase_pct", "hit", "kendall_tau", "weighted_tau")}
+            for key in ("relative_increase_pct", "hit", "kendall_tau", "weighted_tau", "error",
+                        "oracle_error")}
     mean["regret_at_k_pct"] = {
         k: _nanmean([r["regret_at_k_pct"][k] for r in rows]) for k in rows[0]["regret_at_k_pct"]
     }
@@ -137,6 +153,8 @@ def aggregate(
 ) -> MetaTaskScores:
     """The mean scores of the tasks ``idx`` (those with an observed error) of a meta-task."""
     rows = [per_task[i] for i in idx if per_task[i] is not None]
+    mean_error = _nanmean([r["error"] for r in rows])
+    oracle_error = _nanmean([r["oracle_error"] for r in rows])
     return MetaTaskScores(
         n_tasks=len(rows),
         relative_increase_pct=_nanmean([r["relative_increase_pct"] for r in rows]),
@@ -147,6 +165,9 @@ def aggregate(
         kendall_tau=_nanmean([r["kendall_tau"] for r in rows]),
         weighted_tau=_nanmean([r["weighted_tau"] for r in rows]),
         relative_increase_ci95_pct=bootstrap_mean_ci([r["relative_increase_pct"] for r in rows]),
+        mean_error=mean_error,
+        oracle_mean_error=oracle_error,
+        error_ratio=mean_error / oracle_error if oracle_error > 0 else math.nan,
     )
 
 

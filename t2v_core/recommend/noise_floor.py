@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from t2v_core.recommend.metrics import relative_increase
+from t2v_core.recommend.metrics import DEFAULT_ERROR_FLOOR, relative_increase
 
 __all__ = ["NoiseFloor", "oracle_noise_floor"]
 
@@ -40,7 +40,7 @@ def oracle_noise_floor(
     errors,
     n_test: Sequence[int],
     *,
-    error_floor: float = 1e-3,
+    error_floor: float = DEFAULT_ERROR_FLOOR,
     n_resamples: int = 500,
     random_state: int = 0,
 ) -> NoiseFloor:

@@ -8,7 +8,10 @@ leakage guard is structural: ``fit`` receives copies of the training rows of the
 selectors marked ``requires_target_errors`` (the oracle, which defines the metrics).
 
 Each held-out ranking is scored by :mod:`t2v_core.recommend.metrics` and averaged per
-meta-task (each family, plus "Mixed" = all tasks).
+meta-task (each family, plus "Mixed" = all tasks). ``views`` restrict that scoring to subsets of
+the tasks (e.g. the *novel* tasks, those no expert was trained on) while every selector is still
+fitted on all training tasks of a fold: only what is averaged changes, so one run yields every
+view. The first view is the headline (``meta_tasks``, ``by_meta_task``, ``expected_chance_pct``).
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ import copy
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from t2v_core.recommend.metrics import (
+    DEFAULT_ERROR_FLOOR,
     MetaTaskScores,
     aggregate,
     expected_chance,
@@ -34,6 +38,7 @@ if TYPE_CHECKING:
     from t2v_core.recommend.selectors import Selector
 
 __all__ = [
+    "ALL_TASKS",
     "MIXED",
     "EvaluationResult",
     "SelectorReport",
@@ -47,6 +52,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MIXED = "Mixed"
+ALL_TASKS = "all"  # the view that scores every task
 
 
 @dataclass
@@ -61,6 +67,9 @@ class SelectorReport:
     # repeat's (a ranking is not averaged), while the metrics average over the repeats.
     rankings: list[list[int]]
     relative_increase_pct: list[float]  # per task, mean over repeats; NaN: no observed error
+    # view -> meta-task -> scores over the view's tasks of that meta-task; ``by_meta_task`` is
+    # the first view's
+    by_view: dict[str, dict[str, MetaTaskScores]] = field(default_factory=dict)
 
     def picks(self) -> np.ndarray:
         """The top-ranked expert index per task."""
@@ -79,6 +88,19 @@ class EvaluationResult:
     expected_chance_pct: dict[str, float]  # mean relative increase of a uniformly random pick
     ks: list[int] = field(default_factory=lambda: [1, 3, 5])
     repeats: int = 1  # fold assignments each task's metrics are averaged over
+    # view -> meta-task -> task indices, and the expected chance per view; the first view is
+    # what meta_tasks and expected_chance_pct hold
+    views: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    expected_chance_by_view: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def in_view(self, view: str) -> EvaluationResult:
+        """This result with ``view`` as its headline: its meta-tasks, scores and chance level."""
+        if view not in self.views:
+            raise KeyError(f"no view {view!r} (views: {', '.join(self.views)})")
+        reports = {name: replace(rep, by_meta_task=rep.by_view[view])
+                   for name, rep in self.reports.items()}
+        return replace(self, meta_tasks=self.views[view], reports=reports,
+                       expected_chance_pct=self.expected_chance_by_view[view])
 
     def table(self, metric: str = "relative_increase_pct") -> dict[str, dict[str, float]]:
         """selector -> meta-task -> metric value."""
@@ -183,19 +205,34 @@ def _checked_context(context: Mapping[str, Any] | None, n_tasks: int) -> dict[st
     return ctx
 
 
+def _view_groups(groups: dict[str, list[int]], views: Mapping[str, Sequence[int]]
+                 ) -> dict[str, dict[str, list[int]]]:
+    """view -> meta-task -> the view's tasks in that meta-task (meta-tasks with none left out,
+    except Mixed)."""
+    out = {}
+    for view, members in views.items():
+        keep = {int(t) for t in members}
+        out[str(view)] = {mt: [t for t in idx if t in keep] for mt, idx in groups.items()}
+        out[str(view)] = {mt: idx for mt, idx in out[str(view)].items() if idx or mt == MIXED}
+    return out
+
+
 def _report(name: str, selector: Selector, runs: list[dict[str, np.ndarray]], err: np.ndarray,
-            groups: dict[str, list[int]], ks: Sequence[int], error_floor: float
+            views: dict[str, dict[str, list[int]]], ks: Sequence[int], error_floor: float
             ) -> SelectorReport:
-    """One selector's rankings over every repeat, scored per task and per meta-task."""
+    """One selector's rankings over every repeat, scored per task and per (view, meta-task)."""
     per_task = [
         mean_over_repeats([task_metrics(err[t], run[name][t], ks, error_floor) for run in runs])
         for t in range(err.shape[0])
     ]
+    by_view = {view: {mt: aggregate(per_task, idx, ks) for mt, idx in groups.items()}
+               for view, groups in views.items()}
     return SelectorReport(
         name=name,
         paper_name=getattr(selector, "paper_name", None),
         cost=str(getattr(selector, "cost", "")),
-        by_meta_task={mt: aggregate(per_task, idx, ks) for mt, idx in groups.items()},
+        by_meta_task=next(iter(by_view.values())),
+        by_view=by_view,
         rankings=runs[0][name].tolist(),
         relative_increase_pct=[
             math.nan if m is None else m["relative_increase_pct"] for m in per_task
@@ -215,9 +252,10 @@ def evaluate_selectors(
     context: Mapping[str, Any] | None = None,
     meta_tasks: Mapping[str, Sequence[str]] | None = None,
     ks: Sequence[int] = (1, 3, 5),
-    error_floor: float = 1e-3,
+    error_floor: float = DEFAULT_ERROR_FLOOR,
     random_state: int = 0,
     repeats: int = 1,
+    views: Mapping[str, Sequence[int]] | None = None,
 ) -> EvaluationResult:
     """Evaluate every selector with held-out tasks; see the module docstring.
 
@@ -229,6 +267,9 @@ def evaluate_selectors(
     ``repeats`` > 1 is repeated k-fold: repeat r splits with seed ``random_state + r`` and each
     task's metrics are averaged over the repeats, since on a few dozen tasks which tasks share
     a fold moves the table by several points. The cost is ``repeats`` times the fitting.
+
+    ``views`` maps a name to the task indices it scores (default: ``{"all": every task}``);
+    selectors are fitted on every training task whatever the view.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
@@ -251,19 +292,23 @@ def evaluate_selectors(
                        task_splits(n_tasks, folds, random_state + r))
         for r in range(repeats)
     ]
-    groups = _meta_task_groups(fams, meta_tasks)
+    by_view = _view_groups(_meta_task_groups(fams, meta_tasks),
+                           views or {ALL_TASKS: range(n_tasks)})
+    chance = {view: {mt: expected_chance(err, idx, error_floor) for mt, idx in groups.items()}
+              for view, groups in by_view.items()}
+    headline = next(iter(by_view))
     return EvaluationResult(
         folds=str(folds),
         expert_ids=ids,
         families=fams,
-        meta_tasks=groups,
-        reports={name: _report(name, selector, runs, err, groups, ks, error_floor)
+        meta_tasks=by_view[headline],
+        reports={name: _report(name, selector, runs, err, by_view, ks, error_floor)
                  for name, selector in selectors.items()},
-        expected_chance_pct={
-            mt: expected_chance(err, idx, error_floor) for mt, idx in groups.items()
-        },
+        expected_chance_pct=chance[headline],
         ks=[int(k) for k in ks],
         repeats=repeats,
+        views=by_view,
+        expected_chance_by_view=chance,
     )
 
 

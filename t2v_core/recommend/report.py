@@ -29,6 +29,7 @@ __all__ = [
     "size_label",
     "to_json",
     "to_markdown",
+    "views_markdown",
 ]
 
 # Achille et al. 2019, Table 1: relative error increase over the oracle expert, in percent.
@@ -61,24 +62,46 @@ def _table_head(header: list[str]) -> list[str]:
 
 
 def _ranking_quality(result: EvaluationResult) -> list[str]:
-    """The second table: the interval, hit rate, regret@k and rank correlations on Mixed."""
+    """The second table: the interval, the ratio of mean errors, hit rate, regret@k and rank
+    correlations on Mixed."""
     ks = result.ks
-    head = ["selector", "95% CI (bootstrap over tasks)", "top-1 hit",
+    head = ["selector", "95% CI (bootstrap over tasks)", "mean error / Optimal", "top-1 hit",
             *(f"regret@{k}" for k in ks), "Kendall τ", "weighted τ"]
     lines = [
         f"Ranking quality on {MIXED} (regret = relative increase of the best of the top k; the "
-        "interval is that of the relative increase, i.e. of regret@1):",
+        "interval is that of the relative increase, i.e. of regret@1; mean error / Optimal = "
+        "the mean test error of the picks over that of the oracle's):",
         "",
         *_table_head(head),
     ]
     for name, rep in result.reports.items():
         s = rep.by_meta_task[MIXED]
         low, high = s.relative_increase_ci95_pct
-        cells = [name, f"{_fmt(low)} … {_fmt(high)}", _fmt(s.top1_hit_rate, pct=False)]
+        cells = [name, f"{_fmt(low)} … {_fmt(high)}", _fmt(s.error_ratio, pct=False),
+                 _fmt(s.top1_hit_rate, pct=False)]
         cells += [_fmt(s.regret_at_k_pct[k]) for k in ks]
         cells += [_fmt(s.kendall_tau, pct=False), _fmt(s.weighted_tau, pct=False)]
         lines.append(_row(cells))
     return lines
+
+
+def _weighted_tau_table(result: EvaluationResult) -> list[str]:
+    """Weighted Kendall τ per meta-task: how well each selector orders the whole zoo."""
+    metas = list(result.meta_tasks)
+    lines = ["Weighted Kendall τ between the predicted and the true ranking, per meta-task:", "",
+             *_table_head(["selector", *metas])]
+    for name, rep in result.reports.items():
+        lines.append(_row([name, *(_fmt(rep.by_meta_task[m].weighted_tau, pct=False)
+                                   for m in metas)]))
+    return lines
+
+
+def _optimal(result: EvaluationResult) -> dict[str, float]:
+    """The oracle's mean test error per meta-task (the paper's "Optimal"), from any report."""
+    rep = next(iter(result.reports.values()), None)
+    if rep is None:
+        return {}
+    return {m: rep.by_meta_task[m].oracle_mean_error for m in result.meta_tasks}
 
 
 def to_markdown(result: EvaluationResult, paper: bool = True) -> str:
@@ -104,9 +127,26 @@ def to_markdown(result: EvaluationResult, paper: bool = True) -> str:
         lines.append(_row(cells))
     chance = ["expected chance", "exact", *(_fmt(result.expected_chance_pct[m]) for m in metas)]
     lines.append(_row(chance + [""] * len(paper_cols)))
+    optimal = _optimal(result)
+    lines.append(_row(["Optimal (oracle's mean test error)", "",
+                       *(_fmt(optimal.get(m), pct=False) for m in metas)] + [""] * len(paper_cols)))
     n_tasks = {m: len(idx) for m, idx in result.meta_tasks.items()}
     lines += ["", "Tasks per meta-task: " + ", ".join(f"{m} {n}" for m, n in n_tasks.items()), ""]
-    return "\n".join(lines + _ranking_quality(result)) + "\n"
+    return "\n".join(lines + _ranking_quality(result) + [""] + _weighted_tau_table(result)) + "\n"
+
+
+def views_markdown(result: EvaluationResult, titles: Mapping[str, str] | None = None,
+                   notes: Mapping[str, str] | None = None, paper: bool = True) -> str:
+    """:func:`to_markdown` of every view of ``result``, the headline first, each under a
+    heading (``titles`` maps a view to its heading, default the view's name) and followed by
+    its ``notes`` paragraph, if any."""
+    parts = []
+    for view in result.views:
+        title = (titles or {}).get(view, view)
+        text = f"### {title}\n\n" + to_markdown(result.in_view(view), paper=paper).rstrip()
+        note = (notes or {}).get(view)
+        parts.append(text + (f"\n\n{note}" if note else ""))
+    return "\n\n".join(parts) + "\n"
 
 
 _EFFICIENCY_TITLES = {

@@ -38,8 +38,9 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 
-from t2v_core.embedding.distance import d_asym, d_sym, trivial_embedding, trivial_level
-from t2v_core.recommend.metrics import relative_increase
+from t2v_core.embedding.distance import complexity, d_asym, d_sym, trivial_embedding, trivial_level
+from t2v_core.recommend.meta_dataset import place_generic_experts
+from t2v_core.recommend.metrics import DEFAULT_ERROR_FLOOR, relative_increase
 from t2v_core.recommend.model2vec import Model2Vec, resolve_expert_sources
 from t2v_core.recommend.transferability import leep, logme, nce
 
@@ -83,7 +84,7 @@ def hard_predictions(source_probs) -> np.ndarray | None:
 
 
 def top1_relative_increase(
-    errors: np.ndarray, rankings: np.ndarray, error_floor: float = 1e-3
+    errors: np.ndarray, rankings: np.ndarray, error_floor: float = DEFAULT_ERROR_FLOOR
 ) -> np.ndarray:
     """Per task: (err of the best-ranked expert with an observed error − best err) / best err.
 
@@ -177,7 +178,8 @@ class ChanceSelector(Selector):
         return out
 
 
-def _mean_statistic(errors: np.ndarray, statistic: str, error_floor: float = 1e-3) -> np.ndarray:
+def _mean_statistic(errors: np.ndarray, statistic: str,
+                    error_floor: float = DEFAULT_ERROR_FLOOR) -> np.ndarray:
     """Per-expert mean over training tasks of the raw error, its rank, or relative increase."""
     err = np.asarray(errors, dtype=np.float64)
     if statistic == "error":
@@ -202,18 +204,20 @@ class MeanErrorPrior(Selector):
     It never looks at the new task; on public transferability benchmarks such a prior beats
     several per-task scores, so a recommender that does not beat it is not useful.
     ``statistic`` = "error" (mean test error), "rank" (mean rank per task: insensitive to
-    hard tasks dominating the mean) or "relative" (mean relative increase over the best).
+    hard tasks dominating the mean) or "relative" (mean relative increase over the best,
+    with the evaluation's ``error_floor``).
     """
 
     name = "mean_error_prior"
     cost = COST_NONE
 
-    def __init__(self, statistic: str = "error") -> None:
+    def __init__(self, statistic: str = "error", error_floor: float = DEFAULT_ERROR_FLOOR) -> None:
         self.statistic = statistic
+        self.error_floor = error_floor
 
     def _fit(self, tasks: np.ndarray, errors: np.ndarray, expert_source_embeddings,
              **context: Any) -> None:
-        self.mean_ = _mean_statistic(errors, self.statistic)
+        self.mean_ = _mean_statistic(errors, self.statistic, self.error_floor)
         self.order_ = rank_by_score(self.mean_, higher_is_better=False)
 
     def rank(self, task_embeddings, **context: Any) -> np.ndarray:
@@ -257,11 +261,21 @@ class GenericSelector(Selector):
 class Task2VecSelector(Selector):
     """The expert whose source task is nearest to the new task by d_sym (TASK2VEC, symmetric).
 
-    An expert with no source task sits at the mean of the training task embeddings.
+    An expert with no source task sits where the training tasks say it wins
+    (:func:`~t2v_core.recommend.meta_dataset.place_generic_experts`; the mean training task
+    when they say nothing).
     """
 
     name = "task2vec"
     paper_name = "Task2Vec"
+
+    def __init__(self, error_floor: float = DEFAULT_ERROR_FLOOR) -> None:
+        self.error_floor = error_floor
+
+    def _fit(self, tasks: np.ndarray, errors: np.ndarray, expert_source_embeddings,
+             **context: Any) -> None:
+        self.sources_, _ = place_generic_experts(tasks, errors, self.sources_,
+                                                 self.missing_source_, error_floor=self.error_floor)
 
     def rank(self, task_embeddings, **context: Any) -> np.ndarray:
         tasks = np.atleast_2d(np.asarray(task_embeddings, dtype=np.float64))
@@ -270,13 +284,17 @@ class Task2VecSelector(Selector):
 
 
 class AsymTask2VecSelector(Selector):
-    """Experts ranked by d_asym(source → task) = d_sym − α d_sym(source, t0) (asymmetric TASK2VEC).
+    """Experts ranked by d_asym(source → task) = d_sym − α complexity(source, t0) (asymmetric
+    TASK2VEC; :func:`~t2v_core.embedding.distance.complexity`).
 
     α is picked from ``alphas`` on the training tasks: the value whose top pick has the lowest
-    mean relative error increase over the best expert (ties go to the α nearest the paper's
-    0.15). Each training task's pick uses only its embedding, never its matrix row, so this is
-    a held-out estimate per task; only the single scalar α is fitted. t0 is the flat trivial
-    embedding at the training tasks' median Fisher value.
+    mean relative error increase over the best expert (with the evaluation's ``error_floor``;
+    ties go to the α nearest the paper's 0.15). Each training task's pick uses only its
+    embedding, never its matrix row, so this is a held-out estimate per task; only α and the
+    place of an expert without a source task (chosen with it, for each α, by
+    :func:`~t2v_core.recommend.meta_dataset.place_generic_experts`) are fitted. t0 is flat at
+    ``level``: the prior precision for variational embeddings, by default the training tasks'
+    median Fisher value.
     """
 
     name = "asym_task2vec"
@@ -285,27 +303,35 @@ class AsymTask2VecSelector(Selector):
     def __init__(
         self,
         alphas: Sequence[float] = tuple(np.round(np.arange(0.0, 1.01, 0.05), 2)),
-        error_floor: float = 1e-3,
+        error_floor: float = DEFAULT_ERROR_FLOOR,
+        level: float | None = None,
     ) -> None:
         self.alphas = alphas
         self.error_floor = error_floor
+        self.level = level
 
     def _fit(self, tasks: np.ndarray, errors: np.ndarray, expert_source_embeddings,
              **context: Any) -> None:
-        self.t0_ = trivial_embedding(tasks.shape[1], trivial_level(tasks))
+        level = trivial_level(tasks) if self.level is None else float(self.level)
+        self.t0_ = trivial_embedding(tasks.shape[1], level)
         alphas = np.asarray(list(self.alphas), dtype=np.float64)
         if alphas.size == 0:
             raise ValueError("alphas is empty")
-        base = np.asarray(d_sym(self.sources_, tasks)).reshape(self.n_experts_, -1).T  # T×E
-        complexity = np.asarray(d_sym(self.sources_, self.t0_[None, :])).reshape(1, -1)
-        losses = []
+        losses, placed = [], []
         for a in alphas:
-            ranks = rank_by_score(base - a * complexity, higher_is_better=False)
+            sources, _ = place_generic_experts(tasks, errors, self.sources_, self.missing_source_,
+                                               alpha=a, t0=self.t0_, error_floor=self.error_floor)
+            base = np.asarray(d_sym(sources, tasks)).reshape(self.n_experts_, -1).T  # T×E
+            bonus = np.atleast_1d(complexity(sources, self.t0_)).reshape(1, -1)
+            ranks = rank_by_score(base - a * bonus, higher_is_better=False)
             rel = top1_relative_increase(errors, ranks, self.error_floor)
             losses.append(np.nanmean(rel) if np.isfinite(rel).any() else np.inf)
+            placed.append(sources)
         losses = np.asarray(losses)
         tied = np.flatnonzero(losses <= losses.min() + 1e-12)
-        self.alpha_ = float(alphas[tied[np.argmin(np.abs(alphas[tied] - 0.15))]])
+        choice = int(tied[np.argmin(np.abs(alphas[tied] - 0.15))])
+        self.alpha_ = float(alphas[choice])
+        self.sources_ = placed[choice]
         self.alpha_losses_ = dict(zip(alphas.tolist(), losses.tolist(), strict=True))
 
     def rank(self, task_embeddings, **context: Any) -> np.ndarray:
@@ -366,7 +392,7 @@ class FamilyBestSelector(Selector):
     paper_name = None
     cost = "the task's family label (unavailable for a truly new task)"
 
-    def __init__(self, error_floor: float = 1e-3) -> None:
+    def __init__(self, error_floor: float = DEFAULT_ERROR_FLOOR) -> None:
         self.error_floor = error_floor
 
     def _fit(self, tasks: np.ndarray, errors: np.ndarray, expert_source_embeddings,

@@ -28,6 +28,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from t2v_core.recommend.meta_dataset import MetaDataset
+from t2v_core.recommend.metrics import DEFAULT_ERROR_FLOOR
 from t2v_core.recommend.model2vec import Model2Vec
 from t2v_core.recommend.model_store import model_version
 from t2v_core.recommend.protocol import MIXED, evaluate_selectors
@@ -65,7 +66,7 @@ class Evaluation:
     folds: str | int = 5
     seed: int = 0
     repeats: int = 1
-    error_floor: float = 0.02
+    error_floor: float = DEFAULT_ERROR_FLOOR
 
     @classmethod
     def of(cls, data: MetaDataset, folds: str | int, **settings) -> Evaluation:
@@ -82,8 +83,9 @@ class Evaluation:
     def score(self, data: MetaDataset, recipe: dict) -> float:
         """The recipe's mean relative error increase over the oracle (%, all tasks), refitted
         on the held-out folds of ``data``."""
+        selector = Model2VecSelector(**{"error_floor": self.error_floor, **recipe})
         result = evaluate_selectors(
-            {_SELECTOR: Model2VecSelector(**recipe)}, data.embeddings, data.errors,
+            {_SELECTOR: selector}, data.embeddings, data.errors,
             data.expert_sources, list(data.expert_ids), list(data.families), folds=self.folds,
             random_state=self.seed, error_floor=self.error_floor, repeats=self.repeats)
         return float(result.reports[_SELECTOR].by_meta_task[MIXED].relative_increase_pct)
