@@ -1,0 +1,340 @@
+"""The default recommender: MODEL2VEC shortlists experts from one probe pass, and only the
+shortlisted experts run on the task's images to re-rank it.
+
+Per-expert transferability scores (LogME, LEEP) read each expert's outputs on the new task, so
+they cost E expert forward passes per task; MODEL2VEC costs one probe pass and ranks the whole
+zoo, but inside a domain it often misses which expert wins. :class:`ShortlistRecommender`
+spends a few forward passes where they matter:
+
+1. MODEL2VEC ranks every expert. Its shortlist is its top ``k`` experts, fewer when it is sure
+   (``mass``: the shortest head of its ranking that holds that share of p(expert | task)), and
+   with ``include_generic`` the generic experts (no source task) join it, since MODEL2VEC places
+   them by the mean task and is least sure about them.
+2. Each shortlisted expert's transfer score is computed on the task's images, and the shortlist
+   is re-ranked by the fusion ``log p(e|t) / σ_p + w · score(e, t) / σ_s``, with σ each term's
+   typical spread across experts on the training tasks. The experts outside the shortlist keep
+   MODEL2VEC's order below it: an expert that was never run cannot move up.
+3. Which score (LogME, LEEP or both) and the weight w are chosen on the training tasks alone,
+   by inner cross-validation: MODEL2VEC refitted without each inner fold gives held-out
+   log p(e|t) on every training task, and the choice whose fused top-1 has the lowest mean
+   relative error increase there wins.
+
+Every ranked task is entered in the selector's :class:`PassLedger`, which deep copies share, so
+an evaluation that fits a fresh copy per fold can report the expert forward passes the
+recommender actually spent per task (:func:`expert_forward_passes`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from t2v_core.recommend.metrics import relative_increase
+from t2v_core.recommend.model2vec import Model2Vec
+from t2v_core.recommend.selectors import (
+    BruteForceSelector,
+    FamilyBestSelector,
+    OracleSelector,
+    Selector,
+    _PerExpertScoreSelector,
+    rank_by_score,
+)
+from t2v_core.recommend.transferability import leep, logme
+
+__all__ = [
+    "SCORES",
+    "Fusion",
+    "PassLedger",
+    "ShortlistRecommender",
+    "expert_forward_passes",
+    "transfer_scores",
+]
+
+log = logging.getLogger(__name__)
+
+# Transfer score -> (context key of the expert outputs it reads, the score function).
+SCORES: dict[str, tuple[str, Callable[[Any, np.ndarray], float]]] = {
+    "logme": ("features", logme),
+    "leep": ("source_probs", leep),
+}
+# Score sets the fusion may use; "logme+leep" adds both, each scaled by its own spread.
+SCORE_SETS: tuple[tuple[str, ...], ...] = (("logme",), ("leep",), ("logme", "leep"))
+DEFAULT_WEIGHTS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, math.inf)
+
+
+class PassLedger:
+    """Tasks ranked and expert forward passes spent, shared by every deep copy of its owner:
+    an evaluation fits a fresh copy per fold, and the template's ledger still adds them up."""
+
+    def __init__(self) -> None:
+        self.tasks = 0
+        self.passes = 0
+
+    def __deepcopy__(self, memo: dict) -> PassLedger:
+        return self
+
+    def add(self, passes: Sequence[int]) -> None:
+        self.tasks += len(passes)
+        self.passes += int(sum(passes))
+
+    @property
+    def mean(self) -> float:
+        """Expert forward passes per ranked task (NaN before any task was ranked)."""
+        return self.passes / self.tasks if self.tasks else math.nan
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """The re-ranking learned on the training tasks: which scores, their weight, their scales."""
+
+    scores: tuple[str, ...]
+    weight: float  # inf: the scores alone, MODEL2VEC only breaks their ties
+    scale_p: float  # typical spread of log p(e|t) across experts
+    scale_s: tuple[float, ...]  # the same for each score
+    inner_loss_pct: float  # mean top-1 relative increase of this choice on the training tasks
+
+    def combine(self, log_p: np.ndarray, scores: dict[str, np.ndarray]) -> np.ndarray:
+        """The fused value of each expert (higher = better); NaN where a score is missing."""
+        s = sum(scores[n] / c for n, c in zip(self.scores, self.scale_s, strict=True))
+        p = log_p / self.scale_p
+        if self.weight == 0.0:
+            return p + 0.0 * s  # NaN where no score: only scored experts are ranked
+        if math.isinf(self.weight):
+            return s + 1e-9 * p
+        return p + self.weight * s
+
+
+def transfer_scores(context: dict[str, Any], names: Sequence[str], task: int,
+                    experts: Sequence[int], n_experts: int) -> dict[str, np.ndarray]:
+    """Task ``task``'s scores ``names`` for ``experts`` (NaN for the others), read from
+    ``context["transfer_scores"]`` when the caller computed them already, else from the
+    experts' outputs (``features`` for LogME, ``source_probs`` for LEEP) and ``labels``."""
+    out = {n: np.full(n_experts, np.nan) for n in names}
+    cached = context.get("transfer_scores")
+    for name in names:
+        if cached is not None:
+            values = np.asarray(cached[task][name], dtype=np.float64)
+            out[name][list(experts)] = values[list(experts)]
+            continue
+        key, score = SCORES[name]
+        if key not in context or "labels" not in context:
+            raise ValueError(f"the {name} score needs context {key!r} and 'labels' per task")
+        labels = np.asarray(context["labels"][task])
+        for e in experts:
+            output = context[key][task][e]
+            if output is not None:
+                out[name][e] = score(output, labels)
+    return out
+
+
+def all_transfer_scores(context: dict[str, Any], names: Sequence[str] = tuple(SCORES)
+                        ) -> list[dict[str, np.ndarray]]:
+    """Every task's scores for every expert, for ``context["transfer_scores"]``: an evaluation
+    computes them once instead of once per fold (a ranked task still reads only its shortlist)."""
+    usable = [n for n in names if SCORES[n][0] in context]
+    n_tasks = len(context["labels"])
+    n_experts = len(context[SCORES[usable[0]][0]][0]) if usable else 0
+    return [transfer_scores(context, usable, t, range(n_experts), n_experts)
+            for t in range(n_tasks)]
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    w = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return w / w.sum(axis=-1, keepdims=True)
+
+
+def _spread(values: np.ndarray) -> float:
+    """The mean over tasks of the spread across experts (std), 1 where there is none."""
+    with np.errstate(invalid="ignore"):
+        per_task = np.nanstd(values, axis=1)
+    per_task = per_task[np.isfinite(per_task) & (per_task > 0)]
+    return float(per_task.mean()) if per_task.size else 1.0
+
+
+class ShortlistRecommender(Selector):
+    """MODEL2VEC's shortlist re-ranked by the shortlisted experts' transfer scores (module
+    docstring). Needs, per training task, every expert's outputs (``features`` and/or
+    ``source_probs``, and ``labels``) or their ``transfer_scores``; per ranked task, those of
+    its shortlist only.
+
+    ``k``: most experts MODEL2VEC puts on the shortlist; ``mass``: stop earlier once the
+    shortlist holds this share of MODEL2VEC's p(expert | task) (None: always k);
+    ``include_generic``: the generic experts join every shortlist; ``score_sets`` and
+    ``weights``: the fusions tried by inner cross-validation over ``inner_folds`` folds of the
+    training tasks; the other keywords go to :class:`Model2Vec`.
+    """
+
+    name = "shortlist"
+    paper_name = None
+    # A zoo with fewer training tasks than this fits MODEL2VEC without inner folds.
+    min_inner_tasks: ClassVar[int] = 6
+
+    def __init__(self, k: int = 3, *, mass: float | None = None, include_generic: bool = False,
+                 score_sets: Sequence[Sequence[str]] = SCORE_SETS,
+                 weights: Sequence[float] = DEFAULT_WEIGHTS, inner_folds: int = 3,
+                 error_floor: float = 1e-3, **model_params: Any) -> None:
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        self.k = k
+        self.mass = mass
+        self.include_generic = include_generic
+        self.score_sets = score_sets
+        self.weights = weights
+        self.inner_folds = inner_folds
+        self.error_floor = error_floor
+        self.model_params = model_params
+        self.ledger = PassLedger()
+
+    @property
+    def cost(self) -> str:  # type: ignore[override]
+        head = f"up to {self.k}" if self.mass is not None else f"{self.k}"
+        extra = " (+ the generic experts)" if self.include_generic else ""
+        return f"one probe pass + {head} expert forward passes{extra}"
+
+    # ------------------------------------------------------------------ fitting
+
+    def _fit(self, tasks: np.ndarray, errors: np.ndarray, expert_source_embeddings,
+             **context: Any) -> None:
+        self.model_ = Model2Vec(**self.model_params).fit(
+            tasks, errors, expert_source_embeddings, expert_ids=self.expert_ids_)
+        self.generic_ = np.flatnonzero(self.missing_source_)
+        sets = [tuple(s) for s in self.score_sets if all(self._has_score(context, n) for n in s)]
+        if not sets:
+            raise ValueError("ShortlistRecommender needs every training task's expert outputs "
+                             "(features or source_probs, and labels) or transfer_scores")
+        names = sorted({n for s in sets for n in s})
+        everyone = range(self.n_experts_)
+        scores = [transfer_scores(context, names, t, everyone, self.n_experts_)
+                  for t in range(tasks.shape[0])]
+        log_p = self._held_out_log_p(tasks, errors, expert_source_embeddings)
+        self.fusion_ = self._choose_fusion(log_p, scores, errors, sets)
+        log.debug("shortlist fusion: %s", self.fusion_)
+
+    @staticmethod
+    def _has_score(context: dict[str, Any], name: str) -> bool:
+        cached = context.get("transfer_scores")
+        if cached is not None:
+            return len(cached) > 0 and name in cached[0]
+        return SCORES[name][0] in context and "labels" in context
+
+    def _held_out_log_p(self, tasks: np.ndarray, errors: np.ndarray, sources) -> np.ndarray:
+        """log p(e|t) of every training task from a MODEL2VEC fitted without its inner fold,
+        so that the fusion learns how far MODEL2VEC is to be trusted on tasks it has not seen."""
+        n = tasks.shape[0]
+        folds = min(self.inner_folds, n)
+        if folds < 2 or n < self.min_inner_tasks:
+            return self._log_p(self.model_, tasks)
+        out = np.empty((n, self.n_experts_))
+        seed = int(self.model_params.get("random_state", 0))
+        order = np.random.default_rng(seed).permutation(n)
+        for held in np.array_split(order, folds):
+            keep = np.setdiff1d(np.arange(n), held)
+            inner = Model2Vec(**self.model_params).fit(tasks[keep], errors[keep], sources,
+                                                       expert_ids=self.expert_ids_)
+            out[held] = self._log_p(inner, tasks[held])
+        return out
+
+    @staticmethod
+    def _log_p(model: Model2Vec, tasks: np.ndarray) -> np.ndarray:
+        logits = -model.distances(tasks) / model.tau_
+        return logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(
+            1, keepdims=True)) - logits.max(1, keepdims=True)
+
+    def _choose_fusion(self, log_p: np.ndarray, scores: list[dict[str, np.ndarray]],
+                       errors: np.ndarray, sets: list[tuple[str, ...]]) -> Fusion:
+        """The score set and weight whose fused top-1 has the lowest mean relative increase
+        on the training tasks (ties: the first tried, i.e. the smaller weight)."""
+        scale_p = _spread(log_p)
+        scale = {n: _spread(np.stack([s[n] for s in scores])) for n in scores[0]}
+        heads = [self._head(row) for row in log_p]
+        best: Fusion | None = None
+        for names in sets:
+            for w in self.weights:
+                fusion = Fusion(names, float(w), scale_p, tuple(scale[n] for n in names), 0.0)
+                picks = [self._rerank(log_p[t], heads[t], scores[t], fusion)[0]
+                         for t in range(len(heads))]
+                loss = _mean_top1_increase(errors, picks, self.error_floor)
+                if best is None or loss < best.inner_loss_pct - 1e-9:
+                    best = Fusion(names, float(w), scale_p, fusion.scale_s, loss)
+        assert best is not None
+        return best
+
+    # ------------------------------------------------------------------ ranking
+
+    def _head(self, log_p_row: np.ndarray) -> np.ndarray:
+        """The shortlist of one task, in MODEL2VEC's order."""
+        order = np.argsort(-log_p_row, kind="stable")
+        size = min(self.k, order.size)
+        if self.mass is not None:
+            held = np.cumsum(_softmax(log_p_row)[order])
+            size = min(size, int(np.searchsorted(held, self.mass)) + 1)
+        head = order[:size]
+        if self.include_generic:
+            head = order[np.isin(order, np.union1d(head, self.generic_))]
+        return head
+
+    def _rerank(self, log_p_row: np.ndarray, head: np.ndarray, scores: dict[str, np.ndarray],
+                fusion: Fusion) -> np.ndarray:
+        """The shortlist by its fused value, then everyone else in MODEL2VEC's order."""
+        fused = fusion.combine(log_p_row, scores)[head]
+        ranked_head = head[rank_by_score(fused, higher_is_better=True)]
+        order = np.argsort(-log_p_row, kind="stable")
+        return np.concatenate([ranked_head, order[~np.isin(order, head)]])
+
+    def log_p(self, task_embeddings) -> np.ndarray:
+        """MODEL2VEC's log p(expert | task) for every task (n×E)."""
+        return self._log_p(self.model_, np.atleast_2d(np.asarray(task_embeddings, np.float64)))
+
+    def shortlist(self, task_embeddings) -> list[np.ndarray]:
+        """The experts to run on each task, in MODEL2VEC's order."""
+        return [self._head(row) for row in self.log_p(task_embeddings)]
+
+    def rerank(self, task_embeddings, scores: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
+        """(n×E) rankings given each task's transfer scores of its shortlisted experts
+        (``scores[j][name]``: length E, NaN for the experts not run)."""
+        log_p = self.log_p(task_embeddings)
+        rankings = [self._rerank(row, self._head(row), s, self.fusion_)
+                    for row, s in zip(log_p, scores, strict=True)]
+        return np.stack(rankings) if rankings else np.zeros((0, self.n_experts_), np.int64)
+
+    def rank(self, task_embeddings, **context: Any) -> np.ndarray:
+        heads = self.shortlist(task_embeddings)
+        scores = [transfer_scores(context, self.fusion_.scores, j, head, self.n_experts_)
+                  for j, head in enumerate(heads)]
+        self.ledger.add([h.size for h in heads])
+        return self.rerank(task_embeddings, scores)
+
+
+def _mean_top1_increase(errors: np.ndarray, picks: Sequence[int], floor: float) -> float:
+    """Mean relative increase (percent) of each task's pick over its best observed error;
+    a pick with no observed error counts as the task's worst expert."""
+    values = []
+    for row, pick in zip(errors, picks, strict=True):
+        observed = row[np.isfinite(row)]
+        if observed.size == 0:
+            continue
+        err = row[pick] if np.isfinite(row[pick]) else observed.max()
+        values.append(100.0 * relative_increase(err, observed.min(), floor))
+    return float(np.mean(values)) if values else math.nan
+
+
+def expert_forward_passes(selector: Selector, n_experts: int) -> float:
+    """Expert forward passes a selector spends per new task: what its ledger counted for the
+    shortlist recommender, E for the per-expert scores, 0 for selectors that read only the
+    task's embedding or nothing; inf for brute force (it trains every expert, which costs more
+    than any forward pass), NaN for reference rows that read what a new task lacks."""
+    ledger = getattr(selector, "ledger", None)
+    if isinstance(ledger, PassLedger):
+        return ledger.mean
+    if isinstance(selector, _PerExpertScoreSelector):
+        return float(n_experts)
+    if isinstance(selector, BruteForceSelector):
+        return math.inf
+    if isinstance(selector, OracleSelector | FamilyBestSelector):
+        return math.nan
+    return 0.0
