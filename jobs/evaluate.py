@@ -8,9 +8,12 @@ averaged over N fold assignments); learned selectors are fitted on the other tas
 Beside the selectors, two reference rows: the oracle, and "Family best", which is told each
 task's family and picks the expert best on that family's training tasks (what knowing the
 family alone is worth). The protocol is :func:`t2v_core.recommend.table1.evaluate_table1`.
-Writes ``evaluation/<run>/table1.md`` and ``table1.json`` under the storage root
-(``evaluation/LATEST`` names the newest run), prints the table next to the paper's numbers,
-and logs metrics and plots to MLflow.
+With --image-size, the per-expert scores (LogME, LEEP, NCE) and the default recommender (MODEL2VEC's
+shortlist of 1, 3 or 5 experts re-ranked by their scores) join, and every row states its cost
+in expert forward passes per task. Writes ``evaluation/<run>/table1.md`` and ``table1.json``
+under the storage root (``evaluation/LATEST`` names the newest run), with plots also
+``cost_vs_quality.png``, prints the table next to the paper's numbers, and logs metrics and
+plots to MLflow.
 
 Exit status: 0 done; 1 nothing to evaluate (no embeddings or matrix, bad --folds); 2 bad
 arguments.
@@ -111,7 +114,13 @@ def write_report(root: StorageRoot, table: Table1Report) -> str:
     return base
 
 
-def _figures(data: MetaDataset) -> dict:
+def _cost_figure(data: MetaDataset, table: Table1Report):
+    from t2v_core.review import plots  # matplotlib, only when plots are drawn
+
+    return plots.cost_vs_quality(table.costs, len(data.expert_ids))
+
+
+def _figures(data: MetaDataset, table: Table1Report) -> dict:
     from t2v_core.review import plots  # matplotlib, only when plots are logged
 
     task_map = plots.task_map(data.embeddings, list(data.families), list(data.task_ids))
@@ -123,6 +132,7 @@ def _figures(data: MetaDataset) -> dict:
                                                    list(data.expert_ids),
                                                    task_families=list(data.families)),
         "norm_vs_error": plots.norm_vs_error(data.embeddings, data.errors, list(data.families))[0],
+        "cost_vs_quality": _cost_figure(data, table),
     }
 
 
@@ -141,7 +151,7 @@ def _track(config: Config, root: StorageRoot, data: MetaDataset, table: Table1Re
         mlflow.log_text(table.markdown, "table1.md")
         mlflow.log_dict(table.payload, "table1.json")
         if config.plots:
-            tracking.log_figures(_figures(data))
+            tracking.log_figures(_figures(data, table))
         tracking.publish_to_pipeline(table.markdown)  # where a reviewer lands
 
 
@@ -161,6 +171,10 @@ def run(config: Config) -> EvaluateResult:
                             repeats=config.repeats)
     base = write_report(root, table)
     log.info("wrote %s/table1.md and table1.json", root.join(base))
+    if config.plots:
+        from t2v_core.review.plots import png_bytes
+
+        root.write_bytes_atomic(f"{base}/cost_vs_quality.png", png_bytes(_cost_figure(data, table)))
     if config.tracking:
         _track(config, root, data, table)
     return EvaluateResult(table.result, table.markdown, table.payload, base,

@@ -165,3 +165,9 @@ def test_transfer_scores_computed_once_match_the_selectors():
                                   "labels": [labels]})
     assert np.argmax(scores[0]["logme"]) == 1
     assert np.allclose(scores[0]["leep"], scores[0]["leep"][0])  # uninformative heads tie
+    emb, sources = np.ones((1, 4)), [np.ones(4)] * 3
+    logme = LogMESelector().fit(emb, np.full((1, 3), 0.5), sources)
+    np.testing.assert_array_equal(logme.rank(emb, transfer_scores=scores),
+                                  logme.rank(emb, features=[feats], labels=[labels]))
+    reversed_scores = [{"logme": -scores[0]["logme"]}]  # the kept scores are what it ranks by
+    assert logme.rank(emb, transfer_scores=reversed_scores)[0, -1] == 1

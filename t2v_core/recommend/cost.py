@@ -17,7 +17,7 @@ from t2v_core.recommend.protocol import MIXED, EvaluationResult
 from t2v_core.recommend.selectors import Selector
 from t2v_core.recommend.shortlist import expert_forward_passes
 
-__all__ = ["CostPoint", "cost_markdown", "cost_points", "passes_label"]
+__all__ = ["CostPoint", "cost_markdown", "cost_payload", "cost_points", "passes_label"]
 
 
 @dataclass(frozen=True)
@@ -73,3 +73,16 @@ def cost_markdown(points: list[CostPoint], n_experts: int, meta_task: str = MIXE
 
 def _pct(value: float) -> str:
     return "–" if value is None or math.isnan(value) else f"+{value:.2f}%"
+
+
+def cost_payload(points: list[CostPoint]) -> list[dict]:
+    """The points as strict JSON values: passes null for a reference row, and
+    ``trains_every_expert`` for brute force; NaN metrics become null."""
+    def num(v: float) -> float | None:
+        return None if v is None or math.isnan(v) or math.isinf(v) else float(v)
+
+    return [{"selector": p.name, "expert_forward_passes": num(p.passes),
+             "trains_every_expert": math.isinf(p.passes),
+             "relative_increase_pct": num(p.relative_increase_pct),
+             "relative_increase_ci95_pct": [num(v) for v in p.ci95_pct],
+             "weighted_tau": num(p.weighted_tau)} for p in points]

@@ -26,6 +26,7 @@ recommender actually spent per task (:func:`expert_forward_passes`).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -47,7 +48,9 @@ from t2v_core.recommend.selectors import (
 from t2v_core.recommend.transferability import leep, logme
 
 __all__ = [
+    "DEFAULT_FUSION",
     "SCORES",
+    "FitMemo",
     "Fusion",
     "PassLedger",
     "ShortlistRecommender",
@@ -65,6 +68,29 @@ SCORES: dict[str, tuple[str, Callable[[Any, np.ndarray], float]]] = {
 # Score sets the fusion may use; "logme+leep" adds both, each scaled by its own spread.
 SCORE_SETS: tuple[tuple[str, ...], ...] = (("logme",), ("leep",), ("logme", "leep"))
 DEFAULT_WEIGHTS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, math.inf)
+
+
+class FitMemo:
+    """MODEL2VEC fits keyed by their parameters and training data, shared by deep copies:
+    Table 1's rows that differ only in the shortlist size fit the same models once."""
+
+    def __init__(self) -> None:
+        self._fits: dict[str, Model2Vec] = {}
+
+    def __deepcopy__(self, memo: dict) -> FitMemo:
+        return self
+
+    def fit(self, params: dict[str, Any], tasks: np.ndarray, errors: np.ndarray, sources,
+            expert_ids: Sequence[Any]) -> Model2Vec:
+        digest = hashlib.sha256(repr(sorted(params.items())).encode())
+        for part in (tasks, errors, np.asarray(
+                [np.full(tasks.shape[1], np.nan) if s is None else s for s in sources], float)):
+            digest.update(np.ascontiguousarray(part, dtype=np.float64).tobytes())
+        key = digest.hexdigest()
+        if key not in self._fits:
+            self._fits[key] = Model2Vec(**params).fit(tasks, errors, sources,
+                                                      expert_ids=expert_ids)
+        return self._fits[key]
 
 
 class PassLedger:
@@ -107,6 +133,11 @@ class Fusion:
         if math.isinf(self.weight):
             return s + 1e-9 * p
         return p + self.weight * s
+
+
+# What ranks a shortlist where no training tasks' scores are at hand (a job that loads a stored
+# MODEL2VEC): the shortlisted experts by LEEP alone, MODEL2VEC breaking ties.
+DEFAULT_FUSION = Fusion(("leep",), math.inf, 1.0, (1.0,), math.nan)
 
 
 def transfer_scores(context: dict[str, Any], names: Sequence[str], task: int,
@@ -166,7 +197,8 @@ class ShortlistRecommender(Selector):
     shortlist holds this share of MODEL2VEC's p(expert | task) (None: always k);
     ``include_generic``: the generic experts join every shortlist; ``score_sets`` and
     ``weights``: the fusions tried by inner cross-validation over ``inner_folds`` folds of the
-    training tasks; the other keywords go to :class:`Model2Vec`.
+    training tasks; ``fits``: a :class:`FitMemo` shared with other rows; the other keywords go
+    to :class:`Model2Vec`.
     """
 
     name = "shortlist"
@@ -177,7 +209,8 @@ class ShortlistRecommender(Selector):
     def __init__(self, k: int = 3, *, mass: float | None = None, include_generic: bool = False,
                  score_sets: Sequence[Sequence[str]] = SCORE_SETS,
                  weights: Sequence[float] = DEFAULT_WEIGHTS, inner_folds: int = 3,
-                 error_floor: float = 1e-3, **model_params: Any) -> None:
+                 error_floor: float = 1e-3, fits: FitMemo | None = None,
+                 **model_params: Any) -> None:
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         self.k = k
@@ -188,6 +221,7 @@ class ShortlistRecommender(Selector):
         self.inner_folds = inner_folds
         self.error_floor = error_floor
         self.model_params = model_params
+        self.fits = FitMemo() if fits is None else fits
         self.ledger = PassLedger()
 
     @property
@@ -196,12 +230,26 @@ class ShortlistRecommender(Selector):
         extra = " (+ the generic experts)" if self.include_generic else ""
         return f"one probe pass + {head} expert forward passes{extra}"
 
+    @classmethod
+    def from_model(cls, model: Model2Vec, fusion: Fusion, k: int = 3, **params: Any
+                   ) -> ShortlistRecommender:
+        """A recommender around a fitted MODEL2VEC (the one a job loads) and a given fusion,
+        for ranking new tasks without refitting anything."""
+        rec = cls(k, **params)
+        rec.model_ = model
+        rec.expert_ids_ = list(model.expert_ids_)
+        rec.n_experts_ = len(rec.expert_ids_)
+        rec.missing_source_ = np.asarray(model.missing_source_, dtype=bool)
+        rec.generic_ = np.flatnonzero(rec.missing_source_)
+        rec.fusion_ = fusion
+        return rec
+
     # ------------------------------------------------------------------ fitting
 
     def _fit(self, tasks: np.ndarray, errors: np.ndarray, expert_source_embeddings,
              **context: Any) -> None:
-        self.model_ = Model2Vec(**self.model_params).fit(
-            tasks, errors, expert_source_embeddings, expert_ids=self.expert_ids_)
+        self.model_ = self.fits.fit(self.model_params, tasks, errors, expert_source_embeddings,
+                                    self.expert_ids_)
         self.generic_ = np.flatnonzero(self.missing_source_)
         sets = [tuple(s) for s in self.score_sets if all(self._has_score(context, n) for n in s)]
         if not sets:
@@ -234,8 +282,8 @@ class ShortlistRecommender(Selector):
         order = np.random.default_rng(seed).permutation(n)
         for held in np.array_split(order, folds):
             keep = np.setdiff1d(np.arange(n), held)
-            inner = Model2Vec(**self.model_params).fit(tasks[keep], errors[keep], sources,
-                                                       expert_ids=self.expert_ids_)
+            inner = self.fits.fit(self.model_params, tasks[keep], errors[keep], sources,
+                                  self.expert_ids_)
             out[held] = self._log_p(inner, tasks[held])
         return out
 
@@ -338,3 +386,19 @@ def expert_forward_passes(selector: Selector, n_experts: int) -> float:
     if isinstance(selector, OracleSelector | FamilyBestSelector):
         return math.nan
     return 0.0
+
+
+DEFAULT_KS: tuple[int, ...] = (1, 3, 5)
+
+
+def default_recommenders(context: dict | None, *, ks: Sequence[int] = DEFAULT_KS, seed: int = 0,
+                         model2vec_epochs: int = 300, error_floor: float = 1e-3
+                         ) -> dict[str, ShortlistRecommender]:
+    """The default recommender at each shortlist size in ``ks``, as Table 1 names its rows;
+    none when ``context`` lacks the experts' outputs the re-ranking reads."""
+    if not context or not any(SCORES[n][0] in context for n in SCORES) or "labels" not in context:
+        return {}
+    fits = FitMemo()
+    return {f"Shortlist k={k}": ShortlistRecommender(
+        k, error_floor=error_floor, fits=fits, max_epochs=model2vec_epochs, random_state=seed)
+        for k in ks}

@@ -7,7 +7,10 @@ inputs beyond embeddings and errors join when those inputs exist (:data:`CONTEXT
 LogME, LEEP and NCE from the expert features the matrix job cached and the experts' source
 heads (:func:`transfer_context`), and the brute-force search from the matrix's validation
 errors. With several families a "Family best" reference row, told each task's family, shows
-what knowing the family alone is worth. :func:`evaluate_table1` holds tasks out
+what knowing the family alone is worth. The default recommender
+(:mod:`t2v_core.recommend.shortlist`) joins at shortlists of 1, 3 and 5 experts when the
+experts' outputs are there, and every row's cost in expert forward passes per task is reported
+next to its quality (:mod:`t2v_core.recommend.cost`). :func:`evaluate_table1` holds tasks out
 (:mod:`t2v_core.recommend.protocol`) and writes the Markdown and JSON of the whole report,
 with the embedding diagnostics and the oracle's test-noise floor.
 """
@@ -16,13 +19,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from t2v_core.embedding.probes import WeightsError
 from t2v_core.matrix.experts import load_head
 from t2v_core.matrix.features import FeatureCache, FeatureKey
+from t2v_core.recommend.cost import CostPoint, cost_markdown, cost_payload, cost_points
 from t2v_core.recommend.diagnostics import family_recovery, norm_vs_difficulty
 from t2v_core.recommend.meta_dataset import MetaDataset
 from t2v_core.recommend.noise_floor import NoiseFloor, oracle_noise_floor
@@ -44,6 +48,7 @@ from t2v_core.recommend.selectors import (
     Task2VecSelector,
     hard_predictions,
 )
+from t2v_core.recommend.shortlist import all_transfer_scores, default_recommenders
 from t2v_core.storage import StorageRoot
 from t2v_core.zoo.manifest import read_experts, read_tasks
 
@@ -223,6 +228,7 @@ class Table1Report:
     result: EvaluationResult
     markdown: str
     payload: dict
+    costs: list[CostPoint] = field(default_factory=list)  # every row's cost and quality
 
 
 def _rows(data: MetaDataset, context: dict | None, *, seed: int, model2vec_epochs: int,
@@ -231,6 +237,12 @@ def _rows(data: MetaDataset, context: dict | None, *, seed: int, model2vec_epoch
     context = with_validation_errors(data, context)
     selectors = with_context_columns(
         standard_selectors(data, seed=seed, model2vec_epochs=model2vec_epochs), context)
+    recommenders = default_recommenders(context, seed=seed, error_floor=error_floor,
+                                        model2vec_epochs=model2vec_epochs)
+    if recommenders:  # the scores once, not once per fold; a ranked task reads its shortlist's
+        context = {**context, "transfer_scores": all_transfer_scores(context)}
+    for name, recommender in recommenders.items():
+        selectors = before_oracle(selectors, name, recommender)
     if len(set(data.families)) > 1:
         selectors = before_oracle(selectors, "Family best", FamilyBestSelector(error_floor))
         context = {**(context or {}), "families": list(data.families)}
@@ -256,11 +268,13 @@ def evaluate_table1(data: MetaDataset, folds: str | int = "loo", *, seed: int = 
     recovery = family_recovery(data.embeddings, list(data.families))
     difficulty = norm_vs_difficulty(data.embeddings, data.errors)
     floor = noise_floor(data, error_floor)
+    costs = cost_points(result, selectors)
     markdown = "\n\n".join([
         f"## Expert selection ({len(data.task_ids)} tasks × {len(data.expert_ids)} experts, "
         f"probe {data.probe_id}, {data.method} Fisher, {folds_label(folds, repeats)}, "
         f"oracle errors floored at {error_floor:g})",
         to_markdown(result, paper=True),
+        cost_markdown(costs, len(data.expert_ids)),
         f"Family recovery from embeddings alone (1-NN, d_sym): {recovery.accuracy:.1%} "
         f"(chance {recovery.chance_accuracy:.1%}).",
         f"Embedding norm vs the task's best error: Spearman ρ = {difficulty.spearman:.2f}.",
@@ -268,6 +282,7 @@ def evaluate_table1(data: MetaDataset, folds: str | int = "loo", *, seed: int = 
     ])
     payload = {
         "table1": json.loads(to_json(result)),
+        "cost": cost_payload(costs),
         "family_recovery": json.loads(to_json(recovery)),
         "norm_vs_difficulty": json.loads(to_json(difficulty)),
         "oracle_noise_floor": None if floor is None else asdict(floor),
@@ -277,4 +292,4 @@ def evaluate_table1(data: MetaDataset, folds: str | int = "loo", *, seed: int = 
         "task_ids": list(data.task_ids),
         "expert_ids": list(data.expert_ids),
     }
-    return Table1Report(result, markdown, payload)
+    return Table1Report(result, markdown, payload, costs)
