@@ -23,7 +23,10 @@ from t2v_core.recommend.shortlist import (
     ShortlistRecommender,
     all_transfer_scores,
     expert_forward_passes,
+    screen_context,
+    screen_subset,
 )
+from t2v_core.recommend.transferability import leep
 
 EPOCHS = {"max_epochs": 40, "patience": 10}
 
@@ -124,7 +127,7 @@ def test_fusion_weight_is_chosen_on_training_tasks_only(zoo):
 
 
 def fitted_on(zoo, rows: np.ndarray, scores: np.ndarray) -> ShortlistRecommender:
-    return ShortlistRecommender(k=3, score_sets=[("logme",)], **EPOCHS).fit(
+    return ShortlistRecommender(k=3, score_sets=[("logme",)], inner_folds=3, **EPOCHS).fit(
         zoo.task_embeddings[rows], zoo.errors[rows], zoo.expert_source_embeddings,
         zoo.expert_ids, **scores_context(scores[rows]))
 
@@ -171,3 +174,42 @@ def test_transfer_scores_computed_once_match_the_selectors():
                                   logme.rank(emb, features=[feats], labels=[labels]))
     reversed_scores = [{"logme": -scores[0]["logme"]}]  # the kept scores are what it ranks by
     assert logme.rank(emb, transfer_scores=reversed_scores)[0, -1] == 1
+
+
+def test_the_screen_brings_a_winner_model2vec_missed_onto_the_shortlist(zoo):
+    """MODEL2VEC ranks expert x last; the screen says x is best, and the full score agrees:
+    with the screen, x is shortlisted and ranked first, and the pass ledger counts the screen."""
+    n_experts = len(zoo.expert_ids)
+    screens = list(-zoo.errors)  # a screen that tracks the errors, for the scale
+    train = {**scores_context(-zoo.errors), "screen_scores": screens}
+    rec = ShortlistRecommender(k=2, screen_weight=math.inf, score_sets=[("logme",)],
+                               **EPOCHS).fit(zoo.task_embeddings, zoo.errors,
+                                             zoo.expert_source_embeddings, zoo.expert_ids,
+                                             **train)
+    task = zoo.task_embeddings[:1]
+    order = np.argsort(-rec.log_p(task)[0], kind="stable")
+    missed = order[-1]
+    screen = np.zeros(n_experts)
+    screen[missed] = 1.0
+    full = np.zeros(n_experts)
+    full[missed] = 2.0
+    plain = rec.rank(task, **scores_context(full[None, :]))[0]  # no screen: MODEL2VEC's head
+    assert set(plain[:2]) == set(order[:2]) and plain[-1] == missed
+    ranked = rec.rank(task, **scores_context(full[None, :]), screen_scores=[screen],
+                      screen_passes=[0.75])[0]
+    assert ranked[0] == missed and ranked[1] == order[0]
+    assert rec.ledger.tasks == 2 and rec.ledger.passes == pytest.approx(2 + 2 + 0.75)
+
+
+def test_the_screen_reads_a_few_images_per_class_and_says_what_it_cost():
+    labels = np.repeat([0, 1, 2], [10, 6, 2])
+    idx = screen_subset(labels, 3, seed=0)
+    assert np.bincount(labels[idx]).tolist() == [3, 3, 2]
+    np.testing.assert_array_equal(idx, screen_subset(labels, 3, seed=0))
+    rng = np.random.default_rng(0)
+    probs = [rng.dirichlet(np.ones(4), size=labels.size) for _ in range(5)] + [None]
+    screen = screen_context({"source_probs": [probs], "labels": [labels]}, per_class=3)
+    assert screen["screen_passes"] == [pytest.approx(6 * 8 / 18)]
+    assert screen["screen_scores"][0][0] == pytest.approx(leep(probs[0][idx], labels[idx]))
+    assert np.isnan(screen["screen_scores"][0][-1])
+    assert screen_context({"labels": [labels]}) == {}

@@ -1,23 +1,24 @@
-"""The default recommender: MODEL2VEC shortlists experts from one probe pass, and only the
-shortlisted experts run on the task's images to re-rank it.
+"""The default recommender: MODEL2VEC and a cheap screen shortlist a few experts, and only the
+shortlisted experts run over all of the task's images to re-rank it.
 
 Per-expert transferability scores (LogME, LEEP) read each expert's outputs on the new task, so
 they cost E expert forward passes per task; MODEL2VEC costs one probe pass and ranks the whole
 zoo, but inside a domain it often misses which expert wins. :class:`ShortlistRecommender`
 spends a few forward passes where they matter:
 
-1. MODEL2VEC ranks every expert. Its shortlist is its top ``k`` experts, fewer when it is sure
-   (``mass``: the shortest head of its ranking that holds that share of p(expert | task)), and
-   with ``include_generic`` the generic experts (no source task) join it, since MODEL2VEC places
-   them by the mean task and is least sure about them.
-2. Each shortlisted expert's transfer score is computed on the task's images, and the shortlist
-   is re-ranked by the fusion ``log p(e|t) / σ_p + w · score(e, t) / σ_s``, with σ each term's
-   typical spread across experts on the training tasks. The experts outside the shortlist keep
-   MODEL2VEC's order below it: an expert that was never run cannot move up.
-3. Which score (LogME, LEEP or both) and the weight w are chosen on the training tasks alone,
-   by inner cross-validation: MODEL2VEC refitted without each inner fold gives held-out
-   log p(e|t) on every training task, and the choice whose fused top-1 has the lowest mean
-   relative error increase there wins.
+1. A first stage ranks every expert: MODEL2VEC's log p(expert | task) from the probe
+   embedding, fused with a cheap screen, each expert's LEEP on a few images per class of the
+   task (``SCREEN_PER_CLASS``; about a tenth of a pass per expert), as
+   ``log p / σ_p + screen_weight · screen / σ_screen`` with σ each term's typical spread across
+   experts on the training tasks. MODEL2VEC alone, trusted for which expert wins inside a
+   domain, missed the winner of whole families; the screen catches those.
+2. Its top ``k`` experts (fewer with ``mass``, plus the generic experts with
+   ``include_generic``) are the shortlist: only they run over all of the task's images, and
+   their transfer score re-ranks them, by LEEP (LogME without source heads) or, with
+   ``inner_folds`` ≥ 2, by the fusion ``log p / σ_p + w · score / σ_s`` whose score set and w
+   inner cross-validation on the training tasks chose (MODEL2VEC refitted without each inner
+   fold gives held-out log p). The experts outside the shortlist keep the first stage's order
+   below it: an expert that was never fully run cannot move up.
 
 Every ranked task is entered in the selector's :class:`PassLedger`, which deep copies share, so
 an evaluation that fits a fresh copy per fold can report the expert forward passes the
@@ -29,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -55,6 +57,8 @@ __all__ = [
     "PassLedger",
     "ShortlistRecommender",
     "expert_forward_passes",
+    "screen_context",
+    "screen_subset",
     "transfer_scores",
 ]
 
@@ -99,14 +103,14 @@ class PassLedger:
 
     def __init__(self) -> None:
         self.tasks = 0
-        self.passes = 0
+        self.passes = 0.0
 
     def __deepcopy__(self, memo: dict) -> PassLedger:
         return self
 
-    def add(self, passes: Sequence[int]) -> None:
+    def add(self, passes: Sequence[float]) -> None:
         self.tasks += len(passes)
-        self.passes += int(sum(passes))
+        self.passes += float(sum(passes))
 
     @property
     def mean(self) -> float:
@@ -188,16 +192,20 @@ def _spread(values: np.ndarray) -> float:
 
 
 class ShortlistRecommender(Selector):
-    """MODEL2VEC's shortlist re-ranked by the shortlisted experts' transfer scores (module
-    docstring). Needs, per training task, every expert's outputs (``features`` and/or
-    ``source_probs``, and ``labels``) or their ``transfer_scores``; per ranked task, those of
-    its shortlist only.
+    """MODEL2VEC's shortlist, sharpened by a cheap screen, re-ranked by the shortlisted experts'
+    transfer scores (module docstring).
 
-    ``k``: most experts MODEL2VEC puts on the shortlist; ``mass``: stop earlier once the
-    shortlist holds this share of MODEL2VEC's p(expert | task) (None: always k);
-    ``include_generic``: the generic experts join every shortlist; ``score_sets`` and
-    ``weights``: the fusions tried by inner cross-validation over ``inner_folds`` folds of the
-    training tasks; ``fits``: a :class:`FitMemo` shared with other rows; the other keywords go
+    Reads, per training task, every expert's outputs (``features`` and/or ``source_probs``, and
+    ``labels``) or their ``transfer_scores``, and the ``screen_scores``; per ranked task, its
+    ``screen_scores`` and ``screen_passes`` and the outputs of its shortlist only.
+
+    ``k``: experts on the shortlist; ``mass``: stop earlier once the shortlist holds this share
+    of MODEL2VEC's p(expert | task) (None: always k); ``include_generic``: the generic experts
+    join every shortlist; ``screen_weight``: weight of the screen beside MODEL2VEC's log p in
+    the first stage (inf: the screen alone, MODEL2VEC breaking ties; ignored without screen
+    scores); ``inner_folds`` ≥ 2: choose the re-ranking among ``score_sets`` × ``weights`` by
+    inner cross-validation on the training tasks, otherwise re-rank by LEEP (LogME without
+    source heads); ``fits``: a :class:`FitMemo` shared with other rows; the other keywords go
     to :class:`Model2Vec`.
     """
 
@@ -207,8 +215,9 @@ class ShortlistRecommender(Selector):
     min_inner_tasks: ClassVar[int] = 6
 
     def __init__(self, k: int = 3, *, mass: float | None = None, include_generic: bool = False,
+                 screen_weight: float = 4.0,
                  score_sets: Sequence[Sequence[str]] = SCORE_SETS,
-                 weights: Sequence[float] = DEFAULT_WEIGHTS, inner_folds: int = 3,
+                 weights: Sequence[float] = DEFAULT_WEIGHTS, inner_folds: int = 0,
                  error_floor: float = 1e-3, fits: FitMemo | None = None,
                  **model_params: Any) -> None:
         if k < 1:
@@ -216,6 +225,7 @@ class ShortlistRecommender(Selector):
         self.k = k
         self.mass = mass
         self.include_generic = include_generic
+        self.screen_weight = screen_weight
         self.score_sets = score_sets
         self.weights = weights
         self.inner_folds = inner_folds
@@ -228,13 +238,15 @@ class ShortlistRecommender(Selector):
     def cost(self) -> str:  # type: ignore[override]
         head = f"up to {self.k}" if self.mass is not None else f"{self.k}"
         extra = " (+ the generic experts)" if self.include_generic else ""
-        return f"one probe pass + {head} expert forward passes{extra}"
+        return (f"one probe pass + a screen of every expert on a few images + {head} expert "
+                f"forward passes{extra}")
 
     @classmethod
-    def from_model(cls, model: Model2Vec, fusion: Fusion, k: int = 3, **params: Any
-                   ) -> ShortlistRecommender:
+    def from_model(cls, model: Model2Vec, fusion: Fusion, k: int = 3, *,
+                   screen_scale: float | None = None, **params: Any) -> ShortlistRecommender:
         """A recommender around a fitted MODEL2VEC (the one a job loads) and a given fusion,
-        for ranking new tasks without refitting anything."""
+        for ranking new tasks without refitting anything; ``screen_scale``: the screen's
+        typical spread across experts (None: screen scores are not used)."""
         rec = cls(k, **params)
         rec.model_ = model
         rec.expert_ids_ = list(model.expert_ids_)
@@ -242,6 +254,7 @@ class ShortlistRecommender(Selector):
         rec.missing_source_ = np.asarray(model.missing_source_, dtype=bool)
         rec.generic_ = np.flatnonzero(rec.missing_source_)
         rec.fusion_ = fusion
+        rec.screen_scale_ = screen_scale
         return rec
 
     # ------------------------------------------------------------------ fitting
@@ -251,16 +264,23 @@ class ShortlistRecommender(Selector):
         self.model_ = self.fits.fit(self.model_params, tasks, errors, expert_source_embeddings,
                                     self.expert_ids_)
         self.generic_ = np.flatnonzero(self.missing_source_)
+        screens = context.get("screen_scores")
+        self.screen_scale_ = None if screens is None else _spread(np.stack(screens))
         sets = [tuple(s) for s in self.score_sets if all(self._has_score(context, n) for n in s)]
         if not sets:
             raise ValueError("ShortlistRecommender needs every training task's expert outputs "
                              "(features or source_probs, and labels) or transfer_scores")
+        if self.inner_folds < 2:
+            names = ("leep",) if ("leep",) in sets else sets[0]
+            self.fusion_ = Fusion(names, math.inf, _spread(self._log_p(self.model_, tasks)),
+                                  tuple(1.0 for _ in names), math.nan)
+            return
         names = sorted({n for s in sets for n in s})
         everyone = range(self.n_experts_)
         scores = [transfer_scores(context, names, t, everyone, self.n_experts_)
                   for t in range(tasks.shape[0])]
         log_p = self._held_out_log_p(tasks, errors, expert_source_embeddings)
-        self.fusion_ = self._choose_fusion(log_p, scores, errors, sets)
+        self.fusion_ = self._choose_fusion(log_p, scores, errors, sets, screens)
         log.debug("shortlist fusion: %s", self.fusion_)
 
     @staticmethod
@@ -290,21 +310,23 @@ class ShortlistRecommender(Selector):
     @staticmethod
     def _log_p(model: Model2Vec, tasks: np.ndarray) -> np.ndarray:
         logits = -model.distances(tasks) / model.tau_
-        return logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(
-            1, keepdims=True)) - logits.max(1, keepdims=True)
+        top = logits.max(1, keepdims=True)
+        return logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))
 
     def _choose_fusion(self, log_p: np.ndarray, scores: list[dict[str, np.ndarray]],
-                       errors: np.ndarray, sets: list[tuple[str, ...]]) -> Fusion:
+                       errors: np.ndarray, sets: list[tuple[str, ...]], screens) -> Fusion:
         """The score set and weight whose fused top-1 has the lowest mean relative increase
         on the training tasks (ties: the first tried, i.e. the smaller weight)."""
         scale_p = _spread(log_p)
         scale = {n: _spread(np.stack([s[n] for s in scores])) for n in scores[0]}
-        heads = [self._head(row) for row in log_p]
+        firsts = [self._first(log_p[t], None if screens is None else screens[t], scale_p)
+                  for t in range(len(log_p))]
+        heads = [self._head(first, row) for first, row in zip(firsts, log_p, strict=True)]
         best: Fusion | None = None
         for names in sets:
             for w in self.weights:
                 fusion = Fusion(names, float(w), scale_p, tuple(scale[n] for n in names), 0.0)
-                picks = [self._rerank(log_p[t], heads[t], scores[t], fusion)[0]
+                picks = [self._rerank(firsts[t], log_p[t], heads[t], scores[t], fusion)[0]
                          for t in range(len(heads))]
                 loss = _mean_top1_increase(errors, picks, self.error_floor)
                 if best is None or loss < best.inner_loss_pct - 1e-9:
@@ -314,9 +336,18 @@ class ShortlistRecommender(Selector):
 
     # ------------------------------------------------------------------ ranking
 
-    def _head(self, log_p_row: np.ndarray) -> np.ndarray:
-        """The shortlist of one task, in MODEL2VEC's order."""
-        order = np.argsort(-log_p_row, kind="stable")
+    def _first(self, log_p_row: np.ndarray, screen_row, scale_p: float) -> np.ndarray:
+        """The first stage: MODEL2VEC's log p, fused with the screen when there is one."""
+        if screen_row is None or self.screen_scale_ is None:
+            return log_p_row
+        screen = np.asarray(screen_row, dtype=np.float64) / self.screen_scale_
+        if math.isinf(self.screen_weight):
+            return screen + 1e-9 * log_p_row
+        return log_p_row / scale_p + self.screen_weight * screen
+
+    def _head(self, first_row: np.ndarray, log_p_row: np.ndarray) -> np.ndarray:
+        """The shortlist of one task, in the first stage's order."""
+        order = np.argsort(-first_row, kind="stable")
         size = min(self.k, order.size)
         if self.mass is not None:
             held = np.cumsum(_softmax(log_p_row)[order])
@@ -326,36 +357,50 @@ class ShortlistRecommender(Selector):
             head = order[np.isin(order, np.union1d(head, self.generic_))]
         return head
 
-    def _rerank(self, log_p_row: np.ndarray, head: np.ndarray, scores: dict[str, np.ndarray],
-                fusion: Fusion) -> np.ndarray:
-        """The shortlist by its fused value, then everyone else in MODEL2VEC's order."""
+    def _rerank(self, first_row: np.ndarray, log_p_row: np.ndarray, head: np.ndarray,
+                scores: dict[str, np.ndarray], fusion: Fusion) -> np.ndarray:
+        """The shortlist by its fused value, then everyone else in the first stage's order."""
         fused = fusion.combine(log_p_row, scores)[head]
         ranked_head = head[rank_by_score(fused, higher_is_better=True)]
-        order = np.argsort(-log_p_row, kind="stable")
+        order = np.argsort(-first_row, kind="stable")
         return np.concatenate([ranked_head, order[~np.isin(order, head)]])
 
     def log_p(self, task_embeddings) -> np.ndarray:
         """MODEL2VEC's log p(expert | task) for every task (n×E)."""
         return self._log_p(self.model_, np.atleast_2d(np.asarray(task_embeddings, np.float64)))
 
-    def shortlist(self, task_embeddings) -> list[np.ndarray]:
-        """The experts to run on each task, in MODEL2VEC's order."""
-        return [self._head(row) for row in self.log_p(task_embeddings)]
+    def first_stage(self, task_embeddings, screen_scores=None) -> np.ndarray:
+        """The first stage's value of every expert for every task (n×E, higher = better)."""
+        log_p = self.log_p(task_embeddings)
+        screens = [None] * len(log_p) if screen_scores is None else screen_scores
+        return np.stack([self._first(row, s, self.fusion_.scale_p)
+                         for row, s in zip(log_p, screens, strict=True)])
 
-    def rerank(self, task_embeddings, scores: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
+    def shortlist(self, task_embeddings, screen_scores=None) -> list[np.ndarray]:
+        """The experts to run on each task, in the first stage's order."""
+        first = self.first_stage(task_embeddings, screen_scores)
+        return [self._head(f, row) for f, row in zip(first, self.log_p(task_embeddings),
+                                                     strict=True)]
+
+    def rerank(self, task_embeddings, scores: Sequence[dict[str, np.ndarray]],
+               screen_scores=None) -> np.ndarray:
         """(n×E) rankings given each task's transfer scores of its shortlisted experts
         (``scores[j][name]``: length E, NaN for the experts not run)."""
         log_p = self.log_p(task_embeddings)
-        rankings = [self._rerank(row, self._head(row), s, self.fusion_)
-                    for row, s in zip(log_p, scores, strict=True)]
+        first = self.first_stage(task_embeddings, screen_scores)
+        rankings = [self._rerank(f, row, self._head(f, row), s, self.fusion_)
+                    for f, row, s in zip(first, log_p, scores, strict=True)]
         return np.stack(rankings) if rankings else np.zeros((0, self.n_experts_), np.int64)
 
     def rank(self, task_embeddings, **context: Any) -> np.ndarray:
-        heads = self.shortlist(task_embeddings)
+        screens = context.get("screen_scores") if self.screen_scale_ is not None else None
+        heads = self.shortlist(task_embeddings, screens)
         scores = [transfer_scores(context, self.fusion_.scores, j, head, self.n_experts_)
                   for j, head in enumerate(heads)]
-        self.ledger.add([h.size for h in heads])
-        return self.rerank(task_embeddings, scores)
+        screened = context.get("screen_passes") if screens is not None else None
+        self.ledger.add([h.size + (0.0 if screened is None else float(screened[j]))
+                         for j, h in enumerate(heads)])
+        return self.rerank(task_embeddings, scores, screens)
 
 
 def _mean_top1_increase(errors: np.ndarray, picks: Sequence[int], floor: float) -> float:
@@ -389,6 +434,37 @@ def expert_forward_passes(selector: Selector, n_experts: int) -> float:
 
 
 DEFAULT_KS: tuple[int, ...] = (1, 3, 5)
+SCREEN_PER_CLASS = 3  # images per class each expert's screen reads: about a tenth of a task
+
+
+def screen_subset(labels, per_class: int, seed: int = 0) -> np.ndarray:
+    """Indices of at most ``per_class`` samples of each class, drawn with a seed per class."""
+    labels = np.asarray(labels)
+    keep = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        rng = np.random.default_rng([int(seed), int(zlib.crc32(str(c).encode()))])
+        keep.append(members[rng.permutation(members.size)[:per_class]])
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
+
+
+def screen_context(context: dict[str, Any], per_class: int = SCREEN_PER_CLASS, seed: int = 0
+                   ) -> dict[str, list]:
+    """The screen of every task: each expert's LEEP on at most ``per_class`` of the task's
+    training images per class (``screen_scores``, NaN for an expert without outputs), and its
+    cost in expert forward passes (``screen_passes``: experts × images screened / images).
+    Computed from the experts' outputs on the whole split, which on the screened images are
+    exactly what a pass over those images alone gives; empty without ``source_probs``."""
+    if "source_probs" not in context or "labels" not in context:
+        return {}
+    scores, passes = [], []
+    for probs, labels in zip(context["source_probs"], context["labels"], strict=True):
+        y = np.asarray(labels)
+        idx = screen_subset(y, per_class, seed)
+        scores.append(np.asarray([np.nan if p is None else leep(np.asarray(p)[idx], y[idx])
+                                  for p in probs]))
+        passes.append(len(probs) * idx.size / max(y.size, 1))
+    return {"screen_scores": scores, "screen_passes": passes}
 
 
 def default_recommenders(context: dict | None, *, ks: Sequence[int] = DEFAULT_KS, seed: int = 0,
@@ -402,3 +478,11 @@ def default_recommenders(context: dict | None, *, ks: Sequence[int] = DEFAULT_KS
     return {f"Shortlist k={k}": ShortlistRecommender(
         k, error_floor=error_floor, fits=fits, max_epochs=model2vec_epochs, random_state=seed)
         for k in ks}
+
+
+def with_screen(context: dict[str, Any]) -> dict[str, Any]:
+    """``context`` plus what the default recommender reads: every expert's transfer scores
+    (computed once, not once per fold; a ranked task reads only its shortlist's) and the
+    screen."""
+    return {**context, "transfer_scores": all_transfer_scores(context),
+            **screen_context(context)}

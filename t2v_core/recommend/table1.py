@@ -48,7 +48,7 @@ from t2v_core.recommend.selectors import (
     Task2VecSelector,
     hard_predictions,
 )
-from t2v_core.recommend.shortlist import all_transfer_scores, default_recommenders
+from t2v_core.recommend.shortlist import default_recommenders, with_screen
 from t2v_core.storage import StorageRoot
 from t2v_core.zoo.manifest import read_experts, read_tasks
 
@@ -239,8 +239,8 @@ def _rows(data: MetaDataset, context: dict | None, *, seed: int, model2vec_epoch
         standard_selectors(data, seed=seed, model2vec_epochs=model2vec_epochs), context)
     recommenders = default_recommenders(context, seed=seed, error_floor=error_floor,
                                         model2vec_epochs=model2vec_epochs)
-    if recommenders:  # the scores once, not once per fold; a ranked task reads its shortlist's
-        context = {**context, "transfer_scores": all_transfer_scores(context)}
+    if recommenders:
+        context = with_screen(context)
     for name, recommender in recommenders.items():
         selectors = before_oracle(selectors, name, recommender)
     if len(set(data.families)) > 1:
