@@ -8,10 +8,11 @@ Ranks the experts with the newest MODEL2VEC of the root (or ``--model models:/â€
 from the MLflow registry), prints the top ``--top-k`` per task and writes all ranks to
 ``recommendations/<run>/part-*.parquet`` (with the true error where the matrix has it).
 
-New task folders (``--data``) get the default recommender: MODEL2VEC shortlists
-``--shortlist-k`` experts, only those run over the task's training images, and their LEEP
-re-ranks the shortlist; the table shows MODEL2VEC's score and rank, LogME and LEEP of every
-shortlisted expert, and the final rank (``--shortlist-k 0``: MODEL2VEC alone). The registered
+New task folders (``--data``) get the default recommender: every expert screens 3 training
+images per class, MODEL2VEC and the screen shortlist ``--shortlist-k`` experts, only those run
+over all of the task's training images, and their LEEP re-ranks the shortlist; the table shows
+MODEL2VEC's score and rank, the screen, LogME and LEEP of every shortlisted expert, and the
+final rank (``--shortlist-k 0``: MODEL2VEC alone). The registered
 pyfunc model ranks from embeddings alone, as the re-ranking needs the images.
 """
 

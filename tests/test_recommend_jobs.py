@@ -303,8 +303,9 @@ def image_zoo(tmp_path_factory, write_task_folder):
 
 
 def test_new_task_folders_get_the_shortlist_reranked_by_the_experts_own_scores(image_zoo):
-    """Only the k shortlisted experts run over the new task's images (their features are the
-    only ones cached); the table shows every score, and the shortlist is ordered by LEEP."""
+    """Every expert screens 3 images per class, only the k shortlisted experts run over all of
+    the new task's images (the cached features say so); the table shows every score, and the
+    shortlist is ordered by LEEP."""
     from t2v_core.embedding.probes import build_probe
     from t2v_core.matrix.experts import load_head
     from t2v_core.matrix.features import compute_features
@@ -317,27 +318,36 @@ def test_new_task_folders_get_the_shortlist_reranked_by_the_experts_own_scores(i
          "--image-size", "8", "--shortlist-k", "2"]))
     frame = result.frame.sort_values("rank")
     assert list(frame["rank"]) == [1, 2, 3]
-    short = frame[frame["shortlisted"]]
+    short, left = frame[frame["shortlisted"]], frame[~frame["shortlisted"]].iloc[0]
     assert len(short) == 2 and list(short["rank"]) == [1, 2]
-    assert sorted(short["model2vec_rank"]) == [1, 2]
-    assert frame[~frame["shortlisted"]][["logme", "leep", "fused"]].isna().all().all()
+    assert left[["logme", "leep", "fused"]].isna().all() and frame["screen_leep"].notna().all()
     assert list(short["leep"]) == sorted(short["leep"], reverse=True)
+    # the first stage is monotone in both of its inputs: what it left out beats no shortlisted
+    # expert on both MODEL2VEC's rank and the screen
+    assert not any(left["model2vec_rank"] < s["model2vec_rank"]
+                   and left["screen_leep"] > s["screen_leep"] for _, s in short.iterrows())
     cached = root.list("features", recursive=True)
-    assert len(cached) == 2 and all(  # one training split per shortlisted expert, no more
-        any(f"expert={e}/" in path for path in cached) for e in short["expert_id"])
+    assert len(cached) == 3 + 2  # a screen per expert, a full pass per shortlisted expert
     spec = scan_task(new)[0]
     by_id = {e.expert_id: e for e in experts}
-    for _, row in short.iterrows():  # the scores by hand, from the expert's own network
+    for _, row in frame.iterrows():  # the scores by hand, from the expert's own network
         expert = by_id[row["expert_id"]]
-        feats = compute_features(build_probe("small_cnn", expert.weights_uri).backbone, spec,
-                                 "train", 8)
-        probs = load_head(expert.weights_uri).probabilities(feats.features.astype(np.float64))
-        assert row["logme"] == pytest.approx(logme(feats.features, feats.labels), rel=1e-6)
-        assert row["leep"] == pytest.approx(leep(probs, feats.labels), rel=1e-6)
+        net, head = build_probe("small_cnn", expert.weights_uri).backbone, load_head(
+            expert.weights_uri)
+        few = compute_features(net, spec, "train", 8, max_per_class=3)
+        assert len(few.labels) == 9
+        assert row["screen_leep"] == pytest.approx(
+            leep(head.probabilities(few.features.astype(np.float64)), few.labels), rel=1e-6)
+        if row["shortlisted"]:
+            feats = compute_features(net, spec, "train", 8)
+            probs = head.probabilities(feats.features.astype(np.float64))
+            assert row["logme"] == pytest.approx(logme(feats.features, feats.labels), rel=1e-6)
+            assert row["leep"] == pytest.approx(leep(probs, feats.labels), rel=1e-6)
     stored = pq.read_table(result.path).to_pandas()
-    assert {"model2vec_rank", "shortlisted", "logme", "leep", "fused"} <= set(stored.columns)
+    assert {"model2vec_rank", "screen_leep", "shortlisted", "logme", "leep", "fused"} <= set(
+        stored.columns)
     alone = recommend_job.recommend(recommend_job.parse_args(
         ["--root", root.uri, "--no-tracking", "--data", new, "--probe", "small_cnn",
          "--image-size", "8", "--shortlist-k", "0"]))
-    assert list(alone.sort_values("rank")["expert_id"])[:2] == list(
-        short.sort_values("model2vec_rank")["expert_id"])
+    assert list(alone.sort_values("rank")["expert_id"]) == list(
+        frame.sort_values("model2vec_rank")["expert_id"])

@@ -9,8 +9,8 @@ spends a few forward passes where they matter:
 1. A first stage ranks every expert: MODEL2VEC's log p(expert | task) from the probe
    embedding, fused with a cheap screen, each expert's LEEP on a few images per class of the
    task (``SCREEN_PER_CLASS``; about a tenth of a pass per expert), as
-   ``log p / σ_p + screen_weight · screen / σ_screen`` with σ each term's typical spread across
-   experts on the training tasks. MODEL2VEC alone, trusted for which expert wins inside a
+   ``log p / σ_p + screen_weight · screen / σ_screen`` with σ each term's spread across the
+   task's experts. MODEL2VEC alone, trusted for which expert wins inside a
    domain, missed the winner of whole families; the screen catches those.
 2. Its top ``k`` experts (fewer with ``mass``, plus the generic experts with
    ``include_generic``) are the shortlist: only they run over all of the task's images, and
@@ -139,8 +139,8 @@ class Fusion:
         return p + self.weight * s
 
 
-# What ranks a shortlist where no training tasks' scores are at hand (a job that loads a stored
-# MODEL2VEC): the shortlisted experts by LEEP alone, MODEL2VEC breaking ties.
+# The default re-ranking (without inner cross-validation), and what a job that loads a stored
+# MODEL2VEC uses: the shortlisted experts by LEEP alone, MODEL2VEC breaking ties.
 DEFAULT_FUSION = Fusion(("leep",), math.inf, 1.0, (1.0,), math.nan)
 
 
@@ -181,6 +181,13 @@ def all_transfer_scores(context: dict[str, Any], names: Sequence[str] = tuple(SC
 def _softmax(logits: np.ndarray) -> np.ndarray:
     w = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return w / w.sum(axis=-1, keepdims=True)
+
+
+def _row_spread(row: np.ndarray) -> float:
+    """The std across one task's experts (finite values), 1 where there is none."""
+    finite = row[np.isfinite(row)]
+    spread = float(finite.std()) if finite.size > 1 else 0.0
+    return spread if spread > 0 else 1.0
 
 
 def _spread(values: np.ndarray) -> float:
@@ -243,10 +250,9 @@ class ShortlistRecommender(Selector):
 
     @classmethod
     def from_model(cls, model: Model2Vec, fusion: Fusion, k: int = 3, *,
-                   screen_scale: float | None = None, **params: Any) -> ShortlistRecommender:
+                   use_screen: bool = True, **params: Any) -> ShortlistRecommender:
         """A recommender around a fitted MODEL2VEC (the one a job loads) and a given fusion,
-        for ranking new tasks without refitting anything; ``screen_scale``: the screen's
-        typical spread across experts (None: screen scores are not used)."""
+        for ranking new tasks without refitting anything."""
         rec = cls(k, **params)
         rec.model_ = model
         rec.expert_ids_ = list(model.expert_ids_)
@@ -254,7 +260,7 @@ class ShortlistRecommender(Selector):
         rec.missing_source_ = np.asarray(model.missing_source_, dtype=bool)
         rec.generic_ = np.flatnonzero(rec.missing_source_)
         rec.fusion_ = fusion
-        rec.screen_scale_ = screen_scale
+        rec.use_screen_ = use_screen
         return rec
 
     # ------------------------------------------------------------------ fitting
@@ -265,7 +271,7 @@ class ShortlistRecommender(Selector):
                                     self.expert_ids_)
         self.generic_ = np.flatnonzero(self.missing_source_)
         screens = context.get("screen_scores")
-        self.screen_scale_ = None if screens is None else _spread(np.stack(screens))
+        self.use_screen_ = screens is not None
         sets = [tuple(s) for s in self.score_sets if all(self._has_score(context, n) for n in s)]
         if not sets:
             raise ValueError("ShortlistRecommender needs every training task's expert outputs "
@@ -319,7 +325,7 @@ class ShortlistRecommender(Selector):
         on the training tasks (ties: the first tried, i.e. the smaller weight)."""
         scale_p = _spread(log_p)
         scale = {n: _spread(np.stack([s[n] for s in scores])) for n in scores[0]}
-        firsts = [self._first(log_p[t], None if screens is None else screens[t], scale_p)
+        firsts = [self._first(log_p[t], None if screens is None else screens[t])
                   for t in range(len(log_p))]
         heads = [self._head(first, row) for first, row in zip(firsts, log_p, strict=True)]
         best: Fusion | None = None
@@ -336,14 +342,18 @@ class ShortlistRecommender(Selector):
 
     # ------------------------------------------------------------------ ranking
 
-    def _first(self, log_p_row: np.ndarray, screen_row, scale_p: float) -> np.ndarray:
-        """The first stage: MODEL2VEC's log p, fused with the screen when there is one."""
-        if screen_row is None or self.screen_scale_ is None:
+    def _first(self, log_p_row: np.ndarray, screen_row) -> np.ndarray:
+        """The first stage: MODEL2VEC's log p, fused with the screen when there is one, each
+        divided by its spread across the task's experts (so no training data sets a scale,
+        and a job that loads a stored MODEL2VEC ranks exactly as the evaluation did)."""
+        if screen_row is None or not self.use_screen_:
             return log_p_row
-        screen = np.asarray(screen_row, dtype=np.float64) / self.screen_scale_
+        screen = np.asarray(screen_row, dtype=np.float64)
         if math.isinf(self.screen_weight):
-            return screen + 1e-9 * log_p_row
-        return log_p_row / scale_p + self.screen_weight * screen
+            return np.where(np.isfinite(screen), screen, -np.inf) + 1e-9 * log_p_row
+        fused = (log_p_row / _row_spread(log_p_row)
+                 + self.screen_weight * screen / _row_spread(screen))
+        return np.where(np.isfinite(fused), fused, -np.inf)
 
     def _head(self, first_row: np.ndarray, log_p_row: np.ndarray) -> np.ndarray:
         """The shortlist of one task, in the first stage's order."""
@@ -373,8 +383,7 @@ class ShortlistRecommender(Selector):
         """The first stage's value of every expert for every task (n×E, higher = better)."""
         log_p = self.log_p(task_embeddings)
         screens = [None] * len(log_p) if screen_scores is None else screen_scores
-        return np.stack([self._first(row, s, self.fusion_.scale_p)
-                         for row, s in zip(log_p, screens, strict=True)])
+        return np.stack([self._first(row, s) for row, s in zip(log_p, screens, strict=True)])
 
     def shortlist(self, task_embeddings, screen_scores=None) -> list[np.ndarray]:
         """The experts to run on each task, in the first stage's order."""
@@ -393,7 +402,7 @@ class ShortlistRecommender(Selector):
         return np.stack(rankings) if rankings else np.zeros((0, self.n_experts_), np.int64)
 
     def rank(self, task_embeddings, **context: Any) -> np.ndarray:
-        screens = context.get("screen_scores") if self.screen_scale_ is not None else None
+        screens = context.get("screen_scores") if self.use_screen_ else None
         heads = self.shortlist(task_embeddings, screens)
         scores = [transfer_scores(context, self.fusion_.scores, j, head, self.n_experts_)
                   for j, head in enumerate(heads)]

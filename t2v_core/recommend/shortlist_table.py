@@ -1,5 +1,6 @@
-"""The default recommender on new task folders: only MODEL2VEC's shortlisted experts run over
-each task's images, and the table shows every score the ranking used.
+"""The default recommender on new task folders: every expert screens a few images per class,
+only the shortlisted experts run over all of each task's images, and the table shows every
+score the ranking used.
 
 The MLflow pyfunc (:mod:`t2v_core.review.recommender_model`) ranks from embeddings alone, since
 the re-ranking needs the task's images and the experts' weights; this is the path that has both.
@@ -17,7 +18,13 @@ from t2v_core.embedding.probes import build_probe
 from t2v_core.matrix.experts import load_head
 from t2v_core.matrix.features import FeatureCache, cell_features
 from t2v_core.recommend.model2vec import Model2Vec
-from t2v_core.recommend.shortlist import DEFAULT_FUSION, SCORES, ShortlistRecommender
+from t2v_core.recommend.shortlist import (
+    DEFAULT_FUSION,
+    SCORES,
+    SCREEN_PER_CLASS,
+    ShortlistRecommender,
+)
+from t2v_core.recommend.transferability import leep
 from t2v_core.storage import StorageRoot
 from t2v_core.zoo.data import scan_task
 from t2v_core.zoo.manifest import ExpertSpec, TaskSpec, read_experts
@@ -26,8 +33,8 @@ __all__ = ["COLUMNS", "new_task_recommendations", "shortlist_recommendations"]
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["task_id", "rank", "expert_id", "score", "model2vec_rank", "shortlisted", "logme",
-           "leep", "fused"]
+COLUMNS = ["task_id", "rank", "expert_id", "score", "model2vec_rank", "screen_leep",
+           "shortlisted", "logme", "leep", "fused"]
 
 
 def _outputs(cache: FeatureCache, expert: ExpertSpec, task: TaskSpec, image_size: int,
@@ -47,6 +54,19 @@ def _outputs(cache: FeatureCache, expert: ExpertSpec, task: TaskSpec, image_size
             "source_probs": None if head is None else head.probabilities(features)}
 
 
+def _screen(cache: FeatureCache, experts: Sequence[ExpertSpec], task: TaskSpec, image_size: int,
+            per_class: int) -> tuple[np.ndarray, float]:
+    """Every expert's LEEP on at most ``per_class`` training images per class of the task (NaN
+    without a source head), and what it cost in expert forward passes."""
+    scores, images = np.full(len(experts), np.nan), 0
+    for i, expert in enumerate(experts):
+        out = _outputs(cache, expert, task, image_size, per_class)
+        images += len(out["labels"])
+        if out["source_probs"] is not None:
+            scores[i] = leep(out["source_probs"], np.asarray(out["labels"]))
+    return scores, images / max(task.n_train, 1)
+
+
 def _task_scores(rec: ShortlistRecommender, head: np.ndarray, outputs: dict[int, dict]
                  ) -> dict[str, np.ndarray]:
     """Every score of the shortlisted experts (NaN elsewhere and where an expert lacks the
@@ -61,10 +81,12 @@ def _task_scores(rec: ShortlistRecommender, head: np.ndarray, outputs: dict[int,
 
 def shortlist_recommendations(rec: ShortlistRecommender, vectors, tasks: Sequence[TaskSpec],
                               experts: Sequence[ExpertSpec], root: StorageRoot, image_size: int,
-                              *, max_per_class: int | None = None) -> pd.DataFrame:
+                              *, max_per_class: int | None = None,
+                              screen_per_class: int | None = SCREEN_PER_CLASS) -> pd.DataFrame:
     """One row per (task, expert), best first: the final rank, MODEL2VEC's p(expert | task)
-    (``score``) and rank, whether the expert was shortlisted and run, its LogME and LEEP on the
-    task (NaN unless shortlisted), and the fused value the shortlist was ordered by."""
+    (``score``) and rank, the screen's LEEP (every expert on ``screen_per_class`` images per
+    class; None: no screen), whether the expert was shortlisted and run, its LogME and LEEP on
+    the task (NaN unless shortlisted), and the fused value the shortlist was ordered by."""
     by_id = {e.expert_id: e for e in experts}
     missing = [e for e in rec.expert_ids_ if str(e) not in by_id]
     if missing:
@@ -72,14 +94,18 @@ def shortlist_recommendations(rec: ShortlistRecommender, vectors, tasks: Sequenc
     vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
     cache = FeatureCache(root)
     log_p = rec.log_p(vectors)
-    heads = rec.shortlist(vectors)
+    zoo = [by_id[str(e)] for e in rec.expert_ids_]
     frames = []
-    for j, (task, head) in enumerate(zip(tasks, heads, strict=True)):
-        outputs = {int(e): _outputs(cache, by_id[str(rec.expert_ids_[e])], task, image_size,
-                                    max_per_class) for e in head}
+    for j, task in enumerate(tasks):
+        screen, screen_passes = (_screen(cache, zoo, task, image_size, screen_per_class)
+                                 if screen_per_class else (None, 0.0))
+        screens = None if screen is None else [screen]
+        head = rec.shortlist(vectors[j:j + 1], screens)[0]
+        outputs = {int(e): _outputs(cache, zoo[e], task, image_size, max_per_class)
+                   for e in head}
         scores = _task_scores(rec, head, outputs)
-        ranking = rec.rerank(vectors[j:j + 1], [scores])[0]
-        rec.ledger.add([head.size])
+        ranking = rec.rerank(vectors[j:j + 1], [scores], screens)[0]
+        rec.ledger.add([head.size + screen_passes])
         fused = np.full(rec.n_experts_, np.nan)
         fused[head] = rec.fusion_.combine(log_p[j], scores)[head]
         m2v_rank = np.empty(rec.n_experts_, dtype=np.int64)
@@ -90,6 +116,8 @@ def shortlist_recommendations(rec: ShortlistRecommender, vectors, tasks: Sequenc
             "expert_id": [str(rec.expert_ids_[e]) for e in ranking],
             "score": np.exp(log_p[j][ranking]),
             "model2vec_rank": m2v_rank[ranking],
+            "screen_leep": (np.full(rec.n_experts_, np.nan) if screen is None
+                            else screen)[ranking],
             "shortlisted": np.isin(ranking, head),
             "logme": scores["logme"][ranking],
             "leep": scores["leep"][ranking],
@@ -104,8 +132,9 @@ def new_task_recommendations(model: Model2Vec, uris: Sequence[str], vectors, roo
                              image_size: int, *, k: int = 3, max_per_class: int | None = None
                              ) -> pd.DataFrame:
     """The default recommender on the task folders ``uris`` (embedded as ``vectors``): the
-    stored MODEL2VEC shortlists ``k`` experts per task, each runs over the task's training
-    images, and :data:`~t2v_core.recommend.shortlist.DEFAULT_FUSION` re-ranks them."""
+    stored MODEL2VEC and the screen (every expert on a few images per class) shortlist ``k``
+    experts per task, each runs over the task's training images, and
+    :data:`~t2v_core.recommend.shortlist.DEFAULT_FUSION` (LEEP) re-ranks them."""
     tasks = [scan_task(uri)[0] for uri in uris]
     rec = ShortlistRecommender.from_model(model, DEFAULT_FUSION, k)
     return shortlist_recommendations(rec, vectors, tasks, read_experts(root), root, image_size,
