@@ -81,6 +81,7 @@ def test_train_evaluate_recommend_end_to_end(zoo_root):
     assert "+27.81%" in markdown  # the paper's Mixed Model2Vec number sits beside ours
     assert report["table1"]["repeats"] == 2 and "folds=3, 2 repeats" in markdown
     assert report["family_recovery"]["accuracy"] > 0.9
+    assert root.exists(f"evaluation/{run}/cost_vs_quality.png")  # the plot beside the report
 
     picked = [tasks[0].task_id, tasks[-1].task_id]
     assert recommend_job.main(["--root", root.uri, "--no-tracking", "--tasks", ",".join(picked),
@@ -165,6 +166,10 @@ def test_logme_column_from_cached_expert_features(zoo_root):
     logme = report["table1"]["reports"]["LogME"]["by_meta_task"]["Mixed"]
     chance = report["table1"]["reports"]["Chance"]["by_meta_task"]["Mixed"]
     assert logme["relative_increase_pct"] < chance["relative_increase_pct"]
+    # the default recommender re-ranks by LogME (no source heads, so no screen): k passes
+    passes = {row["selector"]: row["expert_forward_passes"] for row in report["cost"]}
+    assert passes["Shortlist k=1"] == 1 and passes["Shortlist k=3"] == 3
+    assert passes["LogME"] == len(experts) and passes["Model2Vec"] == 0
     # one expert's features missing on one task: the column is left out, the rest runs
     root.fs.rm(root.join(FeatureKey.for_cell(experts[0], tasks[0], "train", 32).rel))
     assert evaluate_job.main(args) == 0
