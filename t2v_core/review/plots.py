@@ -392,12 +392,15 @@ def cost_vs_quality(
     ax.minorticks_off()
     xticks = list(range(0, n_experts + 1, max(1, n_experts // 10)))
     labels = [str(t) for t in xticks]
+    right = n_experts
     if any(np.isinf(p.passes) for p in drawn):
         xticks.append(brute_x)
         labels.append(f"trains\nall {n_experts}")
         ax.axvline((n_experts + brute_x) / 2, color="lightgrey", linewidth=1)
+        right = brute_x
     ax.set_xticks(xticks, labels)
-    ax.set_xlim(-0.8 * max(1, n_experts / 10), brute_x + 0.8 * max(1, n_experts / 10))
+    margin = 0.8 * max(1, n_experts / 10)
+    ax.set_xlim(-margin, right + margin)
     ax.grid(True, axis="y", color="0.9")
     ax.set_xlabel(f"expert forward passes per new task (of {n_experts} experts)")
     ax.set_ylabel("relative error increase over the oracle (95% CI)")
