@@ -213,3 +213,17 @@ def test_the_screen_reads_a_few_images_per_class_and_says_what_it_cost():
     assert screen["screen_scores"][0][0] == pytest.approx(leep(probs[0][idx], labels[idx]))
     assert np.isnan(screen["screen_scores"][0][-1])
     assert screen_context({"labels": [labels]}) == {}
+
+
+def test_the_rerank_score_is_the_one_that_picks_best_on_the_training_tasks(zoo):
+    """LogME tracks the training tasks' errors and LEEP runs against them: LogME re-ranks;
+    swap them and LEEP does. MODEL2VEC is fitted once (no inner folds)."""
+    def fitted_with(logme_sign: float) -> ShortlistRecommender:
+        cached = [{"logme": -logme_sign * row, "leep": logme_sign * row} for row in zoo.errors]
+        return ShortlistRecommender(k=3, **EPOCHS).fit(
+            zoo.task_embeddings, zoo.errors, zoo.expert_source_embeddings, zoo.expert_ids,
+            transfer_scores=cached)
+
+    assert fitted_with(1.0).fusion_.scores == ("logme",)
+    assert fitted_with(-1.0).fusion_.scores == ("leep",)
+    assert fitted_with(1.0).fusion_.inner_loss_pct == 0.0  # the errors themselves pick the best

@@ -14,7 +14,8 @@ spends a few forward passes where they matter:
    domain, missed the winner of whole families; the screen catches those.
 2. Its top ``k`` experts (fewer with ``mass``, plus the generic experts with
    ``include_generic``) are the shortlist: only they run over all of the task's images, and
-   their transfer score re-ranks them, by LEEP (LogME without source heads) or, with
+   their transfer score re-ranks them: the score set (LogME, LEEP or both) whose own top-1
+   is best on the training tasks, or, with
    ``inner_folds`` ≥ 2, by the fusion ``log p / σ_p + w · score / σ_s`` whose score set and w
    inner cross-validation on the training tasks chose (MODEL2VEC refitted without each inner
    fold gives held-out log p). The experts outside the shortlist keep the first stage's order
@@ -139,8 +140,8 @@ class Fusion:
         return p + self.weight * s
 
 
-# The default re-ranking (without inner cross-validation), and what a job that loads a stored
-# MODEL2VEC uses: the shortlisted experts by LEEP alone, MODEL2VEC breaking ties.
+# What a job that loads a stored MODEL2VEC, with no training tasks' scores at hand, re-ranks
+# by: the shortlisted experts by LEEP alone, MODEL2VEC breaking ties.
 DEFAULT_FUSION = Fusion(("leep",), math.inf, 1.0, (1.0,), math.nan)
 
 
@@ -211,8 +212,8 @@ class ShortlistRecommender(Selector):
     join every shortlist; ``screen_weight``: weight of the screen beside MODEL2VEC's log p in
     the first stage (inf: the screen alone, MODEL2VEC breaking ties; ignored without screen
     scores); ``inner_folds`` ≥ 2: choose the re-ranking among ``score_sets`` × ``weights`` by
-    inner cross-validation on the training tasks, otherwise re-rank by LEEP (LogME without
-    source heads); ``fits``: a :class:`FitMemo` shared with other rows; the other keywords go
+    inner cross-validation on the training tasks, otherwise re-rank by the score set whose own
+    top-1 is best on the training tasks; ``fits``: a :class:`FitMemo` shared with other rows; the other keywords go
     to :class:`Model2Vec`.
     """
 
@@ -276,15 +277,14 @@ class ShortlistRecommender(Selector):
         if not sets:
             raise ValueError("ShortlistRecommender needs every training task's expert outputs "
                              "(features or source_probs, and labels) or transfer_scores")
-        if self.inner_folds < 2:
-            names = ("leep",) if ("leep",) in sets else sets[0]
-            self.fusion_ = Fusion(names, math.inf, _spread(self._log_p(self.model_, tasks)),
-                                  tuple(1.0 for _ in names), math.nan)
-            return
         names = sorted({n for s in sets for n in s})
         everyone = range(self.n_experts_)
         scores = [transfer_scores(context, names, t, everyone, self.n_experts_)
                   for t in range(tasks.shape[0])]
+        if self.inner_folds < 2:
+            self.fusion_ = self._choose_score(scores, errors, sets,
+                                              _spread(self._log_p(self.model_, tasks)))
+            return
         log_p = self._held_out_log_p(tasks, errors, expert_source_embeddings)
         self.fusion_ = self._choose_fusion(log_p, scores, errors, sets, screens)
         log.debug("shortlist fusion: %s", self.fusion_)
@@ -318,6 +318,23 @@ class ShortlistRecommender(Selector):
         logits = -model.distances(tasks) / model.tau_
         top = logits.max(1, keepdims=True)
         return logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))
+
+    def _choose_score(self, scores: list[dict[str, np.ndarray]], errors: np.ndarray,
+                      sets: list[tuple[str, ...]], scale_p: float) -> Fusion:
+        """The score set whose own top-1 over every expert has the lowest mean relative
+        increase on the training tasks (ties: the first in ``score_sets``), to re-rank with
+        alone; MODEL2VEC is not refitted, since the scores do not depend on it."""
+        scale = {n: _spread(np.stack([s[n] for s in scores])) for n in scores[0]}
+        best: Fusion | None = None
+        for names in sets:
+            fusion = Fusion(names, math.inf, scale_p, tuple(scale[n] for n in names), 0.0)
+            picks = [int(np.argmax(np.nan_to_num(fusion.combine(np.zeros(self.n_experts_), s),
+                                                 nan=-np.inf))) for s in scores]
+            loss = _mean_top1_increase(errors, picks, self.error_floor)
+            if best is None or loss < best.inner_loss_pct - 1e-9:
+                best = Fusion(names, math.inf, scale_p, fusion.scale_s, loss)
+        assert best is not None
+        return best
 
     def _choose_fusion(self, log_p: np.ndarray, scores: list[dict[str, np.ndarray]],
                        errors: np.ndarray, sets: list[tuple[str, ...]], screens) -> Fusion:
