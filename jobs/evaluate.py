@@ -8,10 +8,12 @@ averaged over N fold assignments); learned selectors are fitted on the other tas
 Beside the selectors, two reference rows: the oracle, and "Family best", which is told each
 task's family and picks the expert best on that family's training tasks (what knowing the
 family alone is worth). The table scores the novel tasks (no expert's source) first, then all
-tasks. The protocol is :func:`t2v_core.recommend.table1.evaluate_table1`.
-Writes ``evaluation/<run>/table1.md`` and ``table1.json`` under the storage root
-(``evaluation/LATEST`` names the newest run), prints the table next to the paper's numbers,
-and logs metrics and plots to MLflow.
+tasks. The protocol is :func:`t2v_core.recommend.table1.evaluate_table1`. With --image-size,
+the per-expert scores (LogME, LEEP, NCE) and the default recommender (MODEL2VEC's shortlist of
+1, 3 or 5 experts re-ranked by their scores) join, and every row states its cost in expert
+forward passes per task. Writes ``evaluation/<run>/table1.md``, ``table1.json`` and
+``cost_vs_quality.png`` under the storage root (``evaluation/LATEST`` names the newest run),
+prints the table next to the paper's numbers, and logs metrics and plots to MLflow.
 
 Exit status: 0 done; 1 nothing to evaluate (no embeddings or matrix, bad --folds); 2 bad
 arguments.
@@ -20,7 +22,6 @@ arguments.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -32,12 +33,13 @@ from jobs._cli import (
     repeats_option,
     repeats_problem,
     run_main,
-    run_stamp,
 )
 from t2v_core.recommend.meta_dataset import MetaDataset, load_meta_dataset
 from t2v_core.recommend.protocol import EvaluationResult
 from t2v_core.recommend.table1 import Table1Report, evaluate_table1, transfer_context
+from t2v_core.review.table1_review import track_table1, write_table1
 from t2v_core.storage import StorageRoot
+from t2v_core.zoo.manifest import read_tasks
 
 log = logging.getLogger("jobs.evaluate")
 
@@ -101,49 +103,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return parse_config(Config, argv)
 
 
-def write_report(root: StorageRoot, table: Table1Report) -> str:
-    """``evaluation/<run>/table1.{md,json}``, and ``evaluation/LATEST`` naming the run."""
-    run_id = run_stamp()
-    base = f"evaluation/{run_id}"
-    root.write_bytes_atomic(f"{base}/table1.md", table.markdown.encode())
-    root.write_bytes_atomic(f"{base}/table1.json",
-                            json.dumps(table.payload, indent=2, allow_nan=False).encode())
-    root.write_bytes_atomic("evaluation/LATEST", run_id.encode())
-    return base
-
-
-def _figures(data: MetaDataset) -> dict:
-    from t2v_core.review import plots  # matplotlib, only when plots are logged
-
-    task_map = plots.task_map(data.embeddings, list(data.families), list(data.task_ids))
-    heatmap, _ = plots.distance_heatmap(families=list(data.families), distances=task_map.distances)
-    return {
-        "task_map": task_map.figure,
-        "distance_heatmap": heatmap,
-        "error_matrix": plots.error_matrix_heatmap(data.errors, list(data.task_ids),
-                                                   list(data.expert_ids),
-                                                   task_families=list(data.families)),
-        "norm_vs_error": plots.norm_vs_error(data.embeddings, data.errors, list(data.families))[0],
-    }
-
-
 def _track(config: Config, root: StorageRoot, data: MetaDataset, table: Table1Report) -> None:
-    """The table's metrics, its files and (with plots) the diagnostic figures, in MLflow."""
-    import mlflow  # the MLflow client, only when tracking
-
-    from t2v_core.review import tracking
-
-    tracking.configure(root, tracking_uri=config.tracking_uri)
     params = {"probe_id": data.probe_id, "method": data.method, "folds": _folds(config.folds),
               "repeats": config.repeats, "n_tasks": len(data.task_ids),
               "n_experts": len(data.expert_ids)}
-    with tracking.stage_run("evaluate", params):
-        tracking.log_metrics(tracking.table1_metrics(table.result))
-        mlflow.log_text(table.markdown, "table1.md")
-        mlflow.log_dict(table.payload, "table1.json")
-        if config.plots:
-            tracking.log_figures(_figures(data))
-        tracking.publish_to_pipeline(table.markdown)  # where a reviewer lands
+    track_table1(root, data, table, params, figures=config.plots, tasks=read_tasks(root),
+                 tracking_uri=config.tracking_uri)
 
 
 def run(config: Config) -> EvaluateResult:
@@ -160,7 +125,7 @@ def run(config: Config) -> EvaluateResult:
                             model2vec_epochs=config.model2vec_epochs,
                             error_floor=config.error_floor, context=context,
                             repeats=config.repeats)
-    base = write_report(root, table)
+    base = write_table1(root, data, table, plots=config.plots)
     log.info("wrote %s/table1.md and table1.json", root.join(base))
     if config.tracking:
         _track(config, root, data, table)

@@ -7,6 +7,13 @@
 Ranks the experts with the newest MODEL2VEC of the root (or ``--model models:/…@champion``
 from the MLflow registry), prints the top ``--top-k`` per task and writes all ranks to
 ``recommendations/<run>/part-*.parquet`` (with the true error where the matrix has it).
+
+New task folders (``--data``) get the default recommender: every expert screens 3 training
+images per class, MODEL2VEC and the screen shortlist ``--shortlist-k`` experts, only those run
+over all of the task's training images, and their LEEP re-ranks the shortlist; the table shows
+MODEL2VEC's score and rank, the screen, LogME and LEEP of every shortlisted expert, and the
+final rank (``--shortlist-k 0``: MODEL2VEC alone). The registered
+pyfunc model ranks from embeddings alone, as the re-ranking needs the images.
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ import pandas as pd
 import pyarrow as pa
 
 from jobs._cli import EmbeddingSetOptions, opt, parse_config, run_main, run_stamp
+from t2v_core.embedding.probes import default_input_size
 from t2v_core.matrix.rows import read_matrix
 from t2v_core.recommend.model_store import load_model
+from t2v_core.recommend.shortlist_table import new_task_recommendations
 from t2v_core.recommend.task_vectors import new_task_vectors, zoo_task_vectors
 from t2v_core.review.recommender_model import recommendations_frame
 from t2v_core.storage import StorageRoot
@@ -47,6 +56,8 @@ class Config(EmbeddingSetOptions):
     model: str | None = opt(None, help="an MLflow model URI instead, e.g. "
                             "models:/task2vec-recommender@champion")
     top_k: int = opt(5, help="experts printed per task")
+    shortlist_k: int = opt(3, help="experts MODEL2VEC shortlists for --data tasks, each run "
+                           "over the task's images to re-rank them (0: MODEL2VEC alone)")
 
     def __post_init__(self) -> None:
         if (self.tasks is None) == (self.data is None):
@@ -96,6 +107,11 @@ def recommend(config: Config) -> pd.DataFrame:
         task_ids, vectors = new_task_vectors(
             config.data, config.probe, config.weights, meta["probe_id"], meta["method"],
             image_size=config.image_size, max_per_class=config.max_per_class)
+        if config.shortlist_k > 0:
+            return new_task_recommendations(
+                model, config.data, vectors, root,
+                config.image_size or default_input_size(config.probe), k=config.shortlist_k,
+                max_per_class=config.max_per_class)
     else:
         task_ids, vectors = zoo_task_vectors(root, config.tasks, meta["probe_id"], meta["method"])
     matrix = read_matrix(root).to_pandas() if root.exists("matrix") else None

@@ -194,3 +194,27 @@ def test_save_png_local_and_s3(zoo, tmp_path, moto_s3):
     import matplotlib.pyplot as plt
 
     assert plt.get_fignums() == []
+
+
+def test_cost_vs_quality_draws_every_priced_row_where_its_cost_says():
+    import math
+
+    from t2v_core.recommend.cost import CostPoint
+
+    points = [CostPoint("Model2Vec", 0.0, 26.0, (10.0, 49.0), 0.39),
+              CostPoint("Shortlist k=3", 3.9, 18.0, (6.0, 35.0), 0.55),
+              CostPoint("LEEP", 10.0, 19.0, (6.5, 39.0), 0.55),
+              CostPoint("Brute force (val)", math.inf, 53.0, (30.0, 80.0), 0.42),
+              CostPoint("Oracle", math.nan, 0.0, (0.0, 0.0), 0.97)]
+    fig = plots.cost_vs_quality(points, 10)
+    check_png(plots.png_bytes(fig))
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["Model2Vec (τw 0.39)", "Shortlist k=3 (τw 0.55)", "LEEP (τw 0.55)",
+                      "Brute force (val) (τw 0.42)"]  # the oracle is a reference, not a cost
+    xs = {label: line.get_xdata()[0] for label, line in zip(
+        labels, [c.lines[0] for c in ax.containers], strict=True)}
+    assert xs["Shortlist k=3 (τw 0.55)"] == pytest.approx(3.9)
+    assert xs["LEEP (τw 0.55)"] == pytest.approx(10.0)
+    assert xs["Brute force (val) (τw 0.42)"] > 10.0
+    assert "trains\nall 10" in [t.get_text() for t in ax.get_xticklabels()]

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from jobs import evaluate as evaluate_job
 from jobs import recommend as recommend_job
@@ -80,6 +81,7 @@ def test_train_evaluate_recommend_end_to_end(zoo_root):
     assert "+27.81%" in markdown  # the paper's Mixed Model2Vec number sits beside ours
     assert report["table1"]["repeats"] == 2 and "folds=3, 2 repeats" in markdown
     assert report["family_recovery"]["accuracy"] > 0.9
+    assert root.exists(f"evaluation/{run}/cost_vs_quality.png")  # the plot beside the report
 
     picked = [tasks[0].task_id, tasks[-1].task_id]
     assert recommend_job.main(["--root", root.uri, "--no-tracking", "--tasks", ",".join(picked),
@@ -164,6 +166,10 @@ def test_logme_column_from_cached_expert_features(zoo_root):
     logme = report["table1"]["reports"]["LogME"]["by_meta_task"]["Mixed"]
     chance = report["table1"]["reports"]["Chance"]["by_meta_task"]["Mixed"]
     assert logme["relative_increase_pct"] < chance["relative_increase_pct"]
+    # the default recommender re-ranks by LogME (no source heads, so no screen): k passes
+    passes = {row["selector"]: row["expert_forward_passes"] for row in report["cost"]}
+    assert passes["Shortlist k=1"] == 1 and passes["Shortlist k=3"] == 3
+    assert passes["LogME"] == len(experts) and passes["Model2Vec"] == 0
     # one expert's features missing on one task: the column is left out, the rest runs
     root.fs.rm(root.join(FeatureKey.for_cell(experts[0], tasks[0], "train", 32).rel))
     assert evaluate_job.main(args) == 0
@@ -250,3 +256,103 @@ def test_new_task_folders_are_embedded_by_the_recommenders_own_probe(tmp_path, i
     assert np.allclose(vectors[0], expected)
     with pytest.raises(RecommendError, match="trained on embeddings of probe resnet-x, but"):
         new_task_vectors([folder], "small_cnn", None, "resnet-x", "montecarlo", image_size=12)
+
+
+# --------------------------------------------------------------------------- new task folders
+
+
+@pytest.fixture(scope="module")
+def image_zoo(tmp_path_factory, write_task_folder):
+    """A real tiny zoo: four image-folder tasks in two families, three small_cnn experts with
+    their own weights and source heads (one generic), the tasks' real embeddings, a synthetic
+    matrix, and a trained MODEL2VEC; plus one new task folder no one has seen."""
+    from t2v_core.embedding.probes import build_probe, save_weights
+    from t2v_core.embedding.store import EmbedConfig, embed_task
+    from t2v_core.matrix.experts import SourceHead, head_uri
+    from t2v_core.zoo.manifest import read_tasks
+    from t2v_core.zoo.register import register_folders
+
+    base = tmp_path_factory.mktemp("image-zoo")
+    for i, name in enumerate(["fa__t0", "fa__t1", "fb__t0", "fb__t1"]):
+        write_task_folder(base / "zoo", name, {"x": 5, "y": 5}, {"x": 2, "y": 2}, seed=i, size=8)
+    new = write_task_folder(base / "new", "fa__new", {"x": 5, "y": 5, "z": 5}, {"x": 1}, seed=9,
+                            size=8)
+    root = StorageRoot(base / "root")
+    register_folders(str(base / "zoo"), root)
+    tasks = read_tasks(root)
+    experts = []
+    for seed, source in enumerate(["fa__t0", "fb__t0", None], start=1):
+        expert_id = f"small_cnn__{source or 'generic'}"
+        probe = build_probe("small_cnn", None, seed=seed)
+        weights = str(base / "experts" / f"{expert_id}.pt")
+        digest = save_weights(probe.backbone, weights)
+        gen = torch.Generator().manual_seed(seed)
+        head = SourceHead(torch.randn(3, probe.feature_dim, generator=gen), torch.zeros(3))
+        StorageRoot(base / "experts").write_bytes_atomic(
+            head_uri(weights).rsplit("/", 1)[-1], head.to_bytes())
+        experts.append(ExpertSpec(expert_id, "small_cnn", weights, source, digest))
+    write_experts(root, experts)
+    probe = build_probe("small_cnn", None, input_size=8)
+    outcomes = [TaskOutcome(t.task_id, t.content_hash, embed_task(
+        t, probe, EmbedConfig(image_size=8)).vector.astype(np.float32), 10) for t in tasks]
+    root.write_part(dataset_path(PROBE, METHOD), embeddings_table(outcomes, PROBE, METHOD),
+                    ["task_id", "content_hash"])
+    write_filter_names(root, PROBE, [f"f{i}" for i in range(outcomes[0].vector.size)])
+    rng = np.random.default_rng(0)
+    write_rows(root, [MatrixRow(t.task_id, e.expert_id, "probe", "ok",
+                                float(rng.uniform(0.1, 0.6)), 0.1, 10, 5, 1, 0.1,
+                                t.content_hash, e.content_hash)
+                      for t in tasks for e in experts])
+    assert train_model2vec.main(["--root", root.uri, "--no-tracking", "--max-epochs", "20"]) == 0
+    return root, experts, str(new)
+
+
+def test_new_task_folders_get_the_shortlist_reranked_by_the_experts_own_scores(image_zoo):
+    """Every expert screens 3 images per class, only the k shortlisted experts run over all of
+    the new task's images (the cached features say so); the table shows every score, and the
+    shortlist is ordered by LEEP."""
+    from t2v_core.embedding.probes import build_probe
+    from t2v_core.matrix.experts import load_head
+    from t2v_core.matrix.features import compute_features
+    from t2v_core.recommend.transferability import leep, logme
+    from t2v_core.zoo.data import scan_task
+
+    root, experts, new = image_zoo
+    result = recommend_job.run(recommend_job.parse_args(
+        ["--root", root.uri, "--no-tracking", "--data", new, "--probe", "small_cnn",
+         "--image-size", "8", "--shortlist-k", "2"]))
+    frame = result.frame.sort_values("rank")
+    assert list(frame["rank"]) == [1, 2, 3]
+    short, left = frame[frame["shortlisted"]], frame[~frame["shortlisted"]].iloc[0]
+    assert len(short) == 2 and list(short["rank"]) == [1, 2]
+    assert left[["logme", "leep", "fused"]].isna().all() and frame["screen_leep"].notna().all()
+    assert list(short["leep"]) == sorted(short["leep"], reverse=True)
+    # the first stage is monotone in both of its inputs: what it left out beats no shortlisted
+    # expert on both MODEL2VEC's rank and the screen
+    assert not any(left["model2vec_rank"] < s["model2vec_rank"]
+                   and left["screen_leep"] > s["screen_leep"] for _, s in short.iterrows())
+    cached = root.list("features", recursive=True)
+    assert len(cached) == 3 + 2  # a screen per expert, a full pass per shortlisted expert
+    spec = scan_task(new)[0]
+    by_id = {e.expert_id: e for e in experts}
+    for _, row in frame.iterrows():  # the scores by hand, from the expert's own network
+        expert = by_id[row["expert_id"]]
+        net, head = build_probe("small_cnn", expert.weights_uri).backbone, load_head(
+            expert.weights_uri)
+        few = compute_features(net, spec, "train", 8, max_per_class=3)
+        assert len(few.labels) == 9
+        assert row["screen_leep"] == pytest.approx(
+            leep(head.probabilities(few.features.astype(np.float64)), few.labels), rel=1e-6)
+        if row["shortlisted"]:
+            feats = compute_features(net, spec, "train", 8)
+            probs = head.probabilities(feats.features.astype(np.float64))
+            assert row["logme"] == pytest.approx(logme(feats.features, feats.labels), rel=1e-6)
+            assert row["leep"] == pytest.approx(leep(probs, feats.labels), rel=1e-6)
+    stored = pq.read_table(result.path).to_pandas()
+    assert {"model2vec_rank", "screen_leep", "shortlisted", "logme", "leep", "fused"} <= set(
+        stored.columns)
+    alone = recommend_job.recommend(recommend_job.parse_args(
+        ["--root", root.uri, "--no-tracking", "--data", new, "--probe", "small_cnn",
+         "--image-size", "8", "--shortlist-k", "0"]))
+    assert list(alone.sort_values("rank")["expert_id"]) == list(
+        frame.sort_values("model2vec_rank")["expert_id"])

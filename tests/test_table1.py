@@ -23,6 +23,7 @@ from t2v_core.recommend.selectors import (
     LogMESelector,
     OracleSelector,
 )
+from t2v_core.recommend.shortlist import default_recommenders, with_screen
 from t2v_core.recommend.table1 import (
     CONTEXT_COLUMNS,
     before_oracle,
@@ -173,14 +174,18 @@ def test_evaluate_table1_is_the_protocol_on_the_tables_rows(zoo):
     data = meta_dataset(zoo, val_errors=zoo.errors.copy())
     report = evaluate_table1(data, 3, seed=2, model2vec_epochs=5, context=dict(zoo.context))
     names = list(report.result.reports)
-    assert names == [*PAPER_ROWS[:-1], "LogME", "LEEP", "Brute force (val)", "Family best",
-                     "Oracle"]  # NCE reads source_labels, which this context lacks
+    shortlists = ["Shortlist k=1", "Shortlist k=3", "Shortlist k=5"]
+    assert names == [*PAPER_ROWS[:-1], "LogME", "LEEP", "Brute force (val)", *shortlists,
+                     "Family best", "Oracle"]  # NCE reads source_labels, which this context lacks
     # the same rows through the protocol directly give the same table
-    rows = before_oracle(
-        with_context_columns(standard_selectors(data, seed=2, model2vec_epochs=5),
-                             {**zoo.context, "val_errors": []}),
-        "Family best", FamilyBestSelector(0.02))
-    context = {**zoo.context, "val_errors": list(data.errors), "families": list(data.families)}
+    rows = with_context_columns(standard_selectors(data, seed=2, model2vec_epochs=5),
+                                {**zoo.context, "val_errors": []})
+    for name, rec in default_recommenders(zoo.context, seed=2, model2vec_epochs=5,
+                                          error_floor=0.02).items():
+        rows = before_oracle(rows, name, rec)
+    rows = before_oracle(rows, "Family best", FamilyBestSelector(0.02))
+    context = with_screen({**zoo.context, "val_errors": list(data.errors),
+                           "families": list(data.families)})
     direct = evaluate_selectors(rows, data.embeddings, data.errors, data.expert_sources,
                                 list(data.expert_ids), list(data.families), folds=3,
                                 random_state=2, error_floor=0.02, context=context)
@@ -196,6 +201,15 @@ def test_evaluate_table1_is_the_protocol_on_the_tables_rows(zoo):
     assert payload["oracle_noise_floor"] is None and payload["error_floor"] == 0.02
     assert payload["task_ids"] == list(data.task_ids)
     assert payload["family_recovery"]["accuracy"] > 0.9
+    cost = {row["selector"]: row for row in payload["cost"]}
+    assert cost["Model2Vec"]["expert_forward_passes"] == 0.0
+    assert cost["LogME"]["expert_forward_passes"] == 4.0
+    assert cost["Brute force (val)"]["trains_every_expert"]
+    assert cost["Oracle"]["expert_forward_passes"] is None
+    for k, name in zip((1, 3, 4), shortlists, strict=True):  # k=5 of 4 experts runs all 4
+        screen = cost[name]["expert_forward_passes"] - k
+        assert 0 < screen < 4  # every expert, on a few images per class
+    assert "| Shortlist k=3 |" in report.markdown and "expert forward passes" in report.markdown
 
 
 def test_one_family_has_no_family_best_row(zoo):

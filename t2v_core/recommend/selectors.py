@@ -446,6 +446,9 @@ class _PerExpertScoreSelector(Selector):
 
     cost = COST_EXPERTS
     context_keys: ClassVar[tuple[str, ...]] = ()
+    # Its key in context "transfer_scores" (per task, name -> per-expert scores), where an
+    # evaluation that needs the scores more than once keeps them; None: always computed.
+    score_name: ClassVar[str | None] = None
 
     @abstractmethod
     def _score(self, expert_output: Any, labels: np.ndarray) -> float:
@@ -459,6 +462,11 @@ class _PerExpertScoreSelector(Selector):
 
     def rank(self, task_embeddings, **context: Any) -> np.ndarray:
         n = self._n_tasks(task_embeddings)
+        cached = context.get("transfer_scores")
+        if self.score_name and cached is not None and len(cached) == n and all(
+                self.score_name in row for row in cached):
+            scores = np.stack([np.asarray(row[self.score_name], np.float64) for row in cached])
+            return rank_by_score(scores, higher_is_better=True)
         outputs = self._outputs(context, n)
         labels = context.get("labels")
         if labels is None or len(labels) != n or len(outputs) != n:
@@ -482,6 +490,7 @@ class LogMESelector(_PerExpertScoreSelector):
 
     name = "logme"
     context_keys = ("features", "labels")
+    score_name = "logme"
 
     def _score(self, expert_output: Any, labels: np.ndarray) -> float:
         return logme(expert_output, labels)
@@ -492,6 +501,7 @@ class LEEPSelector(_PerExpertScoreSelector):
 
     name = "leep"
     context_keys = ("source_probs", "labels")
+    score_name = "leep"
 
     def _score(self, expert_output: Any, labels: np.ndarray) -> float:
         return leep(expert_output, labels)

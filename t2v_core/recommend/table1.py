@@ -7,7 +7,10 @@ inputs beyond embeddings and errors join when those inputs exist (:data:`CONTEXT
 LogME, LEEP and NCE from the expert features the matrix job cached and the experts' source
 heads (:func:`transfer_context`), and the brute-force search from the matrix's validation
 errors. With several families a "Family best" reference row, told each task's family, shows
-what knowing the family alone is worth. :func:`evaluate_table1` holds tasks out
+what knowing the family alone is worth. The default recommender
+(:mod:`t2v_core.recommend.shortlist`) joins at shortlists of 1, 3 and 5 experts when the
+experts' outputs are there, and every row's cost in expert forward passes per task is reported
+next to its quality (:mod:`t2v_core.recommend.cost`). :func:`evaluate_table1` holds tasks out
 (:mod:`t2v_core.recommend.protocol`) and writes the Markdown and JSON of the whole report,
 with the embedding diagnostics and the oracle's test-noise floor.
 
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -29,11 +32,17 @@ from t2v_core.embedding.fisher import PRIOR_PRECISION
 from t2v_core.embedding.probes import WeightsError
 from t2v_core.matrix.experts import load_head
 from t2v_core.matrix.features import FeatureCache, FeatureKey
+from t2v_core.recommend.cost import CostPoint, cost_markdown, cost_payload, cost_points
 from t2v_core.recommend.diagnostics import family_recovery, norm_vs_difficulty
 from t2v_core.recommend.meta_dataset import MetaDataset
 from t2v_core.recommend.metrics import DEFAULT_ERROR_FLOOR
 from t2v_core.recommend.noise_floor import NoiseFloor, oracle_noise_floor
-from t2v_core.recommend.protocol import ALL_TASKS, EvaluationResult, evaluate_selectors
+from t2v_core.recommend.protocol import (
+    ALL_TASKS,
+    MIXED,
+    EvaluationResult,
+    evaluate_selectors,
+)
 from t2v_core.recommend.report import folds_label, to_json, views_markdown
 from t2v_core.recommend.selectors import (
     AsymTask2VecSelector,
@@ -51,6 +60,7 @@ from t2v_core.recommend.selectors import (
     Task2VecSelector,
     hard_predictions,
 )
+from t2v_core.recommend.shortlist import default_recommenders, with_screen
 from t2v_core.storage import StorageRoot
 from t2v_core.zoo.manifest import read_experts, read_tasks
 
@@ -260,6 +270,7 @@ class Table1Report:
     result: EvaluationResult
     markdown: str
     payload: dict
+    costs: list[CostPoint] = field(default_factory=list)  # every row's cost and quality
 
 
 def table1_rows(data: MetaDataset, context: dict | None, *, seed: int, model2vec_epochs: int,
@@ -270,6 +281,12 @@ def table1_rows(data: MetaDataset, context: dict | None, *, seed: int, model2vec
     selectors = with_context_columns(
         standard_selectors(data, seed=seed, model2vec_epochs=model2vec_epochs,
                            error_floor=error_floor), context)
+    recommenders = default_recommenders(context, seed=seed, error_floor=error_floor,
+                                        model2vec_epochs=model2vec_epochs)
+    if recommenders:
+        context = with_screen(context)
+    for name, recommender in recommenders.items():
+        selectors = before_oracle(selectors, name, recommender)
     if len(set(data.families)) > 1:
         selectors = before_oracle(selectors, "Family best", FamilyBestSelector(error_floor))
         context = {**(context or {}), "families": list(data.families)}
@@ -297,11 +314,14 @@ def evaluate_table1(data: MetaDataset, folds: str | int = "loo", *, seed: int = 
     difficulty = norm_vs_difficulty(data.embeddings, data.errors)
     floors = {view: noise_floor(data, error_floor, idx) for view, idx in views.items()}
     notes = {view: noise_floor_sentence(f) for view, f in floors.items() if f is not None}
+    costs = cost_points(result, selectors)  # the headline view's Mixed
     markdown = "\n\n".join([
         f"## Expert selection ({len(data.task_ids)} tasks × {len(data.expert_ids)} experts, "
         f"probe {data.probe_id}, {data.method} Fisher, {folds_label(folds, repeats)}, "
         f"oracle errors floored at {error_floor:g})",
         views_markdown(result, titles, notes).rstrip(),
+        cost_markdown(costs, len(data.expert_ids),
+                      f"{MIXED}, {next(iter(views)).lower()} tasks"),
         f"Family recovery from embeddings alone (1-NN, d_sym, all tasks): "
         f"{recovery.accuracy:.1%} (chance {recovery.chance_accuracy:.1%}).",
         f"Embedding norm vs the task's best error: Spearman ρ = {difficulty.spearman:.2f}.",
@@ -310,6 +330,7 @@ def evaluate_table1(data: MetaDataset, folds: str | int = "loo", *, seed: int = 
     payload = {
         "table1": json.loads(to_json(result)),
         "views": {view: [data.task_ids[t] for t in idx] for view, idx in views.items()},
+        "cost": cost_payload(costs),
         "family_recovery": json.loads(to_json(recovery)),
         "norm_vs_difficulty": json.loads(to_json(difficulty)),
         "oracle_noise_floor": None if floors[headline] is None else asdict(floors[headline]),
@@ -321,4 +342,4 @@ def evaluate_table1(data: MetaDataset, folds: str | int = "loo", *, seed: int = 
         "task_ids": list(data.task_ids),
         "expert_ids": list(data.expert_ids),
     }
-    return Table1Report(result, markdown, payload)
+    return Table1Report(result, markdown, payload, costs)

@@ -1,5 +1,6 @@
 """Figures for reviewing a zoo: the task map, distance and error-matrix heatmaps, norm vs error,
-and top-k recommendations against their true errors.
+top-k recommendations against their true errors, and each recommender's cost against its
+quality.
 
 Every function builds a :class:`matplotlib.figure.Figure` on its own Agg canvas instead of
 going through ``pyplot``: no global backend switch, nothing kept alive in pyplot's figure
@@ -36,6 +37,7 @@ from t2v_core.zoo.manifest import TaskSpec
 
 __all__ = [
     "TaskMap",
+    "cost_vs_quality",
     "distance_heatmap",
     "embedding_matrix",
     "error_matrix_heatmap",
@@ -452,3 +454,68 @@ def norm_report(data: MetaDataset, tasks: Sequence[TaskSpec] | None = None, *,
     :func:`t2v_core.recommend.diagnostics.norm_correlates`) and their figure."""
     result = norm_correlates_of(data, tasks, **kwargs)
     return result, norm_correlates_figure(result, norm)
+
+
+def cost_vs_quality(
+    points: Sequence,
+    n_experts: int,
+    *,
+    title: str = "Cost vs quality per new task",
+) -> Figure:
+    """Each row of Table 1 as a point: expert forward passes per new task against its relative
+    error increase over the oracle, with the 95% interval as an error bar (``points``:
+    :class:`~t2v_core.recommend.cost.CostPoint`). Brute force, which trains every expert, sits
+    right of the axis's end; reference rows (oracle, family told) are left out. Rows at the same
+    cost are spread sideways a little so their intervals stay apart; the default recommender's
+    rows are joined by a line."""
+    drawn = [p for p in points if not np.isnan(p.passes) and np.isfinite(p.relative_increase_pct)]
+    if not drawn:
+        raise ValueError("no row with a cost and a relative increase to plot")
+    brute_x = n_experts * 1.2 + 1
+    xs = np.asarray([brute_x if np.isinf(p.passes) else p.passes for p in drawn])
+    offsets = np.zeros(len(drawn))
+    for x in np.unique(xs):
+        same = np.flatnonzero(xs == x)
+        offsets[same] = (np.arange(same.size) - (same.size - 1) / 2) * 0.2 * (n_experts / 10)
+    fig = new_figure(8.0, 5.5)
+    ax = fig.add_subplot()
+    cmap = _family_colors([p.name for p in drawn])
+    markers = "osD^vP*Xh<>"
+    shortlist = [i for i, p in enumerate(drawn) if p.name.startswith("Shortlist")]
+    if len(shortlist) > 1:
+        ax.plot(xs[shortlist] + offsets[shortlist],
+                [drawn[i].relative_increase_pct for i in shortlist], color="black",
+                linewidth=1, linestyle=":", zorder=1)
+    for i, p in enumerate(drawn):
+        y = p.relative_increase_pct
+        low, high = p.ci95_pct
+        yerr = None if np.isnan(low) else [[max(y - low, 0.0)], [max(high - y, 0.0)]]
+        ax.errorbar(xs[i] + offsets[i], y, yerr=yerr, fmt=markers[i % len(markers)],
+                    color=cmap[p.name], markersize=8, capsize=3, markeredgecolor="black",
+                    markeredgewidth=0.5, label=f"{p.name} (τw {p.weighted_tau:.2f})", zorder=2)
+    values = np.asarray([[p.relative_increase_pct, *p.ci95_pct] for p in drawn], np.float64)
+    positive = values[np.isfinite(values) & (values > 0)]
+    bottom = max(0.5, 0.7 * positive.min()) if positive.size else 1.0
+    top = 1.4 * np.nanmax(values)
+    ax.set_yscale("log")  # a +5% and a +400% row on one axis; +0% would sit at the bottom
+    ax.set_ylim(bottom, max(top, 2 * bottom))
+    ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if bottom <= t <= top]
+    ax.set_yticks(ticks, [f"+{t}%" for t in ticks])
+    ax.minorticks_off()
+    xticks = list(range(0, n_experts + 1, max(1, n_experts // 10)))
+    labels = [str(t) for t in xticks]
+    right = n_experts
+    if any(np.isinf(p.passes) for p in drawn):
+        xticks.append(brute_x)
+        labels.append(f"trains\nall {n_experts}")
+        ax.axvline((n_experts + brute_x) / 2, color="lightgrey", linewidth=1)
+        right = brute_x
+    ax.set_xticks(xticks, labels)
+    margin = 0.8 * max(1, n_experts / 10)
+    ax.set_xlim(-margin, right + margin)
+    ax.grid(True, axis="y", color="0.9")
+    ax.set_xlabel(f"expert forward passes per new task (of {n_experts} experts)")
+    ax.set_ylabel("relative error increase over the oracle (95% CI)")
+    ax.set_title(title)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return fig

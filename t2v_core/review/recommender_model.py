@@ -11,6 +11,11 @@ Input: a DataFrame with a column ``embedding`` (one list of floats per task, the
 embedding) and an optional ``task_id``. Output: one row per (task, expert), best first:
 task_id, rank (1 = best), expert_id, score (p(expert | task), sums to 1 over a task's
 experts), distance (d_asym, lower = better). The param ``top_k`` keeps the first k per task.
+
+The model ranks by MODEL2VEC alone. The default recommender of ``jobs.recommend`` re-ranks
+MODEL2VEC's shortlist by the shortlisted experts' scores on the task's images
+(:mod:`t2v_core.recommend.shortlist_table`), which needs the images and the experts' weights,
+so it is not part of a model served from embeddings.
 """
 
 from __future__ import annotations

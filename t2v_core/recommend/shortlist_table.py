@@ -1,0 +1,141 @@
+"""The default recommender on new task folders: every expert screens a few images per class,
+only the shortlisted experts run over all of each task's images, and the table shows every
+score the ranking used.
+
+The MLflow pyfunc (:mod:`t2v_core.review.recommender_model`) ranks from embeddings alone, since
+the re-ranking needs the task's images and the experts' weights; this is the path that has both.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from t2v_core.embedding.probes import build_probe
+from t2v_core.matrix.experts import load_head
+from t2v_core.matrix.features import FeatureCache, cell_features
+from t2v_core.recommend.model2vec import Model2Vec
+from t2v_core.recommend.shortlist import (
+    DEFAULT_FUSION,
+    SCORES,
+    SCREEN_PER_CLASS,
+    ShortlistRecommender,
+)
+from t2v_core.recommend.transferability import leep
+from t2v_core.storage import StorageRoot
+from t2v_core.zoo.data import scan_task
+from t2v_core.zoo.manifest import ExpertSpec, TaskSpec, read_experts
+
+__all__ = ["COLUMNS", "new_task_recommendations", "shortlist_recommendations"]
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["task_id", "rank", "expert_id", "score", "model2vec_rank", "screen_leep",
+           "shortlisted", "logme", "leep", "fused"]
+
+
+def _outputs(cache: FeatureCache, expert: ExpertSpec, task: TaskSpec, image_size: int,
+             max_per_class: int | None) -> dict:
+    """One expert's forward pass over the task's training images (cached under the root like
+    the matrix job's): its features, its source head's probabilities (None without a head),
+    and the labels."""
+    def backbone():
+        probe = build_probe(expert.arch, expert.weights_uri, seed=0, input_size=image_size)
+        return probe.backbone, probe.probe_id
+
+    feats = cell_features(cache, backbone, expert, task, "train", image_size,
+                          max_per_class=max_per_class)
+    head = load_head(expert.weights_uri)
+    features = feats.features.astype(np.float64)
+    return {"features": features, "labels": feats.labels,
+            "source_probs": None if head is None else head.probabilities(features)}
+
+
+def _screen(cache: FeatureCache, experts: Sequence[ExpertSpec], task: TaskSpec, image_size: int,
+            per_class: int) -> tuple[np.ndarray, float]:
+    """Every expert's LEEP on at most ``per_class`` training images per class of the task (NaN
+    without a source head), and what it cost in expert forward passes."""
+    scores, images = np.full(len(experts), np.nan), 0
+    for i, expert in enumerate(experts):
+        out = _outputs(cache, expert, task, image_size, per_class)
+        images += len(out["labels"])
+        if out["source_probs"] is not None:
+            scores[i] = leep(out["source_probs"], np.asarray(out["labels"]))
+    return scores, images / max(task.n_train, 1)
+
+
+def _task_scores(rec: ShortlistRecommender, head: np.ndarray, outputs: dict[int, dict]
+                 ) -> dict[str, np.ndarray]:
+    """Every score of the shortlisted experts (NaN elsewhere and where an expert lacks the
+    output a score reads)."""
+    out = {name: np.full(rec.n_experts_, np.nan) for name in SCORES}
+    for e in head:
+        for name, (key, score) in SCORES.items():
+            if outputs[e][key] is not None:
+                out[name][e] = score(outputs[e][key], np.asarray(outputs[e]["labels"]))
+    return out
+
+
+def shortlist_recommendations(rec: ShortlistRecommender, vectors, tasks: Sequence[TaskSpec],
+                              experts: Sequence[ExpertSpec], root: StorageRoot, image_size: int,
+                              *, max_per_class: int | None = None,
+                              screen_per_class: int | None = SCREEN_PER_CLASS) -> pd.DataFrame:
+    """One row per (task, expert), best first: the final rank, MODEL2VEC's p(expert | task)
+    (``score``) and rank, the screen's LEEP (every expert on ``screen_per_class`` images per
+    class; None: no screen), whether the expert was shortlisted and run, its LogME and LEEP on
+    the task (NaN unless shortlisted), and the fused value the shortlist was ordered by."""
+    by_id = {e.expert_id: e for e in experts}
+    missing = [e for e in rec.expert_ids_ if str(e) not in by_id]
+    if missing:
+        raise ValueError(f"the recommender ranks experts the zoo does not list: {missing[:5]}")
+    vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
+    cache = FeatureCache(root)
+    log_p = rec.log_p(vectors)
+    zoo = [by_id[str(e)] for e in rec.expert_ids_]
+    frames = []
+    for j, task in enumerate(tasks):
+        screen, screen_passes = (_screen(cache, zoo, task, image_size, screen_per_class)
+                                 if screen_per_class else (None, 0.0))
+        screens = None if screen is None else [screen]
+        head = rec.shortlist(vectors[j:j + 1], screens)[0]
+        outputs = {int(e): _outputs(cache, zoo[e], task, image_size, max_per_class)
+                   for e in head}
+        scores = _task_scores(rec, head, outputs)
+        ranking = rec.rerank(vectors[j:j + 1], [scores], screens)[0]
+        rec.ledger.add([head.size + screen_passes])
+        fused = np.full(rec.n_experts_, np.nan)
+        fused[head] = rec.fusion_.combine(log_p[j], scores)[head]
+        m2v_rank = np.empty(rec.n_experts_, dtype=np.int64)
+        m2v_rank[np.argsort(-log_p[j], kind="stable")] = np.arange(1, rec.n_experts_ + 1)
+        frames.append(pd.DataFrame({
+            "task_id": task.task_id,
+            "rank": np.arange(1, rec.n_experts_ + 1),
+            "expert_id": [str(rec.expert_ids_[e]) for e in ranking],
+            "score": np.exp(log_p[j][ranking]),
+            "model2vec_rank": m2v_rank[ranking],
+            "screen_leep": (np.full(rec.n_experts_, np.nan) if screen is None
+                            else screen)[ranking],
+            "shortlisted": np.isin(ranking, head),
+            "logme": scores["logme"][ranking],
+            "leep": scores["leep"][ranking],
+            "fused": fused[ranking],
+        }))
+        log.info("%s: ran %d of %d experts (%s)", task.task_id, head.size, rec.n_experts_,
+                 ", ".join(str(rec.expert_ids_[e]) for e in head))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
+
+
+def new_task_recommendations(model: Model2Vec, uris: Sequence[str], vectors, root: StorageRoot,
+                             image_size: int, *, k: int = 3, max_per_class: int | None = None
+                             ) -> pd.DataFrame:
+    """The default recommender on the task folders ``uris`` (embedded as ``vectors``): the
+    stored MODEL2VEC and the screen (every expert on a few images per class) shortlist ``k``
+    experts per task, each runs over the task's training images, and
+    :data:`~t2v_core.recommend.shortlist.DEFAULT_FUSION` (LEEP) re-ranks them."""
+    tasks = [scan_task(uri)[0] for uri in uris]
+    rec = ShortlistRecommender.from_model(model, DEFAULT_FUSION, k)
+    return shortlist_recommendations(rec, vectors, tasks, read_experts(root), root, image_size,
+                                     max_per_class=max_per_class)
