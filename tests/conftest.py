@@ -120,6 +120,18 @@ def write_image_folder(
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Torch on one thread for the test: small tensors run faster, and results are
+    bit-identical only per thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def image_folder():
     """The :func:`write_image_folder` helper."""
     return write_image_folder

@@ -21,13 +21,7 @@ from t2v_core.zoo.register import register_folders
 SIZE = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Bit-identity is promised per thread count; pin it (one thread is also fastest here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,14 +29,7 @@ from t2v_core.matrix.finetune import (
 from t2v_core.storage import StorageRoot
 from t2v_core.zoo.manifest import ExpertSpec, TaskSpec
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread is faster than two, and stable on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def gaussian_problem(n: int = 60, d: int = 12, c: int = 3, seed: int = 0, val: float = 0.2):
