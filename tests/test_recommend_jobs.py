@@ -166,9 +166,12 @@ def test_logme_column_from_cached_expert_features(zoo_root):
     logme = report["table1"]["reports"]["LogME"]["by_meta_task"]["Mixed"]
     chance = report["table1"]["reports"]["Chance"]["by_meta_task"]["Mixed"]
     assert logme["relative_increase_pct"] < chance["relative_increase_pct"]
-    # the default recommender re-ranks by LogME (no source heads, so no screen): k passes
+    # the default recommender re-ranks by LogME (no source heads, so no LEEP) and screens by
+    # LogME on 3 images per class: k passes + every expert's 6 of 40 images
     passes = {row["selector"]: row["expert_forward_passes"] for row in report["cost"]}
-    assert passes["Shortlist k=1"] == 1 and passes["Shortlist k=3"] == 3
+    screen = len(experts) * 6 / 40
+    assert passes["Shortlist k=1"] == pytest.approx(1 + screen)
+    assert passes["Shortlist k=3"] == pytest.approx(3 + screen)
     assert passes["LogME"] == len(experts) and passes["Model2Vec"] == 0
     # one expert's features missing on one task: the column is left out, the rest runs
     root.fs.rm(root.join(FeatureKey.for_cell(experts[0], tasks[0], "train", 32).rel))
@@ -310,7 +313,7 @@ def image_zoo(tmp_path_factory, write_task_folder):
 def test_new_task_folders_get_the_shortlist_reranked_by_the_experts_own_scores(image_zoo):
     """Every expert screens 3 images per class, only the k shortlisted experts run over all of
     the new task's images (the cached features say so); the table shows every score, and the
-    shortlist is ordered by LEEP."""
+    shortlist is ordered by its LogME and LEEP, z-scored and added."""
     from t2v_core.embedding.probes import build_probe
     from t2v_core.matrix.experts import load_head
     from t2v_core.matrix.features import compute_features
@@ -326,11 +329,14 @@ def test_new_task_folders_get_the_shortlist_reranked_by_the_experts_own_scores(i
     short, left = frame[frame["shortlisted"]], frame[~frame["shortlisted"]].iloc[0]
     assert len(short) == 2 and list(short["rank"]) == [1, 2]
     assert left[["logme", "leep", "fused"]].isna().all() and frame["screen_leep"].notna().all()
-    assert list(short["leep"]) == sorted(short["leep"], reverse=True)
+    assert (np.diff(short["fused"]) <= 1e-9).all()  # a tie keeps the first stage's order
+    both = short[["logme", "leep"]].to_numpy()
+    z = (both - both.mean(0)) / both.std(0)
+    np.testing.assert_allclose(short["fused"], z.sum(1), atol=1e-9)
     # the first stage is monotone in both of its inputs: what it left out beats no shortlisted
     # expert on both MODEL2VEC's rank and the screen
     assert not any(left["model2vec_rank"] < s["model2vec_rank"]
-                   and left["screen_leep"] > s["screen_leep"] for _, s in short.iterrows())
+                   and left["screen"] > s["screen"] for _, s in short.iterrows())
     cached = root.list("features", recursive=True)
     assert len(cached) == 3 + 2  # a screen per expert, a full pass per shortlisted expert
     spec = scan_task(new)[0]
@@ -343,13 +349,15 @@ def test_new_task_folders_get_the_shortlist_reranked_by_the_experts_own_scores(i
         assert len(few.labels) == 9
         assert row["screen_leep"] == pytest.approx(
             leep(head.probabilities(few.features.astype(np.float64)), few.labels), rel=1e-6)
+        assert row["screen_logme"] == pytest.approx(logme(few.features, few.labels), rel=1e-6)
         if row["shortlisted"]:
             feats = compute_features(net, spec, "train", 8)
             probs = head.probabilities(feats.features.astype(np.float64))
             assert row["logme"] == pytest.approx(logme(feats.features, feats.labels), rel=1e-6)
             assert row["leep"] == pytest.approx(leep(probs, feats.labels), rel=1e-6)
     stored = pq.read_table(result.path).to_pandas()
-    assert {"model2vec_rank", "screen_leep", "shortlisted", "logme", "leep", "fused"} <= set(
+    assert {"model2vec_rank", "screen_leep", "screen_logme", "screen", "shortlisted", "logme",
+            "leep", "fused"} <= set(
         stored.columns)
     alone = recommend_job.recommend(recommend_job.parse_args(
         ["--root", root.uri, "--no-tracking", "--data", new, "--probe", "small_cnn",

@@ -19,12 +19,11 @@ from t2v_core.matrix.experts import load_head
 from t2v_core.matrix.features import FeatureCache, cell_features
 from t2v_core.recommend.model2vec import Model2Vec
 from t2v_core.recommend.shortlist import (
-    DEFAULT_FUSION,
     SCORES,
     SCREEN_PER_CLASS,
     ShortlistRecommender,
+    screen_value,
 )
-from t2v_core.recommend.transferability import leep
 from t2v_core.storage import StorageRoot
 from t2v_core.zoo.data import scan_task
 from t2v_core.zoo.manifest import ExpertSpec, TaskSpec, read_experts
@@ -34,7 +33,7 @@ __all__ = ["COLUMNS", "new_task_recommendations", "shortlist_recommendations"]
 log = logging.getLogger(__name__)
 
 COLUMNS = ["task_id", "rank", "expert_id", "score", "model2vec_rank", "screen_leep",
-           "shortlisted", "logme", "leep", "fused"]
+           "screen_logme", "screen", "shortlisted", "logme", "leep", "fused"]
 
 
 def _outputs(cache: FeatureCache, expert: ExpertSpec, task: TaskSpec, image_size: int,
@@ -55,15 +54,15 @@ def _outputs(cache: FeatureCache, expert: ExpertSpec, task: TaskSpec, image_size
 
 
 def _screen(cache: FeatureCache, experts: Sequence[ExpertSpec], task: TaskSpec, image_size: int,
-            per_class: int) -> tuple[np.ndarray, float]:
-    """Every expert's LEEP on at most ``per_class`` training images per class of the task (NaN
-    without a source head), and what it cost in expert forward passes."""
-    scores, images = np.full(len(experts), np.nan), 0
-    for i, expert in enumerate(experts):
-        out = _outputs(cache, expert, task, image_size, per_class)
-        images += len(out["labels"])
-        if out["source_probs"] is not None:
-            scores[i] = leep(out["source_probs"], np.asarray(out["labels"]))
+            per_class: int) -> tuple[dict[str, np.ndarray], float]:
+    """Every expert's LEEP and LogME on at most ``per_class`` training images per class of the
+    task (LEEP: NaN without a source head), and what it cost in expert forward passes."""
+    outputs = [_outputs(cache, expert, task, image_size, per_class) for expert in experts]
+    scores = {}
+    for name, (key, score) in SCORES.items():
+        scores[name] = np.asarray([np.nan if o[key] is None else
+                                   score(o[key], np.asarray(o["labels"])) for o in outputs])
+    images = sum(len(o["labels"]) for o in outputs)
     return scores, images / max(task.n_train, 1)
 
 
@@ -84,8 +83,8 @@ def shortlist_recommendations(rec: ShortlistRecommender, vectors, tasks: Sequenc
                               *, max_per_class: int | None = None,
                               screen_per_class: int | None = SCREEN_PER_CLASS) -> pd.DataFrame:
     """One row per (task, expert), best first: the final rank, MODEL2VEC's p(expert | task)
-    (``score``) and rank, the screen's LEEP (every expert on ``screen_per_class`` images per
-    class; None: no screen), whether the expert was shortlisted and run, its LogME and LEEP on
+    (``score``) and rank, the screen's LEEP, LogME and value (every expert on
+    ``screen_per_class`` images per class; None: no screen), whether the expert was shortlisted and run, its LogME and LEEP on
     the task (NaN unless shortlisted), and the fused value the shortlist was ordered by."""
     by_id = {e.expert_id: e for e in experts}
     missing = [e for e in rec.expert_ids_ if str(e) not in by_id]
@@ -98,8 +97,8 @@ def shortlist_recommendations(rec: ShortlistRecommender, vectors, tasks: Sequenc
     frames = []
     for j, task in enumerate(tasks):
         screen, screen_passes = (_screen(cache, zoo, task, image_size, screen_per_class)
-                                 if screen_per_class else (None, 0.0))
-        screens = None if screen is None else [screen]
+                                 if screen_per_class else ({}, 0.0))
+        screens = [screen_value(screen["leep"], screen["logme"])] if screen else None
         head = rec.shortlist(vectors[j:j + 1], screens)[0]
         outputs = {int(e): _outputs(cache, zoo[e], task, image_size, max_per_class)
                    for e in head}
@@ -107,7 +106,8 @@ def shortlist_recommendations(rec: ShortlistRecommender, vectors, tasks: Sequenc
         ranking = rec.rerank(vectors[j:j + 1], [scores], screens)[0]
         rec.ledger.add([head.size + screen_passes])
         fused = np.full(rec.n_experts_, np.nan)
-        fused[head] = rec.fusion_.combine(log_p[j], scores)[head]
+        fused[head] = rec.fused(scores)[head]
+        nothing = np.full(rec.n_experts_, np.nan)
         m2v_rank = np.empty(rec.n_experts_, dtype=np.int64)
         m2v_rank[np.argsort(-log_p[j], kind="stable")] = np.arange(1, rec.n_experts_ + 1)
         frames.append(pd.DataFrame({
@@ -116,8 +116,9 @@ def shortlist_recommendations(rec: ShortlistRecommender, vectors, tasks: Sequenc
             "expert_id": [str(rec.expert_ids_[e]) for e in ranking],
             "score": np.exp(log_p[j][ranking]),
             "model2vec_rank": m2v_rank[ranking],
-            "screen_leep": (np.full(rec.n_experts_, np.nan) if screen is None
-                            else screen)[ranking],
+            "screen_leep": screen.get("leep", nothing)[ranking],
+            "screen_logme": screen.get("logme", nothing)[ranking],
+            "screen": (nothing if screens is None else screens[0])[ranking],
             "shortlisted": np.isin(ranking, head),
             "logme": scores["logme"][ranking],
             "leep": scores["leep"][ranking],
@@ -133,9 +134,9 @@ def new_task_recommendations(model: Model2Vec, uris: Sequence[str], vectors, roo
                              ) -> pd.DataFrame:
     """The default recommender on the task folders ``uris`` (embedded as ``vectors``): the
     stored MODEL2VEC and the screen (every expert on a few images per class) shortlist ``k``
-    experts per task, each runs over the task's training images, and
-    :data:`~t2v_core.recommend.shortlist.DEFAULT_FUSION` (LEEP) re-ranks them."""
+    experts per task, each runs over the task's training images, and their LogME and LEEP
+    (:data:`~t2v_core.recommend.shortlist.DEFAULT_RERANK`) re-rank them."""
     tasks = [scan_task(uri)[0] for uri in uris]
-    rec = ShortlistRecommender.from_model(model, DEFAULT_FUSION, k)
+    rec = ShortlistRecommender.from_model(model, k)
     return shortlist_recommendations(rec, vectors, tasks, read_experts(root), root, image_size,
                                      max_per_class=max_per_class)
