@@ -53,6 +53,7 @@ Choices made here (the paper leaves them open):
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
@@ -69,7 +70,7 @@ from t2v_core.recommend.meta_dataset import place_generic_experts
 from t2v_core.recommend.metrics import DEFAULT_ERROR_FLOOR, relative_increase
 from t2v_core.storage import atomic_write_bytes, read_uri_bytes
 
-__all__ = ["Model2Vec", "resolve_expert_sources", "torch_complexity", "torch_d_asym",
+__all__ = ["FitMemo", "Model2Vec", "resolve_expert_sources", "torch_complexity", "torch_d_asym",
            "torch_d_sym"]
 
 log = logging.getLogger(__name__)
@@ -612,3 +613,27 @@ class Model2Vec(BaseEstimator):
         model.best_epoch_ = int(state["best_epoch"])
         model._init_log_m = torch.log(model.sources_ + model.floor * float(model.t0_[0]))
         return model
+
+
+class FitMemo:
+    """MODEL2VEC fits keyed by their parameters and training data, shared by deep copies:
+    Table 1's Model2Vec row and the default recommender's rows, which fit the same model on
+    the same fold, fit it once."""
+
+    def __init__(self) -> None:
+        self._fits: dict[str, Model2Vec] = {}
+
+    def __deepcopy__(self, memo: dict) -> FitMemo:
+        return self
+
+    def fit(self, params: dict[str, Any], tasks: np.ndarray, errors: np.ndarray, sources,
+            expert_ids: Sequence[Any]) -> Model2Vec:
+        digest = hashlib.sha256(repr(sorted(params.items())).encode())
+        for part in (tasks, errors, np.asarray(
+                [np.full(tasks.shape[1], np.nan) if s is None else s for s in sources], float)):
+            digest.update(np.ascontiguousarray(part, dtype=np.float64).tobytes())
+        key = digest.hexdigest()
+        if key not in self._fits:
+            self._fits[key] = Model2Vec(**params).fit(tasks, errors, sources,
+                                                      expert_ids=expert_ids)
+        return self._fits[key]

@@ -41,7 +41,7 @@ import numpy as np
 from t2v_core.embedding.distance import complexity, d_asym, d_sym, trivial_embedding, trivial_level
 from t2v_core.recommend.meta_dataset import place_generic_experts
 from t2v_core.recommend.metrics import DEFAULT_ERROR_FLOOR, relative_increase
-from t2v_core.recommend.model2vec import Model2Vec, resolve_expert_sources
+from t2v_core.recommend.model2vec import FitMemo, Model2Vec, resolve_expert_sources
 from t2v_core.recommend.transferability import leep, logme, nce
 
 __all__ = [
@@ -348,11 +348,16 @@ class Model2VecSelector(Selector):
     name = "model2vec"
     paper_name = "Model2Vec"
 
-    def __init__(self, **model_params: Any) -> None:
+    def __init__(self, *, fits: FitMemo | None = None, **model_params: Any) -> None:
         self.model_params = model_params
+        self.fits = fits  # shared with the default recommender's rows: one fit per fold
 
     def _fit(self, tasks: np.ndarray, errors: np.ndarray, expert_source_embeddings,
              **context: Any) -> None:
+        if self.fits is not None:
+            self.model_ = self.fits.fit(self.model_params, tasks, errors,
+                                        expert_source_embeddings, self.expert_ids_)
+            return
         self.model_ = Model2Vec(**self.model_params).fit(
             tasks, errors, expert_source_embeddings, expert_ids=self.expert_ids_
         )

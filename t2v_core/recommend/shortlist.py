@@ -27,7 +27,6 @@ recommender actually spent per task (:func:`expert_forward_passes`).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import zlib
@@ -37,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from t2v_core.recommend.fusion import ListwiseFusion, mean_error_prior, zscore
-from t2v_core.recommend.model2vec import Model2Vec
+from t2v_core.recommend.model2vec import FitMemo, Model2Vec
 from t2v_core.recommend.selectors import (
     BruteForceSelector,
     FamilyBestSelector,
@@ -76,29 +75,6 @@ RERANK_SIGNALS: tuple[str, ...] = (*SCORES, "prior")
 # screen first, then LogME and LEEP with equal weights.
 DEFAULT_FIRST = {"screen": 1.0}
 DEFAULT_RERANK = {"logme": 1.0, "leep": 1.0}
-
-
-class FitMemo:
-    """MODEL2VEC fits keyed by their parameters and training data, shared by deep copies:
-    Table 1's rows that differ only in the shortlist size fit the same models once."""
-
-    def __init__(self) -> None:
-        self._fits: dict[str, Model2Vec] = {}
-
-    def __deepcopy__(self, memo: dict) -> FitMemo:
-        return self
-
-    def fit(self, params: dict[str, Any], tasks: np.ndarray, errors: np.ndarray, sources,
-            expert_ids: Sequence[Any]) -> Model2Vec:
-        digest = hashlib.sha256(repr(sorted(params.items())).encode())
-        for part in (tasks, errors, np.asarray(
-                [np.full(tasks.shape[1], np.nan) if s is None else s for s in sources], float)):
-            digest.update(np.ascontiguousarray(part, dtype=np.float64).tobytes())
-        key = digest.hexdigest()
-        if key not in self._fits:
-            self._fits[key] = Model2Vec(**params).fit(tasks, errors, sources,
-                                                      expert_ids=expert_ids)
-        return self._fits[key]
 
 
 class PassLedger:
@@ -173,7 +149,8 @@ class ShortlistRecommender(Selector):
     of MODEL2VEC's p(expert | task) (None: always k); ``include_generic``: the generic experts
     join every shortlist; ``model2vec_weight``: the weight of MODEL2VEC's z-scored log p in the
     first stage; ``temperature``: of the fusions' targets (:class:`ListwiseFusion`); ``fits``: a
-    :class:`FitMemo` shared with other rows; the other keywords go to :class:`Model2Vec`.
+    :class:`FitMemo` shared with other rows; the other keywords go to :class:`Model2Vec`, which
+    fits with the recommender's ``error_floor``.
     """
 
     name = "shortlist"
@@ -224,8 +201,8 @@ class ShortlistRecommender(Selector):
 
     def _fit(self, tasks: np.ndarray, errors: np.ndarray, expert_source_embeddings,
              **context: Any) -> None:
-        self.model_ = self.fits.fit(self.model_params, tasks, errors, expert_source_embeddings,
-                                    self.expert_ids_)
+        self.model_ = self.fits.fit({**self.model_params, "error_floor": self.error_floor},
+                                    tasks, errors, expert_source_embeddings, self.expert_ids_)
         self.generic_ = np.flatnonzero(self.missing_source_)
         names = [n for n in SCORES if self._has_score(context, n)]
         if not names:
@@ -412,16 +389,20 @@ def screen_context(context: dict[str, Any], per_class: int = SCREEN_PER_CLASS, s
 
 
 def default_recommenders(context: dict | None, *, ks: Sequence[int] = DEFAULT_KS, seed: int = 0,
-                         model2vec_epochs: int = 300, error_floor: float = 1e-3
-                         ) -> dict[str, ShortlistRecommender]:
+                         model2vec_epochs: int = 300, error_floor: float = 1e-3,
+                         model_params: dict[str, Any] | None = None,
+                         fits: FitMemo | None = None) -> dict[str, ShortlistRecommender]:
     """The default recommender at each shortlist size in ``ks``, as Table 1 names its rows;
-    none when ``context`` lacks the experts' outputs the re-ranking reads."""
+    none when ``context`` lacks the experts' outputs the re-ranking reads. ``model_params``
+    and ``fits``: those of Table 1's Model2Vec row, so that all of them fit one MODEL2VEC per
+    fold (default: ``model2vec_epochs`` and ``seed``, a memo of their own)."""
     if not context or not any(SCORES[n][0] in context for n in SCORES) or "labels" not in context:
         return {}
-    fits = FitMemo()
-    return {f"Shortlist k={k}": ShortlistRecommender(
-        k, error_floor=error_floor, fits=fits, max_epochs=model2vec_epochs, random_state=seed)
-        for k in ks}
+    fits = FitMemo() if fits is None else fits
+    params = dict(model_params or {"max_epochs": model2vec_epochs, "random_state": seed})
+    floor = params.pop("error_floor", error_floor)
+    return {f"Shortlist k={k}": ShortlistRecommender(k, error_floor=floor, fits=fits, **params)
+            for k in ks}
 
 
 def with_screen(context: dict[str, Any]) -> dict[str, Any]:

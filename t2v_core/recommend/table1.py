@@ -36,6 +36,7 @@ from t2v_core.recommend.cost import CostPoint, cost_markdown, cost_payload, cost
 from t2v_core.recommend.diagnostics import family_recovery, norm_vs_difficulty
 from t2v_core.recommend.meta_dataset import MetaDataset
 from t2v_core.recommend.metrics import DEFAULT_ERROR_FLOOR
+from t2v_core.recommend.model2vec import FitMemo
 from t2v_core.recommend.noise_floor import NoiseFloor, oracle_noise_floor
 from t2v_core.recommend.protocol import (
     ALL_TASKS,
@@ -112,7 +113,8 @@ def standard_selectors(data: MetaDataset, *, seed: int = 0, model2vec_epochs: in
         "Task2Vec": Task2VecSelector(error_floor=error_floor),
         "Asym Task2Vec": AsymTask2VecSelector(error_floor=error_floor, level=level),
         "Model2Vec": Model2VecSelector(max_epochs=model2vec_epochs, random_state=seed,
-                                       error_floor=error_floor, t0_level=level),
+                                       error_floor=error_floor, t0_level=level,
+                                       fits=FitMemo()),
         "Oracle": OracleSelector(),
     })
     return selectors
@@ -281,8 +283,9 @@ def table1_rows(data: MetaDataset, context: dict | None, *, seed: int, model2vec
     selectors = with_context_columns(
         standard_selectors(data, seed=seed, model2vec_epochs=model2vec_epochs,
                            error_floor=error_floor), context)
-    recommenders = default_recommenders(context, seed=seed, error_floor=error_floor,
-                                        model2vec_epochs=model2vec_epochs)
+    model2vec = selectors["Model2Vec"]
+    recommenders = default_recommenders(context, error_floor=error_floor,
+                                        model_params=model2vec.model_params, fits=model2vec.fits)
     if recommenders:
         context = with_screen(context)
     for name, recommender in recommenders.items():
