@@ -137,3 +137,40 @@ def test_latest_table1_follows_latest(tmp_path):
     root.write_bytes_atomic(f"{folder}/table1.json", json.dumps(new).encode())
     root.write_bytes_atomic(LATEST, folder.rsplit("/", 1)[-1].encode())
     assert latest_table1(str(tmp_path)) == new
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def _evaluated_root(path, rows: dict) -> str:
+    root = StorageRoot(str(path))
+    folder = write_report(root, "table1", "", payload(rows))
+    root.write_bytes_atomic(LATEST, folder.rsplit("/", 1)[-1].encode())
+    return str(path)
+
+
+def test_seed_spread_job_writes_the_report_of_every_root(tmp_path, capsys):
+    from jobs import seed_spread as job
+
+    roots = [_evaluated_root(tmp_path / f"s{s}", {"LogME": (10.0 + s, .6), "Model2Vec": (20.0, .4)})
+             for s in range(3)]
+    out = tmp_path / "out"
+    assert job.main(["--roots", ",".join(roots), "--out", str(out)]) == 0
+    md = (out / "seed_spread.md").read_text()
+    assert md == capsys.readouterr().out.rstrip("\n") + "\n"
+    assert "(s0, s1, s2)" in md
+    data = json.loads((out / "seed_spread.json").read_text())
+    assert data["spreads"]["novel"]["LogME"]["relative_increase_pct"]["values"] == [10, 11, 12]
+    # a root without an evaluation, and names that do not match the roots
+    assert job.main(["--roots", f"{roots[0]},{tmp_path / 'empty'}"]) == 1
+    with pytest.raises(SystemExit) as bad:
+        job.main(["--roots", ",".join(roots), "--names", "a,b"])
+    assert bad.value.code == 2
+
+
+def test_seed_spread_job_help(capsys):
+    from jobs import seed_spread as job
+
+    with pytest.raises(SystemExit) as done:
+        job.main(["--help"])
+    assert done.value.code == 0 and "--roots" in capsys.readouterr().out
