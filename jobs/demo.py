@@ -118,9 +118,10 @@ def stage_configs(config: Config) -> dict[str, object]:
                                           tracking=tracking),
         "train_model2vec": train_model2vec.Config(root=root, mode="probe", tracking=tracking),
         # K folds over tasks: leave-one-task-out refits MODEL2VEC once per task; the image
-        # size finds the matrix's cached features (the LogME column)
+        # size and the matrix's seed find its cached features (the LogME column)
         "evaluate": evaluate.Config(root=root, mode="probe", folds=3 if config.small else 5,
-                                    image_size=size, tracking=tracking),
+                                    image_size=size, features_seed=config.expert_seed,
+                                    tracking=tracking),
         # one evaluation per size: fewer and shorter MODEL2VEC refits than evaluate's
         "data_efficiency": data_efficiency.Config(
             **probe, mode="probe", sizes=EFFICIENCY_SIZES[config.world.preset], num_samples=1,

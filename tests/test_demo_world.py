@@ -279,8 +279,13 @@ def test_expert_seed_reaches_the_experts_and_the_matrix_search():
 
     default = demo.stage_configs(demo.Config(root="/tmp/unused"))
     seeded = demo.stage_configs(demo.parse_args(["--root", "/tmp/unused", "--expert-seed", "3"]))
-    assert (default["train_experts"].seed, default["fill_matrix"].seed) == (0, 0)
-    assert (seeded["train_experts"].seed, seeded["fill_matrix"].seed) == (3, 3)
+    def seeds(configs):
+        return (configs["train_experts"].seed, configs["fill_matrix"].seed,
+                configs["evaluate"].features_seed)
+
+    assert seeds(default) == (0, 0, 0)
+    # the evaluation finds the features the matrix cached under its seed
+    assert seeds(seeded) == (3, 3, 3)
     assert seeded["train_experts"].recipe.seed == 3
     assert seeded["embed_tasks"] == default["embed_tasks"]
     assert seeded["register_zoo"] == default["register_zoo"]
