@@ -75,6 +75,8 @@ class Config:
                                   f"({', '.join(STAGE_NAMES)})")
     image_size: int | None = opt(None, help="render the world and run every stage at this "
                                  "many pixels (default: the preset's, 32)")
+    expert_seed: int = opt(0, help="seed of the experts' training and of the matrix's "
+                           "probe search: another seed is another zoo of the same world")
     local_cpus: int | None = opt(None, help="CPUs of the local Ray (default: all)")
     tracking: bool = opt(True, help="do not log to MLflow")
     verbose: bool = opt(False, flag=("-v", "--verbose"), help="debug logging")
@@ -106,17 +108,20 @@ def stage_configs(config: Config) -> dict[str, object]:
         "register_zoo": register_zoo.Config(folders=demo_world.tasks_uri(root), root=root),
         "train_experts": train_experts.Config(
             root=root, tracking=tracking, tasks="representative", arch=PROBE_ARCH,
-            weights=config.weights, epochs=config.expert_epochs, image_size=size),
+            weights=config.weights, epochs=config.expert_epochs, image_size=size,
+            seed=config.expert_seed),
         "embed_tasks": embed_tasks.Config(**probe, tracking=tracking),
         # a linear head on each expert's frozen features, one configuration per cell (the
         # centre of the search range: enough for the demo)
         "fill_matrix": fill_matrix.Config(root=root, mode="probe", image_size=size,
-                                          num_samples=1, tracking=tracking),
+                                          num_samples=1, seed=config.expert_seed,
+                                          tracking=tracking),
         "train_model2vec": train_model2vec.Config(root=root, mode="probe", tracking=tracking),
         # K folds over tasks: leave-one-task-out refits MODEL2VEC once per task; the image
-        # size finds the matrix's cached features (the LogME column)
+        # size and the matrix's seed find its cached features (the LogME column)
         "evaluate": evaluate.Config(root=root, mode="probe", folds=3 if config.small else 5,
-                                    image_size=size, tracking=tracking),
+                                    image_size=size, features_seed=config.expert_seed,
+                                    tracking=tracking),
         # one evaluation per size: fewer and shorter MODEL2VEC refits than evaluate's
         "data_efficiency": data_efficiency.Config(
             **probe, mode="probe", sizes=EFFICIENCY_SIZES[config.world.preset], num_samples=1,
@@ -197,7 +202,8 @@ def _tracking(config: Config) -> Iterator[Callable[[str, float], None]]:
     from t2v_core.review import tracking
 
     params = {"preset": config.world.preset, "probe": PROBE_ARCH,
-              "image_size": config.world.image_size, "expert_epochs": config.expert_epochs}
+              "image_size": config.world.image_size, "expert_epochs": config.expert_epochs,
+              "expert_seed": config.expert_seed}
     with tracking.tracked("demo", params, root=config.root, enabled=config.tracking,
                           pipeline=True) as run:
         yield ((lambda name, seconds: mlflow.log_metric(f"stage_seconds.{name}", seconds))

@@ -272,6 +272,25 @@ def test_every_stage_config_is_made_for_both_presets(small):
     assert demo.Config(small=small, image_size=64).world.image_size == 64
 
 
+def test_expert_seed_reaches_the_experts_and_the_matrix_search():
+    """--expert-seed makes another zoo of the same world: the experts' training and the
+    matrix's probe search take it, the world and the probe's embeddings do not."""
+    from jobs import demo
+
+    default = demo.stage_configs(demo.Config(root="/tmp/unused"))
+    seeded = demo.stage_configs(demo.parse_args(["--root", "/tmp/unused", "--expert-seed", "3"]))
+    def seeds(configs):
+        return (configs["train_experts"].seed, configs["fill_matrix"].seed,
+                configs["evaluate"].features_seed)
+
+    assert seeds(default) == (0, 0, 0)
+    # the evaluation finds the features the matrix cached under its seed
+    assert seeds(seeded) == (3, 3, 3)
+    assert seeded["train_experts"].recipe.seed == 3
+    assert seeded["embed_tasks"] == default["embed_tasks"]
+    assert seeded["register_zoo"] == default["register_zoo"]
+
+
 def test_a_failing_stage_stops_the_demo_with_the_job_s_reason(tmp_path):
     from types import SimpleNamespace
 
