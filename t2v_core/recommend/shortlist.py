@@ -180,21 +180,19 @@ class ShortlistRecommender(Selector):
                 f"forward passes{extra}")
 
     @classmethod
-    def from_model(cls, model: Model2Vec, k: int = 3, *, prior: np.ndarray | None = None,
-                   **params: Any) -> ShortlistRecommender:
+    def from_model(cls, model: Model2Vec, k: int = 3, **params: Any) -> ShortlistRecommender:
         """A recommender around a fitted MODEL2VEC (the one a job loads), for ranking new tasks
         without refitting anything: the fixed fusions :data:`DEFAULT_FIRST` and
-        :data:`DEFAULT_RERANK`, plus ``prior`` (:func:`mean_error_prior`) when given."""
+        :data:`DEFAULT_RERANK`, no prior."""
         rec = cls(k, **params)
         rec.model_ = model
         rec.expert_ids_ = list(model.expert_ids_)
         rec.n_experts_ = len(rec.expert_ids_)
         rec.missing_source_ = np.asarray(model.missing_source_, dtype=bool)
         rec.generic_ = np.flatnonzero(rec.missing_source_)
-        with_prior = {"prior": 1.0} if prior is not None else {}
-        rec.first_fusion_ = ListwiseFusion.fixed({**DEFAULT_FIRST, **with_prior})
-        rec.fusion_ = ListwiseFusion.fixed({**DEFAULT_RERANK, **with_prior})
-        rec.prior_ = None if prior is None else np.asarray(prior, dtype=np.float64)
+        rec.first_fusion_ = ListwiseFusion.fixed(DEFAULT_FIRST)
+        rec.fusion_ = ListwiseFusion.fixed(DEFAULT_RERANK)
+        rec.prior_ = None
         return rec
 
     # ------------------------------------------------------------------ fitting
