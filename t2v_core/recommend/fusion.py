@@ -2,9 +2,9 @@
 
 Transfer scores live on scales that differ between scores, zoos and image sizes (LogME is an
 evidence per sample, LEEP a log-likelihood), and which of them is worth trusting changes with
-the setting: on the demo zoo LEEP picks best at 32 px and LogME at 64 px. Choosing one score on
-the training tasks flips between folds when they are close; a learned weighting of all of them
-does not. Each signal is z-scored across one task's experts (so one weight carries across
+the setting: on the demo zoo LogME is far ahead of LEEP at 64 px, while at 32 px the two trade
+places between expert seeds. Choosing one score on the training tasks flips between folds when
+they are close; a learned weighting of all of them does not. Each signal is z-scored across one task's experts (so one weight carries across
 tasks) and the weights are fitted with ListNet (Cao et al., 2007):
 
     p_w(e | t) = softmax_e(x_te · w)                      x_te: task t, expert e, d signals
