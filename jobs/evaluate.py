@@ -37,7 +37,7 @@ from jobs._cli import (
 from t2v_core.recommend.meta_dataset import MetaDataset, load_meta_dataset
 from t2v_core.recommend.protocol import EvaluationResult
 from t2v_core.recommend.table1 import Table1Report, evaluate_table1, transfer_context
-from t2v_core.review.table1_review import track_table1, write_table1
+from t2v_core.review.table1_review import cost_figure, track_table1, write_table1
 from t2v_core.storage import StorageRoot
 from t2v_core.zoo.manifest import read_tasks
 
@@ -103,12 +103,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return parse_config(Config, argv)
 
 
-def _track(config: Config, root: StorageRoot, data: MetaDataset, table: Table1Report) -> None:
+def _track(config: Config, root: StorageRoot, data: MetaDataset, table: Table1Report,
+           cost) -> None:
     params = {"probe_id": data.probe_id, "method": data.method, "folds": _folds(config.folds),
               "repeats": config.repeats, "n_tasks": len(data.task_ids),
               "n_experts": len(data.expert_ids)}
     track_table1(root, data, table, params, figures=config.plots, tasks=read_tasks(root),
-                 tracking_uri=config.tracking_uri)
+                 tracking_uri=config.tracking_uri, cost=cost)
 
 
 def run(config: Config) -> EvaluateResult:
@@ -125,10 +126,11 @@ def run(config: Config) -> EvaluateResult:
                             model2vec_epochs=config.model2vec_epochs,
                             error_floor=config.error_floor, context=context,
                             repeats=config.repeats)
-    base = write_table1(root, data, table, plots=config.plots)
+    cost = cost_figure(data, table) if config.plots else None
+    base = write_table1(root, table, figure=cost)
     log.info("wrote %s/table1.md and table1.json", root.join(base))
     if config.tracking:
-        _track(config, root, data, table)
+        _track(config, root, data, table, cost)
     return EvaluateResult(table.result, table.markdown, table.payload, base,
                           f"{base}/table1.md", f"{base}/table1.json")
 
