@@ -85,7 +85,7 @@ class Config(MetaDatasetOptions):
     probe: str | None = opt(None, group=PROBE, help="probe architecture, as for embed_tasks")
     weights: str | None = opt(None, group=PROBE, help="probe weights, as for embed_tasks")
     image_size: int | None = opt(None, group=PROBE, help="input size of the probe and experts "
-                                 "(default: their own); needed for LogME, LEEP and NCE")
+                                 "(default: their own); needed for the per-expert scores")
     num_samples: int = opt(4, group=MATRIX, help="configurations per cell")
     epochs: int | None = opt(None, group=MATRIX, help="training epochs or steps per cell")
     folds: str | int = opt("loo", group=EVALUATION, help="'loo' (leave-one-task-out) or a "

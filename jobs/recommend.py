@@ -11,9 +11,10 @@ from the MLflow registry), prints the top ``--top-k`` per task and writes all ra
 New task folders (``--data``) get the default recommender: every expert screens 3 training
 images per class (its LogME and LEEP there), MODEL2VEC and the screen shortlist
 ``--shortlist-k`` experts, only those run over all of the task's training images, and their
-LogME and LEEP re-rank the shortlist; the table shows MODEL2VEC's score and rank, the screen,
-LogME and LEEP of every shortlisted expert, and the final rank (``--shortlist-k 0``: MODEL2VEC alone). The registered
-pyfunc model ranks from embeddings alone, as the re-ranking needs the images.
+ridge LOO and LEEP re-rank the shortlist; the table shows MODEL2VEC's score and rank, the
+screen, the LogME, LEEP and ridge LOO of every shortlisted expert, and the final rank
+(``--shortlist-k 0``: MODEL2VEC alone). The registered pyfunc model ranks from embeddings
+alone, as the re-ranking needs the images.
 """
 
 from __future__ import annotations

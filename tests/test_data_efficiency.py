@@ -39,13 +39,19 @@ from t2v_core.matrix.rows import (
 from t2v_core.recommend.efficiency import shared_contexts
 from t2v_core.recommend.meta_dataset import load_meta_dataset, resolve_embedding_set
 from t2v_core.recommend.protocol import evaluate_selectors
-from t2v_core.recommend.selectors import LEEPSelector, LogMESelector, NCESelector
+from t2v_core.recommend.selectors import (
+    LEEPSelector,
+    LogMESelector,
+    NCESelector,
+    RidgeLOOSelector,
+)
 from t2v_core.recommend.table1 import transfer_context
 from t2v_core.storage import StorageRoot
 from t2v_core.zoo.manifest import ExpertSpec, TaskSpec, read_tasks
 
 PROBE_ID = "small_cnn-random0"
-SCORES = {"LogME": LogMESelector, "LEEP": LEEPSelector, "NCE": NCESelector}
+SCORES = {"LogME": LogMESelector, "LEEP": LEEPSelector, "Ridge LOO": RidgeLOOSelector,
+          "NCE": NCESelector}
 OLD_KEYS = ["task_id", "expert_id", "mode"]  # a matrix cell's key before the size joined it
 
 
@@ -187,14 +193,14 @@ def _weights_with_heads(files: Path, tmp_path: Path) -> str:
 
 
 def _check_context_columns(root: StorageRoot, report: dict) -> None:
-    """LogME, LEEP and NCE at every size, each ranked from that size's own cached features, as
+    """The per-expert scores at every size, each ranked from that size's own cached features, as
     the selectors rank them given those alone; no brute-force column, since 4 images per class
     leave no validation split."""
     assert report["context_columns"] == list(SCORES)
     direct = {}
     for label, cap in (("4/class", 4), ("all", None)):
         reports = report["by_size"][label]["reports"]
-        assert list(reports)[-4:] == [*SCORES, "Oracle"]
+        assert list(reports)[-len(SCORES) - 1:] == [*SCORES, "Oracle"]
         data = load_meta_dataset(root, max_per_class=cap).subset(report["task_ids"])
         assert np.isfinite(data.val_errors).all() == (cap is None)
         context = transfer_context(root, data, SIZE, cap)

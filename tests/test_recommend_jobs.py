@@ -166,8 +166,11 @@ def test_logme_column_from_cached_expert_features(zoo_root):
     logme = report["table1"]["reports"]["LogME"]["by_meta_task"]["Mixed"]
     chance = report["table1"]["reports"]["Chance"]["by_meta_task"]["Mixed"]
     assert logme["relative_increase_pct"] < chance["relative_increase_pct"]
-    # the default recommender re-ranks by LogME (no source heads, so no LEEP) and screens by
-    # LogME on 3 images per class: k passes + every expert's 6 of 40 images
+    # so does ridge LOO, from the same features
+    ridge = report["table1"]["reports"]["Ridge LOO"]["by_meta_task"]["Mixed"]
+    assert ridge["relative_increase_pct"] < chance["relative_increase_pct"]
+    # the default recommender re-ranks by ridge LOO (no source heads, so no LEEP) and screens
+    # by LogME on 3 images per class: k passes + every expert's 6 of 40 images
     passes = {row["selector"]: row["expert_forward_passes"] for row in report["cost"]}
     screen = len(experts) * 6 / 40
     assert passes["Shortlist k=1"] == pytest.approx(1 + screen)
@@ -179,6 +182,7 @@ def test_logme_column_from_cached_expert_features(zoo_root):
     report = json.loads(root.read_bytes(f"evaluation/{root.read_bytes('evaluation/LATEST').decode()}"
                                         "/table1.json"))
     assert "LogME" not in report["table1"]["reports"]
+    assert "Ridge LOO" not in report["table1"]["reports"]
 
 
 @pytest.mark.parametrize("validation", ["exact", "reversed"])
@@ -313,11 +317,11 @@ def image_zoo(tmp_path_factory, write_task_folder):
 def test_new_task_folders_get_the_shortlist_reranked_by_the_experts_own_scores(image_zoo):
     """Every expert screens 3 images per class, only the k shortlisted experts run over all of
     the new task's images (the cached features say so); the table shows every score, and the
-    shortlist is ordered by its LogME and LEEP, z-scored and added."""
+    shortlist is ordered by its ridge LOO and LEEP, z-scored and added."""
     from t2v_core.embedding.probes import build_probe
     from t2v_core.matrix.experts import load_head
     from t2v_core.matrix.features import compute_features
-    from t2v_core.recommend.transferability import leep, logme
+    from t2v_core.recommend.transferability import leep, logme, ridge_loo
     from t2v_core.zoo.data import scan_task
 
     root, experts, new = image_zoo
@@ -328,9 +332,9 @@ def test_new_task_folders_get_the_shortlist_reranked_by_the_experts_own_scores(i
     assert list(frame["rank"]) == [1, 2, 3]
     short, left = frame[frame["shortlisted"]], frame[~frame["shortlisted"]].iloc[0]
     assert len(short) == 2 and list(short["rank"]) == [1, 2]
-    assert left[["logme", "leep", "fused"]].isna().all() and frame["screen_leep"].notna().all()
+    assert left[["logme", "leep", "ridge", "fused"]].isna().all() and frame["screen_leep"].notna().all()
     assert (np.diff(short["fused"]) <= 1e-9).all()  # a tie keeps the first stage's order
-    both = short[["logme", "leep"]].to_numpy()
+    both = short[["ridge", "leep"]].to_numpy()
     z = (both - both.mean(0)) / both.std(0)
     np.testing.assert_allclose(short["fused"], z.sum(1), atol=1e-9)
     # the first stage is monotone in both of its inputs: what it left out beats no shortlisted
@@ -355,9 +359,11 @@ def test_new_task_folders_get_the_shortlist_reranked_by_the_experts_own_scores(i
             probs = head.probabilities(feats.features.astype(np.float64))
             assert row["logme"] == pytest.approx(logme(feats.features, feats.labels), rel=1e-6)
             assert row["leep"] == pytest.approx(leep(probs, feats.labels), rel=1e-6)
+            assert row["ridge"] == pytest.approx(ridge_loo(feats.features, feats.labels),
+                                                 rel=1e-6)
     stored = pq.read_table(result.path).to_pandas()
     assert {"model2vec_rank", "screen_leep", "screen_logme", "screen", "shortlisted", "logme",
-            "leep", "fused"} <= set(
+            "leep", "ridge", "fused"} <= set(
         stored.columns)
     alone = recommend_job.recommend(recommend_job.parse_args(
         ["--root", root.uri, "--no-tracking", "--data", new, "--probe", "small_cnn",

@@ -18,6 +18,7 @@ from t2v_core.recommend.selectors import (
     LogMESelector,
     Model2VecSelector,
     OracleSelector,
+    RidgeLOOSelector,
 )
 from t2v_core.recommend.shortlist import (
     ShortlistRecommender,
@@ -37,7 +38,7 @@ def zoo():
                          source_noise=0.3, random_state=5)
 
 
-def scores_context(values: np.ndarray, name: str = "logme") -> dict:
+def scores_context(values: np.ndarray, name: str = "ridge") -> dict:
     """A context whose precomputed transfer score of task t, expert e is values[t, e]."""
     return {"transfer_scores": [{name: row.astype(np.float64)} for row in values]}
 
@@ -67,8 +68,8 @@ def test_rerank_fixes_a_wrong_first_choice_inside_the_shortlist_only(zoo):
     was never run."""
     n_experts = len(zoo.expert_ids)
     rec = fitted(zoo, -zoo.errors)
-    assert rec.fusion_.coef_["logme"] > 0
-    rec.fusion_ = ListwiseFusion.fixed({"logme": 1.0})
+    assert rec.fusion_.coef_["ridge"] > 0
+    rec.fusion_ = ListwiseFusion.fixed({"ridge": 1.0})
     task = zoo.task_embeddings[:1]
     order = np.argsort(-rec.first_stage(task)[0], kind="stable")
     scores = np.zeros(n_experts)
@@ -78,7 +79,7 @@ def test_rerank_fixes_a_wrong_first_choice_inside_the_shortlist_only(zoo):
     np.testing.assert_array_equal(ranking[3:], order[3:])
     assert ranking[-1] == order[-1]
     # a re-ranking that weighs nothing leaves the first stage's order
-    rec.fusion_ = ListwiseFusion.fixed({"logme": 0.0})
+    rec.fusion_ = ListwiseFusion.fixed({"ridge": 0.0})
     np.testing.assert_array_equal(rec.rank(task, **scores_context(scores[None, :]))[0], order)
 
 
@@ -114,9 +115,9 @@ def test_fusion_weights_are_learned_on_training_tasks_only(zoo):
     n = len(zoo.errors)
     train, test = np.arange(n) % 4 != 0, np.arange(n) % 4 == 0
     honest = fitted_on(zoo, train, -zoo.errors)
-    assert honest.fusion_.coef_["logme"] > abs(honest.fusion_.coef_["prior"])
+    assert honest.fusion_.coef_["ridge"] > abs(honest.fusion_.coef_["prior"])
     liar = fitted_on(zoo, train, zoo.errors)
-    assert liar.fusion_.coef_["logme"] < 0
+    assert liar.fusion_.coef_["ridge"] < 0
     lie = scores_context(zoo.errors[test])  # high score = high error on the held-out tasks
     picks = honest.rank(zoo.task_embeddings[test], **lie)[:, 0]
     heads = honest.shortlist(zoo.task_embeddings[test])
@@ -174,6 +175,10 @@ def test_transfer_scores_computed_once_match_the_selectors():
                                   logme.rank(emb, features=[feats], labels=[labels]))
     reversed_scores = [{"logme": -scores[0]["logme"]}]  # the kept scores are what it ranks by
     assert logme.rank(emb, transfer_scores=reversed_scores)[0, -1] == 1
+    assert np.argmax(scores[0]["ridge"]) == 1
+    ridge = RidgeLOOSelector().fit(emb, np.full((1, 3), 0.5), sources)
+    np.testing.assert_array_equal(ridge.rank(emb, transfer_scores=scores),
+                                  ridge.rank(emb, features=[feats], labels=[labels]))
 
 
 def test_the_screen_brings_a_winner_model2vec_missed_onto_the_shortlist(zoo):
@@ -223,19 +228,19 @@ def test_the_screen_reads_a_few_images_per_class_and_says_what_it_cost():
 
 
 def test_the_rerank_weighs_the_score_that_tracks_the_training_tasks(zoo):
-    """LogME tracks the training tasks' errors and LEEP runs against them: LogME earns the
+    """Ridge LOO tracks the training tasks' errors and LEEP runs against them: it earns the
     positive weight; swap them and LEEP does. The weights come from z-scores, so multiplying
     a score by a constant on every task changes nothing."""
-    def fitted_with(logme_sign: float, scale: float = 1.0) -> ShortlistRecommender:
-        cached = [{"logme": -logme_sign * scale * row, "leep": logme_sign * row}
+    def fitted_with(ridge_sign: float, scale: float = 1.0) -> ShortlistRecommender:
+        cached = [{"ridge": -ridge_sign * scale * row, "leep": ridge_sign * row}
                   for row in zoo.errors]
         return ShortlistRecommender(k=3, **EPOCHS).fit(
             zoo.task_embeddings, zoo.errors, zoo.expert_source_embeddings, zoo.expert_ids,
             transfer_scores=cached)
 
     coef = fitted_with(1.0).fusion_.coef_
-    assert coef["logme"] > 0 > coef["leep"]
+    assert coef["ridge"] > 0 > coef["leep"]
     swapped = fitted_with(-1.0).fusion_.coef_
-    assert swapped["leep"] > 0 > swapped["logme"]
+    assert swapped["leep"] > 0 > swapped["ridge"]
     scaled = fitted_with(1.0, scale=1e3).fusion_.coef_
     assert scaled == pytest.approx(coef)

@@ -140,7 +140,7 @@ def test_context_columns_join_above_the_oracle_when_their_inputs_exist():
         "Chance", "Mine"]
     assert with_context_columns(rows, None) == rows
     some = with_context_columns(rows, {"features": [], "val_errors": []})
-    assert list(some) == ["Chance", "LogME", "Brute force (val)", "Oracle"]
+    assert list(some) == ["Chance", "LogME", "Ridge LOO", "Brute force (val)", "Oracle"]
     assert isinstance(some["LogME"], LogMESelector)
     every = with_context_columns(rows, {key: [] for key, _ in CONTEXT_COLUMNS.values()})
     assert list(every) == ["Chance", *CONTEXT_COLUMNS, "Oracle"]
@@ -175,7 +175,7 @@ def test_evaluate_table1_is_the_protocol_on_the_tables_rows(zoo):
     report = evaluate_table1(data, 3, seed=2, model2vec_epochs=5, context=dict(zoo.context))
     names = list(report.result.reports)
     shortlists = ["Shortlist k=1", "Shortlist k=3", "Shortlist k=5"]
-    assert names == [*PAPER_ROWS[:-1], "LogME", "LEEP", "Brute force (val)", *shortlists,
+    assert names == [*PAPER_ROWS[:-1], "LogME", "LEEP", "Ridge LOO", "Brute force (val)", *shortlists,
                      "Family best", "Oracle"]  # NCE reads source_labels, which this context lacks
     # the same rows through the protocol directly give the same table
     rows = with_context_columns(standard_selectors(data, seed=2, model2vec_epochs=5),

@@ -1,4 +1,4 @@
-"""LogME, LEEP and NCE against independent oracles and hand-computed values."""
+"""LogME, LEEP, NCE and ridge LOO against independent oracles and hand-computed values."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import BayesianRidge
 
-from t2v_core.recommend.transferability import leep, logme, nce
+from t2v_core.recommend.transferability import leep, logme, nce, ridge_loo
 
 TINY = 1e-300  # gamma hyper-priors this flat make BayesianRidge's evidence LogME's exactly
 
@@ -104,3 +104,53 @@ def test_nce_limits() -> None:
     assert nce(z, y) == pytest.approx(-h, abs=1e-12)
     with pytest.raises(ValueError):
         nce([0, 1], [0, 1, 1])
+
+
+def brute_force_press(features: np.ndarray, labels: np.ndarray, lam: float) -> float:
+    """PRESS / N by refitting the ridge probe (with an intercept) once per held-out sample."""
+    y = np.eye(labels.max() + 1)[labels]
+    total = 0.0
+    for i in range(len(labels)):
+        keep = np.arange(len(labels)) != i
+        mu, y_mu = features[keep].mean(0), y[keep].mean(0)
+        fc = features[keep] - mu
+        w = np.linalg.solve(fc.T @ fc + lam * np.eye(features.shape[1]), fc.T @ (y[keep] - y_mu))
+        total += float(((y[i] - (features[i] - mu) @ w - y_mu) ** 2).sum())
+    return total / len(labels)
+
+
+@pytest.mark.parametrize("n,d", [(40, 5), (15, 30)])
+def test_ridge_loo_equals_refitting_without_each_sample(n: int, d: int) -> None:
+    rng = np.random.default_rng(n * d)
+    labels = rng.integers(0, 3, size=n)
+    features = rng.normal(size=(n, d)) + labels[:, None] * rng.normal(size=d)
+    s2 = np.linalg.svd(features - features.mean(0), compute_uv=False) ** 2
+    lam = 0.3 * s2[s2 > 1e-9].mean()
+    assert ridge_loo(features, labels, grid=[0.3]) == pytest.approx(
+        -brute_force_press(features, labels, lam), rel=1e-9)
+    # the default picks the best λ of its grid, so it is no worse than any one of them
+    assert ridge_loo(features, labels) >= ridge_loo(features, labels, grid=[0.3]) - 1e-12
+
+
+def test_ridge_loo_invariances_and_ordering() -> None:
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 4, size=100)
+    good = 3 * rng.normal(size=(4, 10))[labels] + rng.normal(size=(100, 10))
+    noise = rng.normal(size=(100, 10))
+    score = ridge_loo(good, labels)
+    assert score > ridge_loo(noise, labels)
+    # the feature scale, a shift and the names of the classes change nothing
+    assert ridge_loo(7.0 * good + 3.0, labels) == pytest.approx(score, rel=1e-9)
+    assert ridge_loo(good, (labels + 2) % 4) == pytest.approx(score, rel=1e-9)
+    # pure noise predicts no better than the class frequencies, whose PRESS is about C−1 / C
+    assert ridge_loo(noise, labels) == pytest.approx(-0.75, abs=0.05)
+    assert ridge_loo(good, np.zeros(100, int)) == 0.0  # one class: nothing to predict
+
+
+def test_ridge_loo_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="N×D"):
+        ridge_loo(np.zeros(5), np.zeros(5))
+    with pytest.raises(ValueError, match="NaN"):
+        ridge_loo(np.full((3, 2), np.nan), np.zeros(3))
+    with pytest.raises(ValueError, match="labels"):
+        ridge_loo(np.zeros((3, 2)), np.zeros(4))

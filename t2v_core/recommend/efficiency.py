@@ -98,7 +98,7 @@ def evaluate_data_efficiency(root: StorageRoot, data: dict[int | None, MetaDatas
     context column scored on its own size's inputs, and the report. ``data`` is
     :func:`load_sizes`' (the same tasks at every size)."""
     if not image_size:
-        log.info("LogME, LEEP and NCE left out: they need the image size of the features the "
+        log.info("the per-expert scores left out: they need the image size of the features the "
                  "matrix job cached")
     contexts = shared_contexts({size: size_context(root, d, image_size, setting.seed)
                                 for size, d in data.items()})

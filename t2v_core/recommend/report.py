@@ -221,7 +221,7 @@ def data_efficiency_report(results: Mapping[int | None, EvaluationResult],
     """The Markdown and JSON of a data-efficiency evaluation: ``results`` and ``data`` map each
     training-set size (images per class, None: all) to its evaluation and the meta-dataset it
     ran on (the same tasks and experts at every size); ``context_columns`` are the rows that
-    read per-size inputs (LogME, LEEP, NCE, brute force)."""
+    read per-size inputs (LogME, LEEP, ridge LOO, NCE, brute force)."""
     first = next(iter(data.values()))
     by_label = {size_label(size): res for size, res in results.items()}
     oracle = {size_label(size): _oracle_error(d.errors) for size, d in data.items()}

@@ -42,7 +42,7 @@ from t2v_core.embedding.distance import complexity, d_asym, d_sym, trivial_embed
 from t2v_core.recommend.meta_dataset import place_generic_experts
 from t2v_core.recommend.metrics import DEFAULT_ERROR_FLOOR, relative_increase
 from t2v_core.recommend.model2vec import FitMemo, Model2Vec, resolve_expert_sources
-from t2v_core.recommend.transferability import leep, logme, nce
+from t2v_core.recommend.transferability import leep, logme, nce, ridge_loo
 
 __all__ = [
     "AsymTask2VecSelector",
@@ -55,6 +55,7 @@ __all__ = [
     "MeanErrorPrior",
     "Model2VecSelector",
     "NCESelector",
+    "RidgeLOOSelector",
     "OracleSelector",
     "Selector",
     "Task2VecSelector",
@@ -510,6 +511,18 @@ class LEEPSelector(_PerExpertScoreSelector):
 
     def _score(self, expert_output: Any, labels: np.ndarray) -> float:
         return leep(expert_output, labels)
+
+
+class RidgeLOOSelector(_PerExpertScoreSelector):
+    """Experts ranked by the leave-one-out error of a ridge probe on their features (context:
+    features, labels)."""
+
+    name = "ridge_loo"
+    context_keys = ("features", "labels")
+    score_name = "ridge"
+
+    def _score(self, expert_output: Any, labels: np.ndarray) -> float:
+        return ridge_loo(expert_output, labels)
 
 
 class NCESelector(_PerExpertScoreSelector):

@@ -21,6 +21,7 @@ from t2v_core.recommend.model2vec import Model2Vec
 from t2v_core.recommend.shortlist import (
     SCORES,
     SCREEN_PER_CLASS,
+    SCREEN_SCORES,
     ShortlistRecommender,
     screen_value,
 )
@@ -33,7 +34,7 @@ __all__ = ["COLUMNS", "new_task_recommendations", "shortlist_recommendations"]
 log = logging.getLogger(__name__)
 
 COLUMNS = ["task_id", "rank", "expert_id", "score", "model2vec_rank", "screen_leep",
-           "screen_logme", "screen", "shortlisted", "logme", "leep", "fused"]
+           "screen_logme", "screen", "shortlisted", "logme", "leep", "ridge", "fused"]
 
 
 def _outputs(cache: FeatureCache, expert: ExpertSpec, task: TaskSpec, image_size: int,
@@ -59,7 +60,8 @@ def _screen(cache: FeatureCache, experts: Sequence[ExpertSpec], task: TaskSpec, 
     task (LEEP: NaN without a source head), and what it cost in expert forward passes."""
     outputs = [_outputs(cache, expert, task, image_size, per_class) for expert in experts]
     scores = {}
-    for name, (key, score) in SCORES.items():
+    for name in SCREEN_SCORES:
+        key, score = SCORES[name]
         scores[name] = np.asarray([np.nan if o[key] is None else
                                    score(o[key], np.asarray(o["labels"])) for o in outputs])
     images = sum(len(o["labels"]) for o in outputs)
@@ -84,8 +86,9 @@ def shortlist_recommendations(rec: ShortlistRecommender, vectors, tasks: Sequenc
                               screen_per_class: int | None = SCREEN_PER_CLASS) -> pd.DataFrame:
     """One row per (task, expert), best first: the final rank, MODEL2VEC's p(expert | task)
     (``score``) and rank, the screen's LEEP, LogME and value (every expert on
-    ``screen_per_class`` images per class; None: no screen), whether the expert was shortlisted and run, its LogME and LEEP on
-    the task (NaN unless shortlisted), and the fused value the shortlist was ordered by."""
+    ``screen_per_class`` images per class; None: no screen), whether the expert was
+    shortlisted and run, its LogME, LEEP and ridge LOO on the task (NaN unless shortlisted),
+    and the fused value the shortlist was ordered by."""
     by_id = {e.expert_id: e for e in experts}
     missing = [e for e in rec.expert_ids_ if str(e) not in by_id]
     if missing:
@@ -122,6 +125,7 @@ def shortlist_recommendations(rec: ShortlistRecommender, vectors, tasks: Sequenc
             "shortlisted": np.isin(ranking, head),
             "logme": scores["logme"][ranking],
             "leep": scores["leep"][ranking],
+            "ridge": scores["ridge"][ranking],
             "fused": fused[ranking],
         }))
         log.info("%s: ran %d of %d experts (%s)", task.task_id, head.size, rec.n_experts_,
@@ -134,7 +138,7 @@ def new_task_recommendations(model: Model2Vec, uris: Sequence[str], vectors, roo
                              ) -> pd.DataFrame:
     """The default recommender on the task folders ``uris`` (embedded as ``vectors``): the
     stored MODEL2VEC and the screen (every expert on a few images per class) shortlist ``k``
-    experts per task, each runs over the task's training images, and their LogME and LEEP
+    experts per task, each runs over the task's training images, and their ridge LOO and LEEP
     (:data:`~t2v_core.recommend.shortlist.DEFAULT_RERANK`) re-rank them."""
     tasks = [scan_task(uri)[0] for uri in uris]
     rec = ShortlistRecommender.from_model(model, k)

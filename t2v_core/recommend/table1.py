@@ -4,8 +4,8 @@ report.
 The rows are the paper's columns (Chance, ImageNet, Task2Vec, Asym Task2Vec, Model2Vec), the
 static mean-error prior every recommender must beat, and the oracle. Rows that need per-task
 inputs beyond embeddings and errors join when those inputs exist (:data:`CONTEXT_COLUMNS`):
-LogME, LEEP and NCE from the expert features the matrix job cached and the experts' source
-heads (:func:`transfer_context`), and the brute-force search from the matrix's validation
+LogME, LEEP, ridge LOO and NCE from the expert features the matrix job cached and the
+experts' source heads (:func:`transfer_context`), and the brute-force search from the matrix's validation
 errors. With several families a "Family best" reference row, told each task's family, shows
 what knowing the family alone is worth. The default recommender
 (:mod:`t2v_core.recommend.shortlist`) joins at shortlists of 1, 3 and 5 experts when the
@@ -57,6 +57,7 @@ from t2v_core.recommend.selectors import (
     Model2VecSelector,
     NCESelector,
     OracleSelector,
+    RidgeLOOSelector,
     Selector,
     Task2VecSelector,
     hard_predictions,
@@ -89,6 +90,7 @@ log = logging.getLogger(__name__)
 CONTEXT_COLUMNS: dict[str, tuple[str, type[Selector]]] = {
     "LogME": ("features", LogMESelector),
     "LEEP": ("source_probs", LEEPSelector),
+    "Ridge LOO": ("features", RidgeLOOSelector),
     "NCE": ("source_labels", NCESelector),
     "Brute force (val)": ("val_errors", BruteForceSelector),
 }
@@ -177,7 +179,7 @@ def _cached_features(root: StorageRoot, data: MetaDataset, experts: dict, image_
                                       max_per_class, seed)
             cached = cache.load(key)
             if cached is None:
-                log.warning("no cached features for %s on %s: LogME, LEEP and NCE left out",
+                log.warning("no cached features for %s on %s: the per-expert scores left out",
                             expert_id, task_id)
                 return None
             per_expert.append(cached.features.astype(np.float64))
@@ -217,7 +219,7 @@ def _source_probs(heads: list, features: list[list[np.ndarray]]) -> list[list[np
 def transfer_context(root: StorageRoot, data: MetaDataset, image_size: int,
                      max_per_class: int | None = None, seed: int = 0) -> dict | None:
     """What the per-expert transferability columns read, per task (item j = task j):
-    ``features`` and ``labels`` (LogME); when every expert has a source head, also its
+    ``features`` and ``labels`` (LogME, ridge LOO); when every expert has a source head, also its
     ``source_probs`` (LEEP) and hard ``source_labels`` (NCE). None without the features:
     each of these baselines needs a forward pass of every expert over every task."""
     experts = {e.expert_id: e for e in read_experts(root)}
@@ -301,7 +303,7 @@ def evaluate_table1(data: MetaDataset, folds: str | int = "loo", *, seed: int = 
                     context: dict | None = None, repeats: int = 1) -> Table1Report:
     """The whole evaluation of one meta-dataset, as plain data plus the Markdown table.
 
-    ``context`` (see :func:`transfer_context`) adds the LogME, LEEP and NCE columns it has
+    ``context`` (see :func:`transfer_context`) adds the LogME, LEEP, ridge LOO and NCE columns it has
     inputs for; the matrix's validation errors add the brute-force column. ``folds``,
     ``repeats`` and ``seed`` are those of :func:`~t2v_core.recommend.protocol.evaluate_selectors`.
     """

@@ -168,7 +168,7 @@ class SeedSpread:
                 for i, a in enumerate(self.rows) for b in self.rows[i + 1:]]
 
     def best_per_expert_score(self, view: str) -> str | None:
-        """The per-expert score (LogME, LEEP, NCE) with the lowest mean Mixed relative
+        """The per-expert score (LogME, LEEP, ridge LOO, NCE) with the lowest mean Mixed relative
         increase across seeds in ``view``; None when none was evaluated."""
         present = [r for r in PER_EXPERT_SCORES if r in self.spreads[view]]
         return min(present, default=None, key=lambda r: self.spreads[view][r]
