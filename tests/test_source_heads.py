@@ -231,8 +231,8 @@ def test_evaluate_job_writes_leep_and_nce_columns(zoo, capsys, caplog):
     reports = json.loads(_latest(root, "table1.json"))["table1"]["reports"]
     names = list(reports)
     # the per-expert scores, then the default recommender built on them, then the references
-    assert names[-8:] == ["LogME", "LEEP", "NCE", "Shortlist k=1", "Shortlist k=3",
-                          "Shortlist k=5", "Family best", "Oracle"]
+    assert names[-9:] == ["LogME", "LEEP", "Ridge LOO", "NCE", "Shortlist k=1",
+                          "Shortlist k=3", "Shortlist k=5", "Family best", "Oracle"]
     for name in ("LEEP", "NCE"):
         assert reports[name]["cost"] == "one forward pass of every expert per task"
         assert np.isfinite(reports[name]["by_meta_task"]["Mixed"]["relative_increase_pct"])
