@@ -18,9 +18,9 @@ spends a few forward passes where they matter:
    a second fusion learned on the training tasks, of their ridge LOO, LEEP and the prior,
    re-ranks them. Learned weights instead of one chosen score: which score is best changes
    with the image size and flips between folds when they are close. Ridge LOO rather than
-   LogME: both read the features through a linear model, but the held-out error of the probe
-   tracks the fine-tuned errors more closely than its evidence at both image sizes of the
-   demo zoo, and the two together split one weight between near-copies. The experts outside
+   LogME: both read the features through a linear model, but the probe's held-out error
+   ranked the matrix's errors better than its evidence (weighted τ) in every demo zoo, at
+   both image sizes, and LogME beside it added nothing measurable. The experts outside
    the shortlist keep the first stage's order below it: an expert that was never fully run
    cannot move up.
 
