@@ -9,8 +9,8 @@ Beside the selectors, two reference rows: the oracle, and "Family best", which i
 task's family and picks the expert best on that family's training tasks (what knowing the
 family alone is worth). The table scores the novel tasks (no expert's source) first, then all
 tasks. The protocol is :func:`t2v_core.recommend.table1.evaluate_table1`. With --image-size,
-the per-expert scores (LogME, LEEP, ridge LOO, NCE) and the default recommender (MODEL2VEC's shortlist of
-1, 3 or 5 experts re-ranked by their scores) join, and every row states its cost in expert
+the per-expert scores (LogME, LEEP, ridge LOO, NCE) and the default recommender (MODEL2VEC's
+shortlist of 1, 3 or 5 experts re-ranked by their scores) join, and every row states its cost in expert
 forward passes per task. Writes ``evaluation/<run>/table1.md``, ``table1.json`` and
 ``cost_vs_quality.png`` under the storage root (``evaluation/LATEST`` names the newest run),
 prints the table next to the paper's numbers, and logs metrics and plots to MLflow.
@@ -59,8 +59,8 @@ def _folds(folds: str | int) -> str | int:
         raise FoldsError(f"folds must be 'loo' or a number of folds, got {folds!r}") from None
 
 
-TRANSFER = ("LogME, LEEP, ridge LOO and NCE baselines (from the matrix job's cached expert features and "
-            "the experts' source heads)")
+TRANSFER = ("LogME, LEEP, ridge LOO and NCE baselines (from the matrix job's cached expert "
+            "features and the experts' source heads)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,10 +1,10 @@
 """The default recommender: a cheap screen, the static prior and MODEL2VEC shortlist a few
 experts, and only the shortlisted experts run over all of the task's images to re-rank it.
 
-Per-expert transferability scores (LogME, LEEP, ridge LOO) read each expert's outputs on the new task, so
-they cost E expert forward passes per task; MODEL2VEC costs one probe pass and ranks the whole
-zoo, but inside a domain it often misses which expert wins. :class:`ShortlistRecommender`
-spends a few forward passes where they matter:
+Per-expert transferability scores (LogME, LEEP, ridge LOO) read each expert's outputs on the
+new task, so they cost E expert forward passes per task; MODEL2VEC costs one probe pass and
+ranks the whole zoo, but inside a domain it often misses which expert wins.
+:class:`ShortlistRecommender` spends a few forward passes where they matter:
 
 1. A first stage ranks every expert from what is cheap: the screen (each expert's LogME and
    LEEP on a few images per class of the task, ``SCREEN_PER_CLASS``, one forward pass over

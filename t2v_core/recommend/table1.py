@@ -5,8 +5,8 @@ The rows are the paper's columns (Chance, ImageNet, Task2Vec, Asym Task2Vec, Mod
 static mean-error prior every recommender must beat, and the oracle. Rows that need per-task
 inputs beyond embeddings and errors join when those inputs exist (:data:`CONTEXT_COLUMNS`):
 LogME, LEEP, ridge LOO and NCE from the expert features the matrix job cached and the
-experts' source heads (:func:`transfer_context`), and the brute-force search from the matrix's validation
-errors. With several families a "Family best" reference row, told each task's family, shows
+experts' source heads (:func:`transfer_context`), and the brute-force search from the matrix's
+validation errors. With several families a "Family best" reference row, told each task's family, shows
 what knowing the family alone is worth. The default recommender
 (:mod:`t2v_core.recommend.shortlist`) joins at shortlists of 1, 3 and 5 experts when the
 experts' outputs are there, and every row's cost in expert forward passes per task is reported
