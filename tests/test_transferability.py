@@ -145,6 +145,10 @@ def test_ridge_loo_invariances_and_ordering() -> None:
     # pure noise predicts no better than the class frequencies, whose PRESS is about C−1 / C
     assert ridge_loo(noise, labels) == pytest.approx(-0.75, abs=0.05)
     assert ridge_loo(good, np.zeros(100, int)) == 0.0  # one class: nothing to predict
+    # constant features leave the intercept alone: each label predicted by the others' mean
+    const = np.ones((12, 3))
+    few = np.arange(12) % 3
+    assert ridge_loo(const, few) == pytest.approx(-brute_force_press(const, few, 1.0), rel=1e-9)
 
 
 def test_ridge_loo_rejects_bad_input() -> None:

@@ -40,6 +40,16 @@ def _check_labels(labels, n: int) -> tuple[np.ndarray, np.ndarray]:
     return labels, codes.reshape(-1)
 
 
+def _check_features(features) -> np.ndarray:
+    """Features as a finite N×D float64 array."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2:
+        raise ValueError(f"features must be N×D, got shape {f.shape}")
+    if not np.isfinite(f).all():
+        raise ValueError("features contain NaN or inf")
+    return f
+
+
 def logme(features, labels, *, max_iter: int = 1000, tol: float = 1e-10) -> float:
     """LogME: mean per-sample log evidence of a Bayesian linear model on the features.
 
@@ -55,11 +65,7 @@ def logme(features, labels, *, max_iter: int = 1000, tol: float = 1e-10) -> floa
     all classes, makes every iteration O(min(N, D)). The score is the evidence divided by N,
     averaged over the classes. No intercept is fitted: centre the features first if wanted.
     """
-    f = np.asarray(features, dtype=np.float64)
-    if f.ndim != 2:
-        raise ValueError(f"features must be N×D, got shape {f.shape}")
-    if not np.isfinite(f).all():
-        raise ValueError("features contain NaN or inf")
+    f = _check_features(features)
     n, d = f.shape
     _, codes = _check_labels(labels, n)
 
@@ -158,23 +164,17 @@ def ridge_loo(features, labels, *, grid=RIDGE_GRID) -> float:
     λ is the minimiser of PRESS over ``grid`` × mean(s²). One SVD serves every λ and class;
     each λ costs O(N·r·C), r = rank(F_c). A task with one class scores 0 for every expert.
     """
-    f = np.asarray(features, dtype=np.float64)
-    if f.ndim != 2:
-        raise ValueError(f"features must be N×D, got shape {f.shape}")
-    if not np.isfinite(f).all():
-        raise ValueError("features contain NaN or inf")
+    f = _check_features(features)
     n = f.shape[0]
     _, codes = _check_labels(labels, n)
     y = np.eye(int(codes.max()) + 1)[codes]
     y = y - y.mean(axis=0)  # the intercept; a shift of y leaves the residuals unchanged
     u, s, _ = np.linalg.svd(f - f.mean(axis=0), full_matrices=False)
     keep = s > s.max(initial=0.0) * 1e-12
-    u, sigma2 = u[:, keep], s[keep] ** 2
-    if sigma2.size == 0:  # constant features: the intercept alone
-        return -float((y**2).sum() / n) * (n / max(n - 1, 1)) ** 2
+    u, sigma2 = u[:, keep], s[keep] ** 2  # constant features keep none: the intercept alone
     z = u.T @ y
     best = math.inf
-    for lam in np.asarray(grid, dtype=np.float64) * sigma2.mean():
+    for lam in np.asarray(grid, dtype=np.float64) * (sigma2.mean() if sigma2.size else 0.0):
         shrink = sigma2 / (sigma2 + lam)
         leverage = (u**2) @ shrink + 1.0 / n
         residual = (y - u @ (shrink[:, None] * z)) / np.maximum(1.0 - leverage, 1e-12)[:, None]
