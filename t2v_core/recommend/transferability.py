@@ -172,11 +172,11 @@ def ridge_loo(features, labels, *, grid=RIDGE_GRID) -> float:
     u, s, _ = np.linalg.svd(f - f.mean(axis=0), full_matrices=False)
     keep = s > s.max(initial=0.0) * 1e-12
     u, sigma2 = u[:, keep], s[keep] ** 2  # constant features keep none: the intercept alone
-    z = u.T @ y
+    z, u2 = u.T @ y, u**2  # shared by every λ
     best = math.inf
     for lam in np.asarray(grid, dtype=np.float64) * (sigma2.mean() if sigma2.size else 0.0):
         shrink = sigma2 / (sigma2 + lam)
-        leverage = (u**2) @ shrink + 1.0 / n
+        leverage = u2 @ shrink + 1.0 / n
         residual = (y - u @ (shrink[:, None] * z)) / np.maximum(1.0 - leverage, 1e-12)[:, None]
         best = min(best, float((residual**2).sum()))
     return -best / n
