@@ -26,8 +26,9 @@ from t2v_core.recommend.shortlist import (
     expert_forward_passes,
     screen_context,
     screen_subset,
+    screen_value,
 )
-from t2v_core.recommend.transferability import leep, logme
+from t2v_core.recommend.transferability import leep, logme, ridge_loo
 
 EPOCHS = {"max_epochs": 40, "patience": 10}
 
@@ -225,6 +226,23 @@ def test_the_screen_reads_a_few_images_per_class_and_says_what_it_cost():
     np.testing.assert_allclose(leep_only["screen_scores"][0][:5], by_leep)
     assert np.isnan(leep_only["screen_scores"][0][-1])
     assert screen_context({"labels": [labels]}) == {}
+
+
+def test_the_screen_reads_the_scores_it_names(monkeypatch):
+    """The screen's value is built from :data:`SCREEN_SCORES` and nothing else: naming ridge
+    LOO alone makes it ridge LOO's z-scores on the screened images."""
+    import t2v_core.recommend.shortlist as shortlist
+
+    labels = np.repeat([0, 1], 9)
+    rng = np.random.default_rng(1)
+    feats = [rng.normal(size=(labels.size, 3)) + q * labels[:, None] for q in range(4)]
+    monkeypatch.setattr(shortlist, "SCREEN_SCORES", ("ridge",))
+    screen = screen_context({"features": [feats], "labels": [labels]}, per_class=4)
+    idx = screen_subset(labels, 4)
+    expected = zscore([ridge_loo(f[idx], labels[idx]) for f in feats])
+    np.testing.assert_allclose(screen["screen_scores"][0], expected)
+    with pytest.raises(ValueError, match="at least one score"):
+        screen_value({"leep": None})
 
 
 def test_the_rerank_weighs_the_score_that_tracks_the_training_tasks(zoo):

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -354,14 +354,17 @@ def screen_subset(labels, per_class: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
 
 
-def screen_value(leep_row, logme_row) -> np.ndarray:
-    """The screen's value of each expert: the mean of its z-scored LEEP and LogME across the
-    task's experts (whichever of the two it has; NaN with neither). Both come from the same
+def screen_value(rows: Mapping[str, Any]) -> np.ndarray:
+    """The screen's value of each expert: the mean of its z-scored scores ``rows`` (name ->
+    one value per expert, None for a score the task lacks) across the task's experts, over
+    whichever it has (NaN with none). The scores of :data:`SCREEN_SCORES` come from the same
     forward pass, and each is the better score at some image size."""
-    parts = np.stack([zscore(np.asarray(r, np.float64)) for r in (leep_row, logme_row)
-                      if r is not None])
-    finite = np.isfinite(parts)
-    total = np.where(finite, parts, 0.0).sum(axis=0)
+    parts = [zscore(np.asarray(r, np.float64)) for r in rows.values() if r is not None]
+    if not parts:
+        raise ValueError("the screen needs at least one score row")
+    stacked = np.stack(parts)
+    finite = np.isfinite(stacked)
+    total = np.where(finite, stacked, 0.0).sum(axis=0)
     count = finite.sum(axis=0)
     return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
@@ -373,24 +376,26 @@ def _screen_scores(outputs: Sequence, labels: np.ndarray, idx: np.ndarray, score
 
 def screen_context(context: dict[str, Any], per_class: int = SCREEN_PER_CLASS, seed: int = 0
                    ) -> dict[str, list]:
-    """The screen of every task: each expert's LEEP and LogME on at most ``per_class`` of the
-    task's training images per class, as one :func:`screen_value` (``screen_scores``), and its
-    cost in expert forward passes (``screen_passes``: experts × images screened / images).
-    Computed from the experts' outputs on the whole split, which on the screened images are
-    exactly what a pass over those images alone gives; empty without the outputs."""
-    if "labels" not in context or not any(SCORES[n][0] in context for n in SCORES):
+    """The screen of every task: each expert's :data:`SCREEN_SCORES` on at most ``per_class``
+    of the task's training images per class, as one :func:`screen_value` (``screen_scores``),
+    and its cost in expert forward passes (``screen_passes``: experts × images screened /
+    images). Computed from the experts' outputs on the whole split, which on the screened
+    images are exactly what a pass over those images alone gives; empty without the outputs."""
+    if "labels" not in context or not any(SCORES[n][0] in context for n in SCREEN_SCORES):
         return {}
     n_tasks = len(context["labels"])
-    probs = context.get("source_probs", [None] * n_tasks)
-    feats = context.get("features", [None] * n_tasks)
+    outputs = {key: context.get(key, [None] * n_tasks) for key in ("source_probs", "features")}
     scores, passes = [], []
     for t, labels in enumerate(context["labels"]):
         y = np.asarray(labels)
         idx = screen_subset(y, per_class, seed)
-        rows = [None if outs is None else _screen_scores(outs, y, idx, score)
-                for outs, score in ((probs[t], leep), (feats[t], logme))]
-        scores.append(screen_value(*rows))
-        n_experts = len(probs[t] if probs[t] is not None else feats[t])
+        rows = {}
+        for name in SCREEN_SCORES:
+            key, score = SCORES[name]
+            outs = outputs[key][t]
+            rows[name] = None if outs is None else _screen_scores(outs, y, idx, score)
+        scores.append(screen_value(rows))
+        n_experts = max(len(o[t]) for o in outputs.values() if o[t] is not None)
         passes.append(n_experts * idx.size / max(y.size, 1))
     return {"screen_scores": scores, "screen_passes": passes}
 

@@ -29,12 +29,13 @@ from t2v_core.storage import StorageRoot
 from t2v_core.zoo.data import scan_task
 from t2v_core.zoo.manifest import ExpertSpec, TaskSpec, read_experts
 
-__all__ = ["COLUMNS", "new_task_recommendations", "shortlist_recommendations"]
+__all__ = ["COLUMNS", "SCREEN_COLUMNS", "new_task_recommendations", "shortlist_recommendations"]
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["task_id", "rank", "expert_id", "score", "model2vec_rank", "screen_leep",
-           "screen_logme", "screen", "shortlisted", "logme", "leep", "ridge", "fused"]
+SCREEN_COLUMNS = [f"screen_{name}" for name in SCREEN_SCORES]
+COLUMNS = ["task_id", "rank", "expert_id", "score", "model2vec_rank", *SCREEN_COLUMNS, "screen",
+           "shortlisted", *SCORES, "fused"]
 
 
 def _outputs(cache: FeatureCache, expert: ExpertSpec, task: TaskSpec, image_size: int,
@@ -56,8 +57,9 @@ def _outputs(cache: FeatureCache, expert: ExpertSpec, task: TaskSpec, image_size
 
 def _screen(cache: FeatureCache, experts: Sequence[ExpertSpec], task: TaskSpec, image_size: int,
             per_class: int) -> tuple[dict[str, np.ndarray], float]:
-    """Every expert's LEEP and LogME on at most ``per_class`` training images per class of the
-    task (LEEP: NaN without a source head), and what it cost in expert forward passes."""
+    """Every expert's :data:`SCREEN_SCORES` on at most ``per_class`` training images per class
+    of the task (NaN where an expert lacks what a score reads, such as LEEP's source head), and
+    what it cost in expert forward passes."""
     outputs = [_outputs(cache, expert, task, image_size, per_class) for expert in experts]
     scores = {}
     for name in SCREEN_SCORES:
@@ -85,7 +87,7 @@ def shortlist_recommendations(rec: ShortlistRecommender, vectors, tasks: Sequenc
                               *, max_per_class: int | None = None,
                               screen_per_class: int | None = SCREEN_PER_CLASS) -> pd.DataFrame:
     """One row per (task, expert), best first: the final rank, MODEL2VEC's p(expert | task)
-    (``score``) and rank, the screen's LEEP, LogME and value (every expert on
+    (``score``) and rank, the screen's scores and value (every expert on
     ``screen_per_class`` images per class; None: no screen), whether the expert was
     shortlisted and run, its LogME, LEEP and ridge LOO on the task (NaN unless shortlisted),
     and the fused value the shortlist was ordered by."""
@@ -101,7 +103,7 @@ def shortlist_recommendations(rec: ShortlistRecommender, vectors, tasks: Sequenc
     for j, task in enumerate(tasks):
         screen, screen_passes = (_screen(cache, zoo, task, image_size, screen_per_class)
                                  if screen_per_class else ({}, 0.0))
-        screens = [screen_value(screen["leep"], screen["logme"])] if screen else None
+        screens = [screen_value(screen)] if screen else None
         head = rec.shortlist(vectors[j:j + 1], screens)[0]
         outputs = {int(e): _outputs(cache, zoo[e], task, image_size, max_per_class)
                    for e in head}
@@ -119,13 +121,10 @@ def shortlist_recommendations(rec: ShortlistRecommender, vectors, tasks: Sequenc
             "expert_id": [str(rec.expert_ids_[e]) for e in ranking],
             "score": np.exp(log_p[j][ranking]),
             "model2vec_rank": m2v_rank[ranking],
-            "screen_leep": screen.get("leep", nothing)[ranking],
-            "screen_logme": screen.get("logme", nothing)[ranking],
+            **{f"screen_{n}": screen.get(n, nothing)[ranking] for n in SCREEN_SCORES},
             "screen": (nothing if screens is None else screens[0])[ranking],
             "shortlisted": np.isin(ranking, head),
-            "logme": scores["logme"][ranking],
-            "leep": scores["leep"][ranking],
-            "ridge": scores["ridge"][ranking],
+            **{name: values[ranking] for name, values in scores.items()},
             "fused": fused[ranking],
         }))
         log.info("%s: ran %d of %d experts (%s)", task.task_id, head.size, rec.n_experts_,
