@@ -54,3 +54,32 @@ def test_missing_cells_tasks_and_bad_input() -> None:
         oracle_noise_floor(errors, [100, 0, 100])
     with pytest.raises(ValueError):
         oracle_noise_floor(np.full((2, 2), np.nan), [5, 5])
+
+
+def test_the_tau_ceiling_of_two_experts_matches_the_closed_form() -> None:
+    """Two experts with true errors p1 < p2 on n images: weighted τ of two items is +1 when
+    the re-measured errors keep their order and −1 when they swap, and a tie has no order, so
+    the ceiling is (P(X < Y) − P(X > Y)) / (1 − P(X = Y)) for X ~ Bin(n, p1), Y ~ Bin(n, p2)."""
+    from scipy import stats
+
+    n, p1, p2 = 30, 0.2, 0.3
+    k = np.arange(n + 1)
+    joint = np.outer(stats.binom.pmf(k, n, p1), stats.binom.pmf(k, n, p2))
+    x, y = np.meshgrid(k, k, indexing="ij")
+    kept, swapped, tied = joint[x < y].sum(), joint[x > y].sum(), joint[x == y].sum()
+    exact = (kept - swapped) / (1 - tied)
+    floor = oracle_noise_floor(np.tile([p1, p2], (200, 1)), [n] * 200, n_resamples=60)
+    assert floor.weighted_tau == pytest.approx(exact, abs=0.02)
+    assert floor.weighted_tau_ci95[0] < exact < floor.weighted_tau_ci95[1]
+
+
+def test_the_tau_ceiling_rises_to_one_as_test_sets_grow() -> None:
+    rng = np.random.default_rng(1)
+    errors = rng.uniform(0.05, 0.4, size=(20, 6))
+    ceilings = [oracle_noise_floor(errors, [n] * 20, n_resamples=30).weighted_tau
+                for n in (30, 300, 10**7)]
+    assert ceilings[0] < ceilings[1] < ceilings[2]
+    assert ceilings[2] == pytest.approx(1.0, abs=1e-9)
+    # an order that never changes (errors of exactly 0 and 1) and tasks with no order
+    assert oracle_noise_floor(np.array([[0.0, 1.0], [1.0, 0.0]]), [10, 10]).weighted_tau == 1.0
+    assert math.isnan(oracle_noise_floor(np.full((3, 2), 0.0), [10] * 3).weighted_tau)

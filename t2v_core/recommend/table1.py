@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -260,7 +261,17 @@ def noise_floor_sentence(floor: NoiseFloor) -> str:
             f"same size, scores +{floor.mean_pct:.1f}% over the re-measured oracle "
             f"(95% of re-measurements: +{low:.1f}% … +{high:.1f}%). The oracle is the luckiest "
             "of the experts' noisy test errors, so no selector can be expected below this; "
-            "experts are re-measured independently, which makes it an upper bound.")
+            "experts are re-measured independently, which makes it an upper bound."
+            + _tau_ceiling_sentence(floor))
+
+
+def _tau_ceiling_sentence(floor: NoiseFloor) -> str:
+    if math.isnan(floor.weighted_tau):
+        return ""
+    low, high = floor.weighted_tau_ci95
+    return (f" The same re-measurements put the ranking's ceiling at weighted τ "
+            f"{floor.weighted_tau:.2f} ({low:.2f} … {high:.2f}): the ranking by the true errors "
+            "scores that against the re-measured ones, not 1.")
 
 
 # --------------------------------------------------------------------------- the evaluation
