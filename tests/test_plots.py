@@ -206,15 +206,21 @@ def test_cost_vs_quality_draws_every_priced_row_where_its_cost_says():
               CostPoint("LEEP", 10.0, 19.0, (6.5, 39.0), 0.55),
               CostPoint("Brute force (val)", math.inf, 53.0, (30.0, 80.0), 0.42),
               CostPoint("Oracle", math.nan, 0.0, (0.0, 0.0), 0.97)]
-    fig = plots.cost_vs_quality(points, 10)
+    fig = plots.cost_vs_quality(points, 10, tau_ceiling=0.77)
     check_png(plots.png_bytes(fig))
-    ax = fig.axes[0]
-    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    increase_ax, tau_ax = fig.axes
+    labels = [t.get_text() for t in tau_ax.get_legend().get_texts()]
     assert labels == ["Model2Vec (τw 0.39)", "Shortlist k=3 (τw 0.55)", "LEEP (τw 0.55)",
                       "Brute force (val) (τw 0.42)"]  # the oracle is a reference, not a cost
-    xs = {label: line.get_xdata()[0] for label, line in zip(
-        labels, [c.lines[0] for c in ax.containers], strict=True)}
-    assert xs["Shortlist k=3 (τw 0.55)"] == pytest.approx(3.9)
-    assert xs["LEEP (τw 0.55)"] == pytest.approx(10.0)
-    assert xs["Brute force (val) (τw 0.42)"] > 10.0
-    assert "trains\nall 10" in [t.get_text() for t in ax.get_xticklabels()]
+    for ax, column in ((increase_ax, "relative_increase_pct"), (tau_ax, "weighted_tau")):
+        drawn = {label: (c.lines[0].get_xdata()[0], c.lines[0].get_ydata()[0])
+                 for label, c in zip(labels, ax.containers, strict=True)}
+        priced = {f"{p.name} (τw {p.weighted_tau:.2f})": p for p in points[:4]}
+        for label, (x, y) in drawn.items():
+            assert y == pytest.approx(getattr(priced[label], column))
+            if not label.startswith("Brute"):
+                assert x == pytest.approx(priced[label].passes)
+        assert drawn["Brute force (val) (τw 0.42)"][0] > 10.0
+        assert "trains\nall 10" in [t.get_text() for t in ax.get_xticklabels()]
+    ceiling = [line for line in tau_ax.lines if line.get_linestyle() == "--"]
+    assert len(ceiling) == 1 and ceiling[0].get_ydata()[0] == pytest.approx(0.77)

@@ -460,10 +460,13 @@ def cost_vs_quality(
     points: Sequence,
     n_experts: int,
     *,
+    tau_ceiling: float | None = None,
     title: str = "Cost vs quality per new task",
 ) -> Figure:
-    """Each row of Table 1 as a point: expert forward passes per new task against its relative
-    error increase over the oracle, with the 95% interval as an error bar (``points``:
+    """Each row of Table 1 as a point, expert forward passes per new task against its quality:
+    on the left its relative error increase over the oracle with the 95% interval as an error
+    bar, on the right its weighted τ, with ``tau_ceiling`` (the noise floor's: what the ranking
+    by the true errors scores) as a dashed line (``points``:
     :class:`~t2v_core.recommend.cost.CostPoint`). Brute force, which trains every expert, sits
     right of the axis's end; reference rows (oracle, family told) are left out. Rows at the same
     cost are spread sideways a little so their intervals stay apart; the default recommender's
@@ -471,37 +474,77 @@ def cost_vs_quality(
     drawn = [p for p in points if not np.isnan(p.passes) and np.isfinite(p.relative_increase_pct)]
     if not drawn:
         raise ValueError("no row with a cost and a relative increase to plot")
+    xs = _cost_positions(drawn, n_experts)
+    fig = new_figure(13.0, 5.5)
+    increase_ax, tau_ax = fig.subplots(1, 2, width_ratios=[3, 2])
+    ys = np.asarray([p.relative_increase_pct for p in drawn])
+    _cost_points(increase_ax, drawn, xs, ys, [p.ci95_pct for p in drawn])
+    _increase_axis(increase_ax, drawn)
+    taus = np.asarray([p.weighted_tau for p in drawn], np.float64)
+    _cost_points(tau_ax, drawn, xs, taus, None)
+    if tau_ceiling is not None and np.isfinite(tau_ceiling):
+        tau_ax.axhline(tau_ceiling, color="grey", linestyle="--", linewidth=1)
+        tau_ax.annotate("ranking by the true errors (test noise)", (0.02, tau_ceiling),
+                        xycoords=("axes fraction", "data"), va="bottom", fontsize="small",
+                        color="grey")
+    tau_ax.set_ylabel("weighted τ with the measured errors' ranking (1 = perfect)")
+    tau_ax.grid(True, axis="y", color="0.9")
+    for ax in (increase_ax, tau_ax):
+        _cost_axis(ax, drawn, n_experts)
+    fig.suptitle(title)
+    tau_ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return fig
+
+
+def _cost_positions(drawn: Sequence, n_experts: int) -> np.ndarray:
+    """Each row's x: its passes (brute force right of the axis's end), rows at the same cost
+    spread sideways a little."""
     brute_x = n_experts * 1.2 + 1
     xs = np.asarray([brute_x if np.isinf(p.passes) else p.passes for p in drawn])
     offsets = np.zeros(len(drawn))
     for x in np.unique(xs):
         same = np.flatnonzero(xs == x)
         offsets[same] = (np.arange(same.size) - (same.size - 1) / 2) * 0.2 * (n_experts / 10)
-    fig = new_figure(8.0, 5.5)
-    ax = fig.add_subplot()
+    return xs + offsets
+
+
+def _cost_points(ax, drawn: Sequence, xs: np.ndarray, ys: np.ndarray, intervals) -> None:
+    """One marker per row (with its interval as an error bar when given), the default
+    recommender's rows joined by a dotted line."""
     cmap = _family_colors([p.name for p in drawn])
     markers = "osD^vP*Xh<>"
     shortlist = [i for i, p in enumerate(drawn) if p.name.startswith("Shortlist")]
     if len(shortlist) > 1:
-        ax.plot(xs[shortlist] + offsets[shortlist],
-                [drawn[i].relative_increase_pct for i in shortlist], color="black",
-                linewidth=1, linestyle=":", zorder=1)
+        ax.plot(xs[shortlist], ys[shortlist], color="black", linewidth=1, linestyle=":",
+                zorder=1)
     for i, p in enumerate(drawn):
-        y = p.relative_increase_pct
-        low, high = p.ci95_pct
-        yerr = None if np.isnan(low) else [[max(y - low, 0.0)], [max(high - y, 0.0)]]
-        ax.errorbar(xs[i] + offsets[i], y, yerr=yerr, fmt=markers[i % len(markers)],
+        yerr = None
+        if intervals is not None and not np.isnan(intervals[i][0]):
+            low, high = intervals[i]
+            yerr = [[max(ys[i] - low, 0.0)], [max(high - ys[i], 0.0)]]
+        ax.errorbar(xs[i], ys[i], yerr=yerr, fmt=markers[i % len(markers)],
                     color=cmap[p.name], markersize=8, capsize=3, markeredgecolor="black",
                     markeredgewidth=0.5, label=f"{p.name} (τw {p.weighted_tau:.2f})", zorder=2)
+
+
+def _increase_axis(ax, drawn: Sequence) -> None:
+    """A log axis of relative increases: a +5% and a +400% row on one axis."""
     values = np.asarray([[p.relative_increase_pct, *p.ci95_pct] for p in drawn], np.float64)
     positive = values[np.isfinite(values) & (values > 0)]
     bottom = max(0.5, 0.7 * positive.min()) if positive.size else 1.0
     top = 1.4 * np.nanmax(values)
-    ax.set_yscale("log")  # a +5% and a +400% row on one axis; +0% would sit at the bottom
+    ax.set_yscale("log")  # +0% would sit at the bottom
     ax.set_ylim(bottom, max(top, 2 * bottom))
     ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if bottom <= t <= top]
     ax.set_yticks(ticks, [f"+{t}%" for t in ticks])
     ax.minorticks_off()
+    ax.grid(True, axis="y", color="0.9")
+    ax.set_ylabel("relative error increase over the oracle (95% CI)")
+
+
+def _cost_axis(ax, drawn: Sequence, n_experts: int) -> None:
+    """The x axis in expert forward passes, with a "trains all" tick for brute force."""
+    brute_x = n_experts * 1.2 + 1
     xticks = list(range(0, n_experts + 1, max(1, n_experts // 10)))
     labels = [str(t) for t in xticks]
     right = n_experts
@@ -513,9 +556,4 @@ def cost_vs_quality(
     ax.set_xticks(xticks, labels)
     margin = 0.8 * max(1, n_experts / 10)
     ax.set_xlim(-margin, right + margin)
-    ax.grid(True, axis="y", color="0.9")
     ax.set_xlabel(f"expert forward passes per new task (of {n_experts} experts)")
-    ax.set_ylabel("relative error increase over the oracle (95% CI)")
-    ax.set_title(title)
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return fig

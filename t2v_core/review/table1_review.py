@@ -24,7 +24,9 @@ def cost_figure(data: MetaDataset, table: Table1Report):
     """Each row's cost against its quality: drawn once, saved beside the report and logged."""
     from t2v_core.review import plots  # matplotlib, only when plots are drawn
 
-    return plots.cost_vs_quality(table.costs, len(data.expert_ids))
+    floor = table.payload.get("oracle_noise_floor") or {}
+    return plots.cost_vs_quality(table.costs, len(data.expert_ids),
+                                 tau_ceiling=floor.get("weighted_tau"))
 
 
 def write_table1(root: StorageRoot, table: Table1Report, *, figure=None) -> str:
