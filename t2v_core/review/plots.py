@@ -496,10 +496,15 @@ def cost_vs_quality(
     return fig
 
 
+def _brute_force_x(n_experts: int) -> float:
+    """Where brute force, which trains every expert, sits: right of the passes axis's end."""
+    return n_experts * 1.2 + 1
+
+
 def _cost_positions(drawn: Sequence, n_experts: int) -> np.ndarray:
     """Each row's x: its passes (brute force right of the axis's end), rows at the same cost
     spread sideways a little."""
-    brute_x = n_experts * 1.2 + 1
+    brute_x = _brute_force_x(n_experts)
     xs = np.asarray([brute_x if np.isinf(p.passes) else p.passes for p in drawn])
     offsets = np.zeros(len(drawn))
     for x in np.unique(xs):
@@ -544,7 +549,7 @@ def _increase_axis(ax, drawn: Sequence) -> None:
 
 def _cost_axis(ax, drawn: Sequence, n_experts: int) -> None:
     """The x axis in expert forward passes, with a "trains all" tick for brute force."""
-    brute_x = n_experts * 1.2 + 1
+    brute_x = _brute_force_x(n_experts)
     xticks = list(range(0, n_experts + 1, max(1, n_experts // 10)))
     labels = [str(t) for t in xticks]
     right = n_experts
