@@ -38,6 +38,7 @@ __all__ = [
     "expected_chance",
     "mean_over_repeats",
     "relative_increase",
+    "ranked_weighted_tau",
     "task_metrics",
 ]
 
@@ -77,6 +78,16 @@ class MetaTaskScores:
     error_ratio: float = math.nan
 
 
+def ranked_weighted_tau(ranked_errors) -> float:
+    """Weighted τ between a ranking and the true order, given the errors of the experts in the
+    ranking's order, best-ranked first (NaN with fewer than two or all equal: no order)."""
+    err = np.asarray(ranked_errors, dtype=np.float64)
+    if err.size < 2 or np.ptp(err) == 0:
+        return math.nan
+    predicted = -np.arange(err.size, dtype=np.float64)  # higher = ranked better
+    return float(stats.weightedtau(predicted, -err).statistic)
+
+
 def task_metrics(
     errors_row, ranking, ks: Sequence[int] = (1, 3, 5),
     error_floor: float = DEFAULT_ERROR_FLOOR,
@@ -93,13 +104,11 @@ def task_metrics(
         int(k): relative_increase(err[ranked[:k]].min(), best, error_floor, percent=True)
         for k in ks
     }
+    kt = wt = math.nan  # a ranking of equal errors has no order to recover
     if ranked.size >= 2 and np.ptp(err[ranked]) > 0:
         predicted = -np.arange(ranked.size, dtype=np.float64)  # higher = ranked better
-        truth = -err[ranked]
-        kt = float(stats.kendalltau(predicted, truth).statistic)
-        wt = float(stats.weightedtau(predicted, truth).statistic)
-    else:
-        kt = wt = math.nan  # a ranking of equal errors has no order to recover
+        kt = float(stats.kendalltau(predicted, -err[ranked]).statistic)
+        wt = ranked_weighted_tau(err[ranked])
     return {
         "relative_increase_pct": relative_increase(picked, best, error_floor, percent=True),
         "hit": bool(picked <= best + 1e-12),

@@ -26,9 +26,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
-from t2v_core.recommend.metrics import DEFAULT_ERROR_FLOOR, relative_increase
+from t2v_core.recommend.metrics import (
+    DEFAULT_ERROR_FLOOR,
+    ranked_weighted_tau,
+    relative_increase,
+)
 
 __all__ = ["NoiseFloor", "TAU_RESAMPLES", "oracle_noise_floor"]
 
@@ -58,9 +61,9 @@ def _ceiling_tau(truth: np.ndarray, remeasured: np.ndarray, observed: np.ndarray
     taus = []
     for row_truth, row_new, seen in zip(truth, remeasured, observed, strict=True):
         ranked = np.flatnonzero(seen)[np.argsort(row_truth[seen], kind="stable")]
-        if ranked.size >= 2 and np.ptp(row_new[ranked]) > 0:
-            predicted = -np.arange(ranked.size, dtype=np.float64)
-            taus.append(stats.weightedtau(predicted, -row_new[ranked]).statistic)
+        tau = ranked_weighted_tau(row_new[ranked])
+        if not math.isnan(tau):
+            taus.append(tau)
     return float(np.mean(taus)) if taus else math.nan
 
 
