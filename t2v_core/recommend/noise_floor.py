@@ -55,12 +55,18 @@ class NoiseFloor:
 TAU_RESAMPLES = 100
 
 
-def _ceiling_tau(truth: np.ndarray, remeasured: np.ndarray, observed: np.ndarray) -> float:
-    """Mean over tasks of the weighted τ between the ranking by ``truth`` and ``remeasured``
+def _true_orders(truth: np.ndarray, observed: np.ndarray) -> list[np.ndarray]:
+    """Each task's observed experts ranked by their true error: the same in every
+    re-measurement."""
+    return [np.flatnonzero(seen)[np.argsort(row[seen], kind="stable")]
+            for row, seen in zip(truth, observed, strict=True)]
+
+
+def _ceiling_tau(orders: list[np.ndarray], remeasured: np.ndarray) -> float:
+    """Mean over tasks of the weighted τ between the true ``orders`` and ``remeasured``
     (tasks whose re-measured errors are all equal have no order and are left out)."""
     taus = []
-    for row_truth, row_new, seen in zip(truth, remeasured, observed, strict=True):
-        ranked = np.flatnonzero(seen)[np.argsort(row_truth[seen], kind="stable")]
+    for ranked, row_new in zip(orders, remeasured, strict=True):
         tau = ranked_weighted_tau(row_new[ranked])
         if not math.isnan(tau):
             taus.append(tau)
@@ -96,14 +102,14 @@ def oracle_noise_floor(
     rows = np.arange(err.shape[0])
     rng = np.random.default_rng(random_state)
     means = np.empty(n_resamples)
-    taus = []
+    orders, taus = _true_orders(truth, observed), []
     for r in range(n_resamples):
         remeasured = rng.binomial(sizes[:, None], truth) / sizes[:, None]
         oracle = np.where(observed, remeasured, np.inf).min(axis=1)
         increase = relative_increase(remeasured[rows, best], oracle, error_floor)
         means[r] = 100.0 * increase.mean()
         if r < TAU_RESAMPLES:
-            taus.append(_ceiling_tau(truth, remeasured, observed))
+            taus.append(_ceiling_tau(orders, remeasured))
     low, high = np.percentile(means, [2.5, 97.5])
     kept = np.asarray([t for t in taus if math.isfinite(t)])
     tau_ci = tuple(float(v) for v in np.percentile(kept, [2.5, 97.5])) if kept.size else (

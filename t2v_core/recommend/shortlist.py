@@ -384,7 +384,8 @@ def screen_context(context: dict[str, Any], per_class: int = SCREEN_PER_CLASS, s
     if "labels" not in context or not any(SCORES[n][0] in context for n in SCREEN_SCORES):
         return {}
     n_tasks = len(context["labels"])
-    outputs = {key: context.get(key, [None] * n_tasks) for key in ("source_probs", "features")}
+    outputs = {key: context.get(key, [None] * n_tasks)
+               for key in {SCORES[name][0] for name in SCREEN_SCORES}}
     scores, passes = [], []
     for t, labels in enumerate(context["labels"]):
         y = np.asarray(labels)
